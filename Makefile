@@ -1,0 +1,32 @@
+# One-command set-up: `make demo` and `make test` create .venv/ when it is missing.
+PY      := .venv/bin/python
+PIP     := $(PY) -m pip
+STAMP   := .venv/.deps-installed
+BUILT   := .venv/.ext-built
+NATIVE  := $(shell find kernels -name '*.cpp' -o -name '*.h' 2>/dev/null) setup.py
+
+.PHONY: demo test build clean bench
+
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q -r requirements.txt
+	touch $(STAMP)
+
+$(BUILT): $(STAMP) $(NATIVE)
+	$(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $(BUILT)
+
+build: $(BUILT)
+
+demo: $(BUILT)
+	$(PY) -m torch_iosparse.demo
+
+test: $(BUILT)
+	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 tests
+
+bench: $(BUILT)
+	$(PY) benchmarks/planner_speed.py
+
+clean:
+	rm -rf build *.egg-info torch_iosparse/*.so .venv
