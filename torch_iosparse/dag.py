@@ -8,6 +8,7 @@ weights: ``w_uv·x_u + w'_uv·x_u = (w_uv + w'_uv)·x_u``, so the function is un
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -26,15 +27,39 @@ class GraphError(ValueError):
 def _as_numpy(a, name: str, dtype=None) -> np.ndarray:
     if isinstance(a, torch.Tensor):
         a = a.detach().cpu().numpy()
-    a = np.asarray(a)
+    try:
+        a = np.asarray(a)
+    except ValueError as e:  # ragged nested lists
+        raise GraphError(f"{name} must be a one-dimensional sequence of numbers ({e})") from None
     if a.ndim != 1:
         raise GraphError(f"{name} must be one-dimensional, got shape {tuple(a.shape)}")
     if dtype is not None:
+        if a.size and (a.dtype == bool or a.dtype.kind not in "iuf"):
+            raise GraphError(f"{name} must hold integers, got dtype {a.dtype}")
         if np.issubdtype(dtype, np.integer) and a.size and not np.issubdtype(a.dtype, np.integer):
             if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
                 raise GraphError(f"{name} must hold integers")
         a = a.astype(dtype, copy=False)
     return a
+
+
+def _stable_sort(primary: np.ndarray, secondary: Optional[np.ndarray], n_buckets: int) -> np.ndarray:
+    """The stable permutation sorting items by ``(primary, secondary)``, keys in ``[0, n_buckets)``.
+
+    Native O(m + n) bucket sort when the extension is built; numpy's (slower, O(m log m)) otherwise.
+    Both give the same permutation (tests check it)."""
+    from . import _native
+    if _native.available() and primary.size:
+        p = torch.from_numpy(np.ascontiguousarray(primary))
+        s = None if secondary is None else torch.from_numpy(np.ascontiguousarray(secondary, dtype=primary.dtype))
+        return _native.ops().bucket_sort(p, s, int(n_buckets)).numpy()
+    return _stable_sort_numpy(primary, secondary)
+
+
+def _stable_sort_numpy(primary: np.ndarray, secondary: Optional[np.ndarray]) -> np.ndarray:
+    if secondary is None:
+        return np.argsort(primary, kind="stable")
+    return np.lexsort((secondary, primary))
 
 
 def _index_dtype(n: int):
@@ -126,9 +151,13 @@ class SparseDAG:
             w = torch.ones(m, dtype=dtype or torch.float32)
         else:
             w = weight if isinstance(weight, torch.Tensor) else torch.as_tensor(np.asarray(weight))
-            w = w.detach().cpu().reshape(-1)
+            w = w.detach().cpu()
+            if w.dim() != 1:
+                raise GraphError(f"weight must be one-dimensional (one value per edge), got shape {tuple(w.shape)}")
             if w.numel() != m:
                 raise GraphError(f"weight has {w.numel()} entries for {m} edges")
+            if w.is_complex() or w.dtype == torch.bool:
+                raise GraphError(f"weight must be real numbers, got dtype {w.dtype}")
             if not w.is_floating_point():
                 w = w.to(torch.float32)
             if dtype is not None:
@@ -137,14 +166,22 @@ class SparseDAG:
 
         # Sort edges by (dst, src); merge duplicates by summing.
         idx_t = _index_dtype(n)
-        order = np.lexsort((src, dst))
-        src_s, dst_s = src[order], dst[order]
-        w_s = w[torch.from_numpy(order)] if m else w
         if m > 1:
+            ddst = np.diff(dst)
+            already = bool(((ddst > 0) | ((ddst == 0) & (np.diff(src) > 0))).all())  # sorted, no duplicates
+        else:
+            already = True
+        if already:
+            src_s, dst_s, w_s = src, dst, w
+        else:
+            order = _stable_sort(dst, src, n)
+            src_s, dst_s = src[order], dst[order]
+            w_s = w[torch.from_numpy(order)]
+        if not already:
             dup = (src_s[1:] == src_s[:-1]) & (dst_s[1:] == dst_s[:-1])
             if dup.any():
                 first = np.concatenate(([True], ~dup))
-                group = np.cumsum(first) - 1
+                group = np.cumsum(first, dtype=np.int64) - 1
                 merged = torch.zeros(int(first.sum()), dtype=wdtype)
                 merged.index_add_(0, torch.from_numpy(group), w_s)
                 src_s, dst_s, w_s = src_s[first], dst_s[first], merged
@@ -178,7 +215,10 @@ class SparseDAG:
         if bias is None:
             return torch.zeros(n, dtype=dtype)
         b = bias if isinstance(bias, torch.Tensor) else torch.as_tensor(np.asarray(bias))
-        b = b.detach().cpu().reshape(-1).to(dtype).clone()
+        b = b.detach().cpu()
+        if b.dim() != 1:
+            raise GraphError(f"bias must be one-dimensional (one value per neuron), got shape {tuple(b.shape)}")
+        b = b.to(dtype).clone()
         if b.numel() != n:
             raise GraphError(f"bias must have one entry per neuron ({n}), got {b.numel()}")
         b[:n_inputs] = 0
@@ -212,7 +252,16 @@ class SparseDAG:
         """
         from torch import nn
 
-        modules = list(seq) if isinstance(seq, nn.Sequential) else [seq]
+        def flatten(mod):  # nested nn.Sequential containers are flattened
+            if isinstance(mod, nn.Sequential):
+                for child in mod:
+                    yield from flatten(child)
+            else:
+                yield mod
+
+        if not isinstance(seq, nn.Module):
+            raise TypeError(f"from_module takes an nn.Sequential (or one nn.Linear), got {type(seq).__name__}")
+        modules = list(flatten(seq))
         layers = []  # (linear, activation)
         for i, mod in enumerate(modules):
             if isinstance(mod, nn.Linear):
@@ -248,8 +297,11 @@ class SparseDAG:
         act_table, act_index = [], np.zeros(n, dtype=np.int16)
         for k, (lin, a) in enumerate(layers):
             with torch.no_grad():
-                W = lin.weight.detach().cpu()
                 mask = getattr(lin, "weight_mask", None)
+                orig = getattr(lin, "weight_orig", None)
+                # With a prune mask, lin.weight is only refreshed by a forward pre-hook: recompute it so
+                # edits of weight_orig since the last forward are not missed.
+                W = (orig * mask if (mask is not None and orig is not None) else lin.weight).detach().cpu()
                 pattern = (mask.detach().cpu() != 0) if mask is not None else (W != 0)
                 rows, cols = pattern.nonzero(as_tuple=True)  # row-major: sorted by (dst, src)
                 srcs.append(cols.numpy() + offsets[k])
@@ -276,7 +328,7 @@ class SparseDAG:
     def _build_out_csr(self):
         n, m = self.n_neurons, self.n_edges
         dst = np.repeat(np.arange(n, dtype=self.in_src.dtype), np.diff(self.in_ptr))
-        order = np.argsort(self.in_src, kind="stable")  # stable: keeps dst ascending per source
+        order = _stable_sort(self.in_src, None, n)  # stable: keeps dst ascending per source
         self.out_ptr = np.zeros(n + 1, dtype=np.int64)
         if m:
             self.out_ptr[1:] = np.bincount(self.in_src, minlength=n)
@@ -333,10 +385,8 @@ class SparseDAG:
         return self._hash
 
     def levels(self) -> np.ndarray:
-        """Depth of each neuron: 0 for inputs, 1 + the largest depth of its sources otherwise.
-
-        Level-synchronous Kahn's algorithm, vectorised per level (each edge is touched once).
-        """
+        """Depth of each neuron: 0 for inputs, 1 + the largest depth of its sources otherwise (a computed
+        neuron without in-edges has depth 1). Raises GraphError on a cycle. O(n + m)."""
         if self._levels is None:
             if self.layer_sizes is not None:
                 self._levels = np.repeat(np.arange(len(self.layer_sizes)), self.layer_sizes)
@@ -364,27 +414,32 @@ class SparseDAG:
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Pure-PyTorch evaluation, level by level: ``[batch, n_inputs] -> [batch, n_outputs]``.
 
-        This is the oracle for every kernel and the "standard way" baseline. Computes in ``x.dtype``.
+        Each level (neurons of equal depth, :meth:`levels`) is one sparse-CSR × dense product over the
+        values computed so far, plus bias, then the activations: the "standard way" baseline and the oracle
+        every kernel is compared with. Computes in ``x.dtype`` for float32/float64; half-precision inputs
+        are evaluated in float32 and the result cast back (sparse products need float32/64).
         """
         x = self.check_input(x)
-        dt, dev = x.dtype, x.device
+        dt = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+        dev = x.device
         batch = x.shape[0]
         vals = torch.zeros(self.n_neurons, batch, dtype=dt, device=dev)  # feature-major
-        vals[: self.n_inputs] = x.t()
-        plan = self._level_plan()
+        vals[: self.n_inputs] = x.t().to(dt)
         w = self.weight.to(device=dev, dtype=dt)
         b = self.bias.to(device=dev, dtype=dt)
-        for neurons, edges, local_dst in plan:
-            neurons_t = neurons.to(dev)
-            acc = b[neurons_t].unsqueeze(1).expand(-1, batch).clone()
-            if edges.numel():
-                e = edges.to(dev)
-                src = self._in_src_t[e].to(dev)
-                contrib = vals[src] * w[e].unsqueeze(1)
-                acc.index_add_(0, local_dst.to(dev), contrib)
-            acc = self._apply_activations(acc, neurons)
-            vals[neurons_t] = acc
-        return vals[torch.from_numpy(self.outputs.astype(np.int64)).to(dev)].t().contiguous()
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
+            for neurons, crow, col, edges in self._level_plan():
+                neurons_d = neurons.to(dev)
+                acc = b[neurons_d].unsqueeze(1).expand(-1, batch)
+                if edges.numel() and batch:
+                    A = torch.sparse_csr_tensor(crow.to(dev), col.to(dev), w[edges.to(dev)],
+                                                size=(neurons.numel(), self.n_neurons),
+                                                check_invariants=False)
+                    acc = acc + A @ vals
+                vals[neurons_d] = self._apply_activations(acc.contiguous(), neurons)
+        out = vals[torch.from_numpy(self.outputs.astype(np.int64)).to(dev)].t().contiguous()
+        return out.to(x.dtype)
 
     def _apply_activations(self, acc: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
         if len(self.activations) == 1:
@@ -398,18 +453,21 @@ class SparseDAG:
         return out
 
     def _level_plan(self):
+        """Per level L >= 1: (neurons, CSR row pointers, CSR columns, edge ids) of its in-edges."""
         if getattr(self, "_lp", None) is None:
             lv = self.levels()
-            self._in_src_t = torch.from_numpy(self.in_src.astype(np.int64))
+            by_level = np.argsort(lv, kind="stable")
+            bounds = np.searchsorted(lv[by_level], np.arange(int(lv.max()) + 2))
             plan = []
             for L in range(1, int(lv.max()) + 1):
-                neurons = np.flatnonzero(lv == L)
+                neurons = by_level[bounds[L]:bounds[L + 1]].astype(np.int64)
                 starts, ends = self.in_ptr[neurons], self.in_ptr[neurons + 1]
                 counts = ends - starts
-                edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(counts.sum())
-                local = np.repeat(np.arange(neurons.size), counts)
-                plan.append((torch.from_numpy(neurons), torch.from_numpy(edges.astype(np.int64)),
-                             torch.from_numpy(local)))
+                crow = np.zeros(neurons.size + 1, dtype=np.int64)
+                np.cumsum(counts, out=crow[1:])
+                edges = np.repeat(starts - crow[:-1], counts) + np.arange(crow[-1])
+                col = self.in_src[edges].astype(np.int64)
+                plan.append(tuple(torch.from_numpy(a) for a in (neurons, crow, col, edges)))
             self._lp = plan
         return self._lp
 
@@ -429,8 +487,20 @@ class SparseDAG:
 
 
 def _levels(n: int, n_inputs: int, in_ptr: np.ndarray, out_ptr: np.ndarray, out_dst: np.ndarray) -> np.ndarray:
-    # A neuron released in round r has all sources finished by round r-1, one of them exactly then:
-    # its depth is r. Bias-only neurons (no in-edges) are released in round 1.
+    from . import _native
+    if _native.available():
+        t = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (in_ptr, out_ptr, out_dst)]
+        try:
+            return _native.ops().levels(*t, n_inputs).numpy()
+        except (RuntimeError, ValueError) as e:
+            raise GraphError(str(e).split("\n")[0]) from None
+    return _levels_numpy(n, n_inputs, in_ptr, out_ptr, out_dst)
+
+
+def _levels_numpy(n: int, n_inputs: int, in_ptr: np.ndarray, out_ptr: np.ndarray, out_dst: np.ndarray) -> np.ndarray:
+    # Level-synchronous Kahn: a neuron released in round r has all sources finished by round r-1, one of
+    # them exactly then, so its depth is r. Bias-only neurons (no in-edges) are released in round 1. Each
+    # round costs O(its edges · log), so deep graphs stay O(m log m) overall.
     indeg = np.diff(in_ptr).astype(np.int64)
     depth = np.full(n, -1, dtype=np.int64)
     depth[:n_inputs] = 0
@@ -442,11 +512,9 @@ def _levels(n: int, n_inputs: int, in_ptr: np.ndarray, out_ptr: np.ndarray, out_
         counts = ends - starts
         total = int(counts.sum())
         e = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(total)
-        targets = out_dst[e]
-        if total:
-            indeg -= np.bincount(targets, minlength=n)
+        cand, hits = np.unique(out_dst[e], return_counts=True)
+        indeg[cand] -= hits
         level += 1
-        cand = np.unique(targets)
         frontier = cand[indeg[cand] == 0]
         if level == 1:
             frontier = np.union1d(frontier, bias_only)

@@ -74,7 +74,14 @@ class Plan:
                             f"reads version {PLAN_VERSION}")
         if hashlib.sha256(meta_s.encode() + order.tobytes()).hexdigest() != checksum:
             raise PlanError(f"{path} is corrupt (checksum mismatch)")
-        p = cls(order, meta["memory"], IOCount(*meta["io"]), meta["method"], meta["dag_hash"])
+        try:
+            memory = None if meta["memory"] is None else int(meta["memory"])
+            p = cls(order, memory, IOCount(*(int(c) for c in meta["io"])), str(meta["method"]),
+                    str(meta["dag_hash"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise PlanError(f"{path} has malformed plan metadata ({type(e).__name__}: {e})") from None
+        if order.ndim != 1:
+            raise PlanError(f"{path} has a malformed order (shape {order.shape})")
         if dag is not None:
             p.check_dag(dag)
         return p
