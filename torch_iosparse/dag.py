@@ -228,7 +228,11 @@ class SparseDAG:
     def _activation_table(activation, n: int, n_inputs: int):
         if activation is None or isinstance(activation, (str, Activation)):
             return [acts.parse(activation)], np.zeros(n, dtype=np.int16)
-        specs = list(activation)
+        try:
+            specs = list(activation)
+        except TypeError:
+            raise TypeError(f"activation must be a name like 'relu', an Activation, or a sequence with one per "
+                            f"neuron; got {type(activation).__name__}") from None
         if len(specs) != n:
             raise GraphError(f"activation must be one spec or one per neuron ({n}), got {len(specs)}")
         table: List[Activation] = []
