@@ -341,10 +341,19 @@ class SparseDAG:
         self.out_edge = order.astype(_index_dtype(max(m, 1)))
 
     def _check_acyclic(self):
-        dst = np.repeat(np.arange(self.n_neurons), np.diff(self.in_ptr))
-        if (self.in_src < dst).all():
-            return  # numbering is topological
+        if self.numbering_is_topological():
+            return
         self.levels()  # raises GraphError on a cycle
+
+    def numbering_is_topological(self) -> bool:
+        """True when every edge goes from a smaller to a larger neuron id (cached)."""
+        if getattr(self, "_topo_numbering", None) is None:
+            if self.layer_sizes is not None:
+                self._topo_numbering = True
+            else:
+                dst = np.repeat(np.arange(self.n_neurons, dtype=self.in_src.dtype), np.diff(self.in_ptr))
+                self._topo_numbering = bool((self.in_src < dst).all())
+        return self._topo_numbering
 
     @property
     def n_edges(self) -> int:

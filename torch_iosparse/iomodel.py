@@ -120,8 +120,7 @@ def topological_order(dag: SparseDAG) -> np.ndarray:
     """The stable topological order of the computed neurons: the numbering itself when it is
     topological, else Kahn's algorithm always taking the smallest ready neuron. Raises GraphError on a
     cycle."""
-    src, dst = dag.edges()
-    if (src < dst).all():
+    if dag.numbering_is_topological():
         return np.arange(dag.n_inputs, dag.n_neurons, dtype=np.int64)
     in_ptr, _, _, out_ptr, out_dst = _native_arrays(dag)
     try:
@@ -144,6 +143,9 @@ def normalize_order(dag: SparseDAG, order) -> np.ndarray:
     if o.size and not np.issubdtype(o.dtype, np.integer):
         raise TypeError(f"order must hold integer neuron ids, got dtype {o.dtype}")
     o = o.astype(np.int64, copy=False)
+    if (o.size == dag.n_computed and dag.numbering_is_topological() and o.size
+            and o[0] == dag.n_inputs and (np.diff(o) == 1).all()):
+        return o.copy()  # the numbering itself (the common case): topological by construction
     if o.size and (o.min() < 0 or o.max() >= dag.n_neurons):
         raise ValueError(f"order has neuron ids outside [0, {dag.n_neurons})")
     o = o[o >= dag.n_inputs]
@@ -169,9 +171,14 @@ def simulate(dag: SparseDAG, order, memory: MemorySpec, *, record: bool = False)
     """Native exact replay. Returns ``(IOCount, events)`` where events is an int32 tensor of rows
     ``(op, a, b, slot)`` (op indexes :data:`OPS`; fma has a=src, b=dst) when ``record``, else None."""
     M = normalize_memory(memory)
-    o = normalize_order(dag, order)
+    return _simulate_checked(dag, normalize_order(dag, order), M, record)
+
+
+def _simulate_checked(dag: SparseDAG, o: np.ndarray, M: Optional[int], record: bool = False):
+    """simulate() for an order and memory that already went through normalize_order/normalize_memory."""
     in_ptr, in_src, is_out, _, _ = _native_arrays(dag)
-    counts, events = _native().simulate(in_ptr, in_src, torch.from_numpy(o), is_out, dag.n_inputs,
+    o = torch.from_numpy(np.ascontiguousarray(o, dtype=np.int64))
+    counts, events = _native().simulate(in_ptr, in_src, o, is_out, dag.n_inputs,
                                         -1 if M is None else M, record)
     w, b, ld, st = (int(c) for c in counts)
     return IOCount(w, b, ld, st), (events if record else None)

@@ -16,7 +16,8 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from .dag import SparseDAG
-from .iomodel import IOCount, MemorySpec, count_io, normalize_memory, normalize_order, topological_order
+from .iomodel import (IOCount, MemorySpec, _simulate_checked, count_io, normalize_memory, normalize_order,
+                      topological_order)
 
 PLAN_FORMAT = "torch_iosparse.plan"
 PLAN_VERSION = 1
@@ -134,7 +135,7 @@ def plan(dag: SparseDAG, memory: MemorySpec = None, method: str = "two_optimal",
     result = _METHODS[method](dag, M, seed=seed, time_budget=time_budget, **kwargs)
     order, info = result if isinstance(result, tuple) else (result, {})
     order = normalize_order(dag, order)
-    return Plan(order, M, count_io(dag, order, M), method, dag.structure_hash(), info)
+    return Plan(order, M, _simulate_checked(dag, order, M)[0], method, dag.structure_hash(), info)
 
 
 # ---------------------------------------------------------------------- brute force
