@@ -69,8 +69,9 @@ class Event(NamedTuple):
 
     def __str__(self) -> str:
         if self.op == "fma":
-            return f"fma   {self.src}->{self.neuron}  (x_{self.src} in slot {self.slot})"
-        return f"{self.op:<6}{self.neuron}  (slot {self.slot})"
+            return f"fma    {self.src} -> {self.neuron}  (x_{self.src} in slot {self.slot}, weight read)"
+        note = {"init": ", bias read", "load": ", 1 I/O", "store": ", 1 I/O"}.get(self.op, "")
+        return f"{self.op:<6} {self.neuron}  (slot {self.slot}{note})"
 
 
 # ---------------------------------------------------------------------- argument checking

@@ -1,0 +1,162 @@
+"""`python -m torch_iosparse.demo` (what `make demo` runs): prune an MLP, turn it into a SparseDAG, check it
+computes what the dense model computes, plan it and print the I/O report for several fast-memory sizes M.
+
+Extending the demo:
+  * a planning method registered with ``planning.register_method`` (e.g. "anneal") becomes a row of the I/O
+    table per M by adding ``(name, kwargs)`` to :data:`PLAN_METHODS` (methods that are not registered in
+    this installation are skipped with a note);
+  * any other report (kernel timings, ...) is a function ``fn(ctx) -> None`` decorated with
+    :func:`section`; sections run in order after the I/O table and get the :class:`DemoContext`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from . import planning
+from .dag import SparseDAG
+from .iomodel import lower_bound, normalize_memory, upper_bound
+
+# (method, keyword arguments for plan()) — one row of the I/O table per method and M.
+PLAN_METHODS: List[Tuple[str, Dict]] = [
+    ("two_optimal", {}),
+    ("anneal", {"time_budget": 1.0, "seed": 0}),
+]
+# Modules that register extra planning methods when imported (absent ones are fine).
+OPTIONAL_PLANNERS = ("torch_iosparse.planner",)
+
+
+@dataclass
+class DemoContext:
+    """What every section sees: the pruned dense model, its DAG, a test batch, the M values and the plans
+    made for the I/O table (``plans[(method, M)]``)."""
+
+    model: nn.Sequential
+    dag: SparseDAG
+    x: torch.Tensor
+    memories: List[Optional[int]]
+    plans: Dict = field(default_factory=dict)
+    args: Optional[argparse.Namespace] = None
+
+
+SECTIONS: List[Callable[[DemoContext], None]] = []
+
+
+def section(fn: Callable[[DemoContext], None]) -> Callable[[DemoContext], None]:
+    """Register ``fn(ctx)`` to run (in registration order) after the I/O table."""
+    SECTIONS.append(fn)
+    return fn
+
+
+def pruned_mlp(widths=(256, 512, 512, 10), sparsity: float = 0.9, seed: int = 0) -> nn.Sequential:
+    """A ReLU MLP whose Linear layers are magnitude-pruned (torch.nn.utils.prune, L1) to ``sparsity``."""
+    torch.manual_seed(seed)
+    layers: List[nn.Module] = []
+    for k in range(len(widths) - 1):
+        lin = nn.Linear(widths[k], widths[k + 1])
+        prune.l1_unstructured(lin, "weight", amount=sparsity)
+        layers.append(lin)
+        if k < len(widths) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers).eval()
+
+
+def _fmt(v) -> str:
+    return f"{v:,}" if isinstance(v, (int, np.integer)) else str(v)
+
+
+def print_table(header: List[str], rows: List[List], out=None) -> None:
+    out = out or sys.stdout
+    cells = [header] + [[_fmt(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    for k, r in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)), file=out)
+        if k == 0:
+            print("  ".join("-" * w for w in widths), file=out)
+
+
+def io_report(ctx: DemoContext) -> None:
+    """The I/O table: per M and planning method, LB <= count <= UB and the split into loads/stores."""
+    dag = ctx.dag
+    rows = []
+    skipped = []
+    for M in ctx.memories:
+        lb, ub = lower_bound(dag, M), upper_bound(dag, M)
+        for method, kw in PLAN_METHODS:
+            if method not in planning.methods():
+                if method not in skipped:
+                    skipped.append(method)
+                continue
+            t = time.perf_counter()
+            p = planning.plan(dag, M, method=method, **kw)
+            dt = time.perf_counter() - t
+            ctx.plans[(method, M)] = p
+            assert lb <= p.io.total <= ub, (method, M, p.io, lb, ub)
+            rows.append(["inf" if M is None else M, method, lb, p.io.total, ub, p.io.loads, p.io.stores,
+                         f"{p.io.total / lb:.3f}", f"{dt * 1e3:.0f}"])
+    print(f"\nI/O report (weights={dag.n_edges:,} and biases={dag.n_computed:,} are read once in every plan; "
+          "loads+stores is what the order and M change)")
+    print_table(["M", "method", "LB", "count", "UB", "loads", "stores", "count/LB", "plan ms"], rows)
+    for method in skipped:
+        print(f"(method {method!r} is not available in this installation: row skipped)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m torch_iosparse.demo", description=__doc__.split("\n")[0])
+    ap.add_argument("--widths", default="256,512,512,10", help="layer widths, inputs first")
+    ap.add_argument("--sparsity", type=float, default=0.9, help="fraction of weights pruned per layer")
+    ap.add_argument("--memory", default="8,32,128,512,inf", help="fast-memory sizes M ('inf' = unbounded)")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    for name in OPTIONAL_PLANNERS:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+    widths = tuple(int(w) for w in args.widths.split(","))
+    memories = [normalize_memory(m.strip()) if m.strip() in ("inf", "unbounded") else normalize_memory(int(m))
+                for m in args.memory.split(",")]
+    model = pruned_mlp(widths, args.sparsity, args.seed)
+    t = time.perf_counter()
+    dag = SparseDAG.from_module(model)
+    t_build = time.perf_counter() - t
+    dense = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+    print(f"pruned MLP {'-'.join(map(str, widths))} ({args.sparsity:.0%} of the weights pruned with "
+          f"torch.nn.utils.prune): {dag.n_edges:,} of {dense:,} weights remain")
+    print(f"{dag}  [built in {t_build * 1e3:.0f} ms]")
+
+    # The DAG must compute exactly what the pruned dense model computes.
+    x = torch.randn(args.batch, widths[0], generator=torch.Generator().manual_seed(args.seed))
+    ok = True
+    for dt, tol in ((torch.float32, 1e-5), (torch.float64, 1e-12)):
+        with torch.no_grad():
+            ref = model.to(dt)(x.to(dt))
+        y = dag.forward_reference(x.to(dt))
+        err = float((y - ref).abs().max() / max(float(ref.abs().max()), 1.0))
+        good = err <= tol
+        ok &= good
+        print(f"forward_reference vs dense model, {str(dt).replace('torch.', '')}: "
+              f"max relative error {err:.2e} (tolerance {tol:.0e}) {'OK' if good else 'MISMATCH'}")
+    model.float()
+
+    ctx = DemoContext(model, dag, x, memories, args=args)
+    io_report(ctx)
+    for fn in SECTIONS:
+        fn(ctx)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
