@@ -53,6 +53,13 @@ def test_malformed_weights_bias_sizes_and_outputs():
         tis.SparseDAG.from_edges(1, [0, 1], [1, 2], bias=[1.0, 2.0])
     with pytest.raises(GraphError, match="bias must be one-dimensional"):
         tis.SparseDAG.from_edges(1, [0, 1], [1, 2], bias=torch.zeros(3, 1))
+    with pytest.raises(GraphError, match="n_inputs must be an integer"):
+        tis.SparseDAG.from_edges(1.5, [0], [1])
+    with pytest.raises(GraphError, match="n_inputs must be an integer"):
+        tis.SparseDAG.from_edges(True, [0], [1])
+    with pytest.raises(GraphError, match="n_neurons must be an integer"):
+        tis.SparseDAG.from_edges(1, [0], [1], n_neurons="3")
+    assert tis.SparseDAG.from_edges(2.0, [0], [2], n_neurons=np.int64(3)).n_computed == 1
     with pytest.raises(GraphError, match="n_inputs must be >= 1"):
         tis.SparseDAG.from_edges(0, [0], [1])
     with pytest.raises(GraphError, match="nothing to compute"):

@@ -58,6 +58,17 @@ def test_brute_force_between_lower_bound_and_two_optimal(dag, memory):
         assert tis.count_io(dag, o, memory).total >= best.total
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_brute_force_with_eight_computed_neurons(seed):
+    rng = np.random.default_rng(seed)
+    src, dst = random_edges(rng, 4, 8, max_fan_in=3, layered=True, n_layers=3, skip_prob=0.3)
+    dag = tis.SparseDAG.from_edges(4, src, dst)
+    assert dag.n_computed == 8
+    for memory in (2, 3, 4):
+        _, best = tis.brute_force_optimum(dag, memory)
+        assert tis.lower_bound(dag, memory) <= best.total <= tis.plan(dag, memory).io.total
+
+
 def test_all_topological_orders_counts_linear_extensions():
     # three independent neurons: 3! orders; a chain: exactly one
     free = tis.SparseDAG.from_edges(1, [0, 0, 0], [1, 2, 3])

@@ -43,6 +43,17 @@ def _as_numpy(a, name: str, dtype=None) -> np.ndarray:
     return a
 
 
+def _as_count(x, name: str) -> int:
+    """A whole number (int, numpy integer, integral float or 0-d tensor) as int, else GraphError."""
+    if isinstance(x, torch.Tensor):
+        x = x.item() if x.numel() == 1 else x
+    if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, float, np.integer, np.floating)):
+        raise GraphError(f"{name} must be an integer, got {x!r}")
+    if isinstance(x, (float, np.floating)) and not float(x).is_integer():
+        raise GraphError(f"{name} must be an integer, got {x!r}")
+    return int(x)
+
+
 def _stable_sort(primary: np.ndarray, secondary: Optional[np.ndarray], n_buckets: int) -> np.ndarray:
     """The stable permutation sorting items by ``(primary, secondary)``, keys in ``[0, n_buckets)``.
 
@@ -120,7 +131,7 @@ class SparseDAG:
                 ``"sigmoid"``, ``"hardtanh(lo,hi)"``, ``"relu6"`` or an :class:`Activation`.
             dtype: dtype of the stored weights and biases (default: that of ``weight``, else float32).
         """
-        n_inputs = int(n_inputs)
+        n_inputs = _as_count(n_inputs, "n_inputs")
         if n_inputs < 1:
             raise GraphError(f"n_inputs must be >= 1, got {n_inputs}")
         src = _as_numpy(src, "src", np.int64)
@@ -130,7 +141,7 @@ class SparseDAG:
         m = src.size
         if n_neurons is None:
             n_neurons = max(n_inputs, int(src.max()) + 1 if m else 0, int(dst.max()) + 1 if m else 0)
-        n = int(n_neurons)
+        n = _as_count(n_neurons, "n_neurons")
         if n <= n_inputs:
             raise GraphError(f"n_neurons ({n}) must exceed n_inputs ({n_inputs}): there is nothing to compute")
         if m:
@@ -238,9 +249,18 @@ class SparseDAG:
         table: List[Activation] = []
         where = {}
         index = np.zeros(n, dtype=np.int16)
+        parsed = {}  # spec -> Activation: parse each distinct spec once (per-neuron lists can be long)
         for v in range(n_inputs, n):
-            a = acts.parse(specs[v])
+            spec = specs[v]
+            try:
+                a = parsed[spec]
+            except KeyError:
+                a = parsed[spec] = acts.parse(spec)
+            except TypeError:  # unhashable spec: parse() gives the error message
+                a = acts.parse(spec)
             if a not in where:
+                if len(table) == np.iinfo(np.int16).max:
+                    raise GraphError(f"more than {len(table)} distinct activations")
                 where[a] = len(table)
                 table.append(a)
             index[v] = where[a]
