@@ -462,7 +462,7 @@ class SparseDAG:
         b = self.bias.to(device=dev, dtype=dt)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
-            for neurons, crow, col, edges in self._level_plan():
+            for (neurons, crow, col, edges), groups in zip(self._level_plan(), self._level_activations()):
                 neurons_d = neurons.to(dev)
                 acc = b[neurons_d].unsqueeze(1).expand(-1, batch)
                 if edges.numel() and batch:
@@ -470,19 +470,32 @@ class SparseDAG:
                                                 size=(neurons.numel(), self.n_neurons),
                                                 check_invariants=False)
                     acc = acc + A @ vals
-                vals[neurons_d] = self._apply_activations(acc.contiguous(), neurons)
+                vals[neurons_d] = self._apply_activation_groups(acc.contiguous(), groups)
         out = vals[torch.from_numpy(self.outputs.astype(np.int64)).to(dev)].t().contiguous()
         return out.to(x.dtype)
 
-    def _apply_activations(self, acc: torch.Tensor, neurons: torch.Tensor) -> torch.Tensor:
-        if len(self.activations) == 1:
-            return self.activations[0].apply(acc)
-        ai = torch.from_numpy(self.act_index.astype(np.int64))[neurons]
-        out = acc.clone()
-        for k, a in enumerate(self.activations):
-            sel = (ai == k).nonzero(as_tuple=True)[0].to(acc.device)
-            if sel.numel():
-                out[sel] = a.apply(acc[sel])
+    def _level_activations(self):
+        """Per level: [(Activation, local row indices or None for all rows)], one entry per kind present."""
+        if getattr(self, "_lp_acts", None) is None:
+            out = []
+            for neurons, _, _, _ in self._level_plan():
+                ai = self.act_index[neurons.numpy()]
+                kinds = np.unique(ai)
+                if kinds.size == 1:
+                    out.append([(self.activations[int(kinds[0])], None)])
+                else:
+                    out.append([(self.activations[int(k)], torch.from_numpy(np.flatnonzero(ai == k))) for k in kinds])
+            self._lp_acts = out
+        return self._lp_acts
+
+    @staticmethod
+    def _apply_activation_groups(acc: torch.Tensor, groups) -> torch.Tensor:
+        if len(groups) == 1:
+            return groups[0][0].apply(acc)
+        out = torch.empty_like(acc)
+        for a, rows in groups:
+            rows = rows.to(acc.device)
+            out[rows] = a.apply(acc[rows])
         return out
 
     def _level_plan(self):
