@@ -227,3 +227,19 @@ def test_to_dense_layers_round_trip():
     layers = dag.to_dense_layers()
     assert torch.equal(layers[0][0], seq[0].weight.detach()) and torch.equal(layers[1][1], seq[2].bias.detach())
     assert [str(a) for _, _, a in layers] == ["relu", "sigmoid"]
+
+
+def test_pickle_round_trip_drops_caches():
+    import pickle
+
+    seq = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    dag = tis.SparseDAG.from_module(seq)
+    x = torch.randn(2, 5)
+    y = dag.forward_reference(x)
+    tis.count_io(dag, tis.plan(dag, 3).order, 3)  # fills the native-array cache
+    blob = pickle.dumps(dag)
+    back = pickle.loads(blob)
+    assert not hasattr(back, "_lp") and not hasattr(back, "_native_cache")
+    assert torch.equal(back.forward_reference(x), y)
+    assert back.structure_hash() == dag.structure_hash()
+    assert tis.count_io(back, tis.plan(back, 3).order, 3) == tis.count_io(dag, tis.plan(dag, 3).order, 3)

@@ -427,6 +427,15 @@ class SparseDAG:
                 self._levels = _levels(self.n_neurons, self.n_inputs, self.in_ptr, self.out_ptr, self.out_dst)
         return self._levels
 
+    _CACHES = ("_native_cache", "_lp", "_lp_acts", "_in_src_t")
+
+    def __getstate__(self):
+        # Pickle / deepcopy the network, not the derived caches (they are rebuilt on demand).
+        state = dict(self.__dict__)
+        for k in self._CACHES:
+            state.pop(k, None)
+        return state
+
     def __repr__(self) -> str:
         acts_s = ",".join(str(a) for a in self.activations)
         return (f"SparseDAG(n_inputs={self.n_inputs}, n_neurons={self.n_neurons}, n_edges={self.n_edges}, "
