@@ -138,3 +138,11 @@ def test_register_method_plugs_into_plan():
     assert p.info == {"note": "test"} and p.io == tis.count_io(dag, p.order, 2)
     planning._METHODS.pop("custom_method_test")
     repr(p)
+
+
+def test_info_is_saved_when_json_serialisable(tmp_path, net):
+    p = tis.plan(net, 3)
+    p.info = {"history": np.arange(3), "best": np.int64(7), "note": "x", "opaque": object()}
+    path = str(tmp_path / "i.plan")
+    p.save(path)
+    assert tis.Plan.load(path, net).info == {"history": [0, 1, 2], "best": 7, "note": "x"}

@@ -46,9 +46,10 @@ class Plan:
                             f"this network has {dag.structure_hash()[:12]}…)")
 
     def save(self, path: str) -> None:
-        """Write the plan to ``path`` (npz, no pickle) with format version, DAG hash and checksum."""
+        """Write the plan to ``path`` (npz, no pickle) with format version, DAG hash and checksum.
+        ``info`` entries are kept when they are JSON-serialisable (numpy values become lists/numbers)."""
         meta = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "memory": self.memory, "method": self.method,
-                "dag_hash": self.dag_hash, "io": list(self.io.as_tuple())}
+                "dag_hash": self.dag_hash, "io": list(self.io.as_tuple()), "info": _jsonable(self.info)}
         order = np.ascontiguousarray(self.order, dtype=np.int64)
         meta_s = json.dumps(meta, sort_keys=True)
         checksum = hashlib.sha256(meta_s.encode() + order.tobytes()).hexdigest()
@@ -78,7 +79,7 @@ class Plan:
         try:
             memory = None if meta["memory"] is None else int(meta["memory"])
             p = cls(order, memory, IOCount(*(int(c) for c in meta["io"])), str(meta["method"]),
-                    str(meta["dag_hash"]))
+                    str(meta["dag_hash"]), dict(meta.get("info") or {}))
         except (KeyError, TypeError, ValueError) as e:
             raise PlanError(f"{path} has malformed plan metadata ({type(e).__name__}: {e})") from None
         if order.ndim != 1:
@@ -90,6 +91,22 @@ class Plan:
     def __repr__(self) -> str:
         return (f"Plan(method={self.method!r}, memory={self.memory}, io={self.io}, "
                 f"n_computed={len(self.order)})")
+
+
+def _jsonable(info: Dict) -> Dict:
+    """The entries of ``info`` that survive a JSON round trip (numpy arrays and scalars are converted)."""
+    out = {}
+    for k, v in (info or {}).items():
+        try:
+            json.dumps(v, default=lambda o: o.tolist() if hasattr(o, "tolist") else _raise(o))
+        except (TypeError, ValueError):
+            continue
+        out[str(k)] = json.loads(json.dumps(v, default=lambda o: o.tolist()))
+    return out
+
+
+def _raise(o):
+    raise TypeError(f"not JSON-serialisable: {type(o).__name__}")
 
 
 # ---------------------------------------------------------------------- methods
