@@ -140,6 +140,15 @@ def test_from_edges_matches_naive_evaluation(seed, layered, shuffled, per_neuron
         assert rel_err(y.double(), torch.from_numpy(ref)) <= TOL[dtype]
 
 
+def test_from_edges_copies_the_callers_arrays():
+    w, b, src = torch.tensor([1.0, 2.0]), torch.tensor([0.0, 0.0, 1.0]), np.array([0, 1])
+    dag = tis.SparseDAG.from_edges(2, src, [2, 2], w, b, activation="identity")
+    w[:] = 100.0
+    b[:] = 100.0
+    src[:] = 0
+    assert dag.forward_reference(torch.ones(1, 2)).tolist() == [[4.0]]
+
+
 def test_duplicate_edges_are_merged_by_summing():
     dag = tis.SparseDAG.from_edges(2, [0, 1, 0, 0], [2, 2, 2, 2], [1.0, 10.0, 2.0, 4.0], activation="identity")
     assert dag.n_edges == 2

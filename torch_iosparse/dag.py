@@ -183,7 +183,7 @@ class SparseDAG:
         else:
             already = True
         if already:
-            src_s, dst_s, w_s = src, dst, w
+            src_s, dst_s, w_s = src, dst, w.clone()  # clone: never alias the caller's tensor
         else:
             order = _stable_sort(dst, src, n)
             src_s, dst_s = src[order], dst[order]
