@@ -15,11 +15,11 @@ from test_core_support import MEMORIES, check_schedule, dags, random_edges, rand
 
 memories = st.sampled_from(MEMORIES)
 # the property tests are cheap (ms per example): run more examples than the profile's default
-MORE = settings(max_examples=3 * settings.default.max_examples)
+MORE = settings(max_examples=5 * settings.default.max_examples)
 
 
 @MORE
-@given(dags(max_computed=16), memories, st.integers(0, 2**31 - 1))
+@given(dags(max_computed=24), memories, st.integers(0, 2**31 - 1))
 def test_native_equals_reference_counts_and_traces(dag, memory, seed):
     orders = [tis.plan(dag, memory).order, random_topological_order(dag, np.random.default_rng(seed))]
     for order in orders:
