@@ -75,3 +75,9 @@ def test_demo_extension_points(capsys, monkeypatch):
         planning._METHODS.pop("demo_test_method")
     out = capsys.readouterr().out
     assert "demo_test_method" in out and seen and "demo_test_method" in seen[0]
+
+
+def test_demo_plot(tmp_path, capsys):
+    path = tmp_path / "io.png"
+    assert demo.main(["--widths", "8,16,4", "--memory", "2,4,8,inf", "--batch", "2", "--plot", str(path)]) == 0
+    assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"

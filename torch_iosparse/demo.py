@@ -117,6 +117,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory", default="8,32,128,512,inf", help="fast-memory sizes M ('inf' = unbounded)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", metavar="FILE", help="also save a plot of the I/O counts against M (png/pdf/svg)")
     args = ap.parse_args(argv)
 
     for name in OPTIONAL_PLANNERS:
@@ -155,7 +156,37 @@ def main(argv=None) -> int:
     io_report(ctx)
     for fn in SECTIONS:
         fn(ctx)
+    if args.plot:
+        plot_io(ctx, args.plot)
+        print(f"\nplot saved to {args.plot}")
     return 0 if ok else 1
+
+
+def plot_io(ctx: DemoContext, path: str) -> None:
+    """Activation traffic (loads + stores) of every plan against M, between the bounds."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dag = ctx.dag
+    finite = sorted(M for M in ctx.memories if M is not None)
+    fixed = dag.n_edges + dag.n_computed  # weights + biases: the same in every plan
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if finite:
+        ax.plot(finite, [lower_bound(dag, M) - fixed for M in finite], "k--", label="lower bound")
+        ax.plot(finite, [upper_bound(dag, M) - fixed for M in finite], "k:", label="2-optimal upper bound")
+        for method in sorted({k[0] for k in ctx.plans}):
+            pts = [(M, ctx.plans[(method, M)].io.activation_traffic) for M in finite if (method, M) in ctx.plans]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=method)
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("fast memory M (slots)")
+    ax.set_ylabel("loads + stores")
+    ax.set_title(f"{dag.n_edges:,} edges, {dag.n_computed:,} computed neurons")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
