@@ -169,3 +169,26 @@ def test_time_budget_stops():
     p = plan(dag, 4, method="anneal", time_budget=0.5, progress=False)
     assert p.info["seconds"] < 3.0
     assert p.io.total <= p.info["start_io"]
+
+
+@given(seed=st.integers(0, 10_000), M=st.integers(2, 8), n=st.integers(12, 36))
+def test_move_deltas_stay_exact_after_many_accepted_moves(seed, M, n):
+    """Records of earlier eviction decisions are kept valid across accepted moves: after each hot
+    annealing round, sampled legal moves still evaluate to the exact replay."""
+    r = np.random.default_rng(seed)
+    dag = random_dag(seed, n=n, skip=bool(seed % 2))
+    ann = annealer(dag, topological_order(dag), M, seed)
+    for _ in range(4):
+        ann.run(int(r.integers(5, 60)), 5.0, 2.0, int(r.integers(1, 12)), -1, -1)
+        order = ann.order().numpy()
+        base = count_io(dag, order, M).total
+        assert ann.cost() + dag.n_edges + dag.n_computed == base
+        for i in range(len(order)):
+            for j in r.choice(len(order), size=min(4, len(order)), replace=False).tolist():
+                if i == j:
+                    continue
+                try:
+                    truth = count_io(dag, moved(order, i, j), M).total - base
+                except ValueError:
+                    continue
+                assert ann.delta_of(i, j, True) == truth

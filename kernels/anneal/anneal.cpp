@@ -84,9 +84,18 @@ struct Annealer : torch::CustomClassHolder {
   // may change when the window around p is reordered. Both views of those records are kept.
   bool recording = false;
   int64_t cur_t = 0;
-  std::vector<std::vector<int32_t>> evict_targets;  // per step: next-use positions of its victims
+  // One record per eviction decision of the current order: step, victim value and the position of its
+  // next read, runner-up value and an upper bound on the position of its next read (exact when recorded).
+  struct Rec {
+    int32_t s, uv, p, ur, r;
+  };
+  std::vector<Rec> recs;
+  std::vector<int32_t> free_recs;
+  std::vector<std::vector<int32_t>> evict_targets;  // per step: its records
+  std::vector<std::vector<int32_t>> by_runner;      // per position r: records whose runner-up bound is r
   // per position p: (step, runner-up position) of the evictions whose victim is next read at p
-  std::vector<std::vector<std::pair<int32_t, int32_t>>> evicted_at;
+  std::vector<std::vector<int32_t>> evicted_at;  // per position p: records whose victim is next read at p
+  int64_t last_c = 0;
 
   Annealer(at::Tensor in_ptr_t, at::Tensor in_src_t, at::Tensor is_output_t, int64_t n_inputs,
            int64_t memory, at::Tensor order_t, int64_t seed, int64_t checkpoint_budget) {
@@ -138,6 +147,7 @@ struct Annealer : torch::CustomClassHolder {
     hash.assign(nc + 1, 0);
     evict_targets.assign(nc, {});
     evicted_at.assign(nc, {});
+    by_runner.assign(nc, {});
     step_cost.assign(nc, 0);
     ck_size.assign(nc / K + 1, 0);
     ck_vals.assign((nc / K + 1) * M, 0);
@@ -226,10 +236,23 @@ struct Annealer : torch::CustomClassHolder {
           std::pop_heap(heap.begin(), heap.end());  // stale entries: drop them to see the runner-up
           heap.pop_back();
         }
-        const int32_t p = static_cast<int32_t>(top.first / n);
-        const int32_t r = heap.empty() ? -1 : static_cast<int32_t>(heap.front().first / n);
-        evict_targets[cur_t].push_back(p);
-        evicted_at[p].emplace_back(static_cast<int32_t>(cur_t), r);
+        Rec rec{static_cast<int32_t>(cur_t), u, static_cast<int32_t>(top.first / n), -1, -1};
+        if (!heap.empty()) {
+          rec.ur = heap.front().second;
+          rec.r = static_cast<int32_t>(heap.front().first / n);
+        }
+        int32_t id;
+        if (!free_recs.empty()) {
+          id = free_recs.back();
+          free_recs.pop_back();
+          recs[id] = rec;
+        } else {
+          id = static_cast<int32_t>(recs.size());
+          recs.push_back(rec);
+        }
+        evict_targets[cur_t].push_back(id);
+        evicted_at[rec.p].push_back(id);
+        if (rec.r >= 0) by_runner[rec.r].push_back(id);
       }
       del_res(u);
       return;
@@ -266,25 +289,71 @@ struct Annealer : torch::CustomClassHolder {
     for (size_t q = 0; q < rlist.size(); ++q) vals[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
   }
   // One step: compute neuron torder(t).
+  static void erase_id(std::vector<int32_t>& v, int32_t id) {
+    auto it = std::find(v.begin(), v.end(), id);
+    *it = v.back();
+    v.pop_back();
+  }
   void forget_evictions(int64_t t) {
-    for (int32_t p : evict_targets[t]) {
-      auto& v = evicted_at[p];
-      auto it = std::find_if(v.begin(), v.end(), [&](const std::pair<int32_t, int32_t>& e) { return e.first == t; });
-      *it = v.back();
-      v.pop_back();
+    for (int32_t id : evict_targets[t]) {
+      erase_id(evicted_at[recs[id].p], id);
+      if (recs[id].r >= 0) erase_id(by_runner[recs[id].r], id);
+      free_recs.push_back(id);
     }
     evict_targets[t].clear();
   }
-  // The first step whose eviction decision may differ when positions [a, b] are reordered. Only the
-  // keys of values next read inside [a, b] change, and they stay inside [a, b]: a decision whose victim
-  // is next read outside [a, b] picks the same victim (all larger keys are unchanged, all smaller stay
-  // smaller). Every record with a victim position in [a, b] therefore lies in the replayed range and is
-  // rewritten when the move is accepted, which keeps this invariant for the next move.
+  // The first step whose eviction decision may differ when positions [a, b] are reordered. Keys of
+  // values next read inside [a, b] stay inside [a, b]; all other keys keep their value. A decision
+  // changes only if its victim's key p is in [a, b] (else the victim stays the maximum, or nothing in
+  // [a, b] competes) and the best other key r is >= a (else every competitor stays below a <= new p).
   int64_t first_affected(int64_t a, int64_t b) const {
     int64_t s = a;
     for (int64_t p = a; p <= b; ++p)
-      for (const auto& e : evicted_at[p]) s = std::min<int64_t>(s, e.first);
+      for (int32_t id : evicted_at[p])
+        if (recs[id].r >= a) s = std::min<int64_t>(s, recs[id].s);
     return s;
+  }
+  // After an accepted move (window [wa, wb], replayed from last_c), fix the records of the earlier,
+  // unchanged decisions that point into the window: a victim's key is recomputed in the new order
+  // (same victim, exact); a runner-up key becomes wb, an upper bound of the new best competitor
+  // (competitors in the window stay in it), which keeps first_affected conservative.
+  std::vector<int32_t> fix_p, fix_r;
+  void collect_stale_records() {
+    fix_p.clear();
+    fix_r.clear();
+    for (int64_t q = wa; q <= wb; ++q) {
+      auto& v = evicted_at[q];
+      for (size_t k = 0; k < v.size();) {
+        if (recs[v[k]].s < last_c) {
+          fix_p.push_back(v[k]);
+          v[k] = v.back();
+          v.pop_back();
+        } else {
+          ++k;
+        }
+      }
+      auto& w = by_runner[q];
+      for (size_t k = 0; k < w.size();) {
+        if (recs[w[k]].s < last_c) {
+          fix_r.push_back(w[k]);
+          w[k] = w.back();
+          w.pop_back();
+        } else {
+          ++k;
+        }
+      }
+    }
+  }
+  void reinsert_stale_records(int64_t new_r) {  // after apply_move: positions are the new ones
+    for (int32_t id : fix_p) {
+      Rec& rc = recs[id];
+      rc.p = static_cast<int32_t>(next_use(rc.uv, rc.s + 1) / n);
+      evicted_at[rc.p].push_back(id);
+    }
+    for (int32_t id : fix_r) {
+      recs[id].r = static_cast<int32_t>(new_r);
+      by_runner[new_r].push_back(id);
+    }
   }
   inline void step(int64_t t) {
     cur_t = t;
@@ -321,6 +390,9 @@ struct Annealer : torch::CustomClassHolder {
     clear_state();
     for (auto& v : evict_targets) v.clear();
     for (auto& v : evicted_at) v.clear();
+    for (auto& v : by_runner) v.clear();
+    recs.clear();
+    free_recs.clear();
     recording = true;
     int64_t total = 0;
     for (int64_t t = 0; t < nc; ++t) {
@@ -342,6 +414,7 @@ struct Annealer : torch::CustomClassHolder {
   int64_t evaluate(bool record, int64_t stop_at, bool early_stop = true) {
     // Before c every decision is the same under the move, so the checkpointed state is valid.
     const int64_t c = (first_affected(wa, wb) / K) * K;
+    last_c = c;
     if (!record && wa - c > max_back) {
       ++skipped_back;
       return kNone;  // too expensive to evaluate: the caller rejects the move unseen
@@ -465,7 +538,10 @@ struct Annealer : torch::CustomClassHolder {
       if (take) {
         const int64_t stop = stop_;
         evaluate(true, stop);
+        const int64_t old_wb = wb;
+        collect_stale_records();
         apply_move();
+        reinsert_stale_records(old_wb);
         cur_cost += delta;
         ++accepted;
         if (delta < 0) ++improving;
