@@ -66,9 +66,11 @@ struct Annealer : torch::CustomClassHolder {
 
   // simulation scratch
   std::vector<uint8_t> res;        // 0 absent, 1 clean, 2 dirty
-  std::vector<int64_t> curkey;     // valid heap key of a resident value
   std::vector<int32_t> rlist, ridx;  // resident list with positions (O(1) insert / erase)
-  std::vector<std::pair<int64_t, int32_t>> heap;  // lazy max-heap of (next-use key, value)
+  // indexed max-heap of the resident values (not the partial sum) by next-use key: at most M entries
+  std::vector<int64_t> hk;
+  std::vector<int32_t> hv, hpos;
+  int64_t hsize = 0;
   std::vector<uint8_t> pred_mark;  // sources of the moved neuron
   int64_t cnt = 0;                 // occupied slots (resident values + accumulator)
   uint64_t h = 0;
@@ -152,7 +154,9 @@ struct Annealer : torch::CustomClassHolder {
     ck_size.assign(nc / K + 1, 0);
     ck_vals.assign((nc / K + 1) * M, 0);
     res.assign(n, 0);
-    curkey.assign(n, 0);
+    hpos.assign(n, -1);
+    hk.assign(M + 1, 0);
+    hv.assign(M + 1, 0);
     ridx.assign(n, -1);
     pred_mark.assign(n, 0);
     rlist.reserve(M + 1);
@@ -204,7 +208,47 @@ struct Annealer : torch::CustomClassHolder {
     rlist.push_back(u);
     h ^= Z[state - 1][u];
   }
+  inline void heap_place(int64_t i, int64_t key, int32_t u) {
+    hk[i] = key;
+    hv[i] = u;
+    hpos[u] = static_cast<int32_t>(i);
+  }
+  inline void sift_up(int64_t i) {
+    const int64_t key = hk[i];
+    const int32_t u = hv[i];
+    while (i > 0) {
+      const int64_t parent = (i - 1) >> 1;
+      if (hk[parent] >= key) break;
+      heap_place(i, hk[parent], hv[parent]);
+      i = parent;
+    }
+    heap_place(i, key, u);
+  }
+  inline void sift_down(int64_t i) {
+    const int64_t key = hk[i];
+    const int32_t u = hv[i];
+    for (;;) {
+      int64_t c = 2 * i + 1;
+      if (c >= hsize) break;
+      if (c + 1 < hsize && hk[c + 1] > hk[c]) ++c;
+      if (hk[c] <= key) break;
+      heap_place(i, hk[c], hv[c]);
+      i = c;
+    }
+    heap_place(i, key, u);
+  }
+  inline void heap_remove(int32_t u) {
+    const int64_t i = hpos[u];
+    hpos[u] = -1;
+    const int64_t last = --hsize;
+    if (i == last) return;
+    const int32_t w = hv[last];
+    heap_place(i, hk[last], w);
+    sift_up(i);
+    sift_down(hpos[w]);
+  }
   inline void del_res(int32_t u) {
+    if (hpos[u] >= 0) heap_remove(u);
     h ^= Z[res[u] - 1][u];
     res[u] = 0;
     const int32_t last = rlist.back();
@@ -213,33 +257,33 @@ struct Annealer : torch::CustomClassHolder {
     rlist.pop_back();
     ridx[u] = -1;
   }
-  inline void push_key(int32_t u, int64_t key) {
-    curkey[u] = key;
-    heap.emplace_back(key, u);
-    std::push_heap(heap.begin(), heap.end());
+  inline void push_key(int32_t u, int64_t key) {  // keys only grow while a value is resident
+    if (hpos[u] < 0) {
+      heap_place(hsize++, key, u);
+      sift_up(hsize - 1);
+    } else {
+      const int64_t i = hpos[u];
+      const int64_t old = hk[i];
+      hk[i] = key;
+      if (key > old) sift_up(i); else sift_down(i);
+    }
   }
   inline void take_slot() {
     if (cnt < M) {
       ++cnt;
       return;
     }
-    for (;;) {  // evict the resident value read furthest in the future
-      TORCH_CHECK(!heap.empty(), "internal error: nothing to evict");
-      std::pop_heap(heap.begin(), heap.end());
-      const auto top = heap.back();
-      heap.pop_back();
-      const int32_t u = top.second;
-      if (!res[u] || curkey[u] != top.first) continue;  // stale entry
-      if (res[u] == 2) ++io;                            // dirty: store before dropping
+    {  // evict the resident value read furthest in the future
+      TORCH_CHECK(hsize > 0, "internal error: nothing to evict");
+      const int32_t u = hv[0];
+      const int64_t top_key = hk[0];
+      if (res[u] == 2) ++io;  // dirty: store before dropping
       if (recording) {
-        while (!heap.empty() && (!res[heap.front().second] || curkey[heap.front().second] != heap.front().first)) {
-          std::pop_heap(heap.begin(), heap.end());  // stale entries: drop them to see the runner-up
-          heap.pop_back();
-        }
-        Rec rec{static_cast<int32_t>(cur_t), u, static_cast<int32_t>(top.first / n), -1, -1};
-        if (!heap.empty()) {
-          rec.ur = heap.front().second;
-          rec.r = static_cast<int32_t>(heap.front().first / n);
+        Rec rec{static_cast<int32_t>(cur_t), u, static_cast<int32_t>(top_key / n), -1, -1};
+        if (hsize > 1) {  // runner-up: the larger child of the root
+          const int64_t c = (hsize > 2 && hk[2] > hk[1]) ? 2 : 1;
+          rec.ur = hv[c];
+          rec.r = static_cast<int32_t>(hk[c] / n);
         }
         int32_t id;
         if (!free_recs.empty()) {
@@ -264,7 +308,8 @@ struct Annealer : torch::CustomClassHolder {
       ridx[u] = -1;
     }
     rlist.clear();
-    heap.clear();
+    for (int64_t i = 0; i < hsize; ++i) hpos[hv[i]] = -1;
+    hsize = 0;
     cnt = 0;
     h = 0;
   }
@@ -276,10 +321,8 @@ struct Annealer : torch::CustomClassHolder {
     for (int32_t q = 0; q < ck_size[k]; ++q) {
       const int32_t u = vals[q] >> 1;
       add_res(u, static_cast<uint8_t>(1 + (vals[q] & 1)));
-      curkey[u] = next_use(u, c);
-      heap.emplace_back(curkey[u], u);
+      push_key(u, next_use(u, c));
     }
-    std::make_heap(heap.begin(), heap.end());
     cnt = static_cast<int64_t>(rlist.size());
   }
   void save_checkpoint(int64_t t) {
