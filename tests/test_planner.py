@@ -192,3 +192,10 @@ def test_move_deltas_stay_exact_after_many_accepted_moves(seed, M, n):
                 except ValueError:
                     continue
                 assert ann.delta_of(i, j, True) == truth
+
+
+def test_progress_bar_and_both_limits(capsys):
+    dag = random_dag(4, n=80)
+    p = plan(dag, 4, method="anneal", iterations=500, time_budget=30, progress=True)
+    assert p.info["proposed"] == 500
+    assert "anneal" in capsys.readouterr().err

@@ -147,7 +147,7 @@ def anneal_order(dag: SparseDAG, memory: Optional[int], *, seed: int = 0, iterat
                  time_budget: Optional[float] = None, start="best", t_start: Optional[float] = None,
                  t_end: Optional[float] = None, max_shift: int = 64, back_cap: Optional[int] = None,
                  forward_cap: Optional[int] = None, chunks: int = 100, progress: bool = True,
-                 checkpoint_budget: int = 1 << 24) -> Tuple[np.ndarray, Dict]:
+                 checkpoint_budget: int = 1 << 22) -> Tuple[np.ndarray, Dict]:
     """Simulated annealing over topological orders. Returns ``(order, info)``.
 
     Args:
@@ -164,6 +164,8 @@ def anneal_order(dag: SparseDAG, memory: Optional[int], *, seed: int = 0, iterat
         back_cap, forward_cap: optional bounds on how far before / after the move one evaluation may
             replay; proposals over a cap are rejected without being evaluated (faster, exactness kept).
         progress: tqdm bar.
+        checkpoint_budget: most int32 entries kept for state checkpoints (one per step while
+            n_computed·M fits, else one every K steps).
     Info holds ``start``, ``start_io``, ``io``, counts of moves and a per-chunk ``history`` (lists of
     ``moves``, ``io``, ``best_io``, ``temperature``, ``acceptance``, ``seconds``) for plots.
     """
