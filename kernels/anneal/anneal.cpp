@@ -79,7 +79,7 @@ struct Annealer : torch::CustomClassHolder {
   bool mv = false;
   int32_t mx = -1;
   int64_t mi = 0, mj = 0, wa = 0, wb = -1;
-  int64_t replayed_steps = 0, back_steps = 0, fwd_steps = 0;
+  int64_t replayed_steps = 0;
   // caps on the replay of one proposal (kNone = exact always); a capped proposal is rejected unseen
   int64_t max_back = kNone, max_forward = kNone, skipped_back = 0, unresolved = 0;
   // Eviction decisions depend on the future: one made at step s whose victim is next read at position p
@@ -485,8 +485,6 @@ struct Annealer : torch::CustomClassHolder {
       base += record ? 0 : step_cost[t];
     }
     replayed_steps += t - c;
-    back_steps += wa - c;
-    fwd_steps += t - wb;
     if (record && t == nc) {
       hash[nc] = h;
       if (nc % K == 0) save_checkpoint(nc);
@@ -642,42 +640,11 @@ struct Annealer : torch::CustomClassHolder {
     clear_move();
     return d;
   }
-  // Debug: cost of replaying the current order from checkpoint c to the end (must equal the baseline).
-  int64_t replay_from(int64_t c) {
-    mv = false;
-    restore((c / K) * K);
-    int64_t total = 0;
-    for (int64_t t = 0; t < (c / K) * K; ++t) total += step_cost[t];
-    for (int64_t t = (c / K) * K; t < nc; ++t) {
-      io = 0;
-      step(t);
-      total += io;
-    }
-    clear_state();
-    return total;
-  }
-  at::Tensor debug_steps(int64_t i, int64_t j, int64_t c) {
-    if (i != j) set_move(order[i], i, j); else mv = false;
-    restore(c);
-    auto out = at::zeros({nc * 3}, at::kLong);
-    auto* o = out.data_ptr<int64_t>();
-    for (int64_t t = c; t < nc; ++t) {
-      io = 0;
-      o[3*t] = torder(t);
-      step(t);
-      o[3*t+1] = io;
-      o[3*t+2] = (int64_t)rlist.size();
-    }
-    clear_state();
-    if (mv) clear_move();
-    return out;
-  }
   at::Tensor get_order() const { return vec_tensor(order); }
   at::Tensor best_order() const { return vec_tensor(best_order_); }
   int64_t cost() const { return cur_cost; }
   int64_t best_cost() const { return best_cost_; }
   int64_t checkpoint_interval() const { return K; }
-  at::Tensor replay_split() { auto o = at::empty({2}, at::kLong); o[0] = back_steps; o[1] = fwd_steps; back_steps = fwd_steps = 0; return o; }
   // From-scratch replay of the current order (also resynchronises the baseline data): for tests.
   int64_t full_cost() { return rebuild(); }
 
@@ -697,14 +664,11 @@ TORCH_LIBRARY_FRAGMENT(iosparse, m) {
       .def("run", &Annealer::run)
       .def("sample_deltas", &Annealer::sample_deltas)
       .def("delta_of", &Annealer::delta_of)
-      .def("replay_from", &Annealer::replay_from)
-      .def("debug_steps", &Annealer::debug_steps)
       .def("order", &Annealer::get_order)
       .def("best_order", &Annealer::best_order)
       .def("cost", &Annealer::cost)
       .def("best_cost", &Annealer::best_cost)
       .def("checkpoint_interval", &Annealer::checkpoint_interval)
-      .def("replay_split", &Annealer::replay_split)
       .def("full_cost", &Annealer::full_cost);
 }
 
