@@ -54,6 +54,7 @@ struct Annealer : torch::CustomClassHolder {
   int64_t n = 0, n_in = 0, nc = 0, M = 0, K = 1;
   std::vector<int64_t> in_ptr, out_ptr;
   std::vector<int32_t> in_src, cons;  // cons: per source, consumers sorted by current position
+  std::vector<int32_t> cidx;          // per in-edge (u -> v): index of v in u's consumer list
   std::vector<uint8_t> is_out;
   std::vector<int32_t> order, pos, best_order_;
   std::vector<uint64_t> Z[2];
@@ -129,11 +130,16 @@ struct Annealer : torch::CustomClassHolder {
     for (auto u : in_src) out_ptr[u + 1]++;
     for (int64_t u = 0; u < n; ++u) out_ptr[u + 1] += out_ptr[u];
     cons.assign(in_src.size(), 0);
+    cidx.assign(in_src.size(), 0);
     {
       std::vector<int64_t> cur(out_ptr.begin(), out_ptr.end() - 1);
       for (int64_t t = 0; t < nc; ++t) {  // consumers appended in order of position: already sorted
         const int32_t v = order[t];
-        for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) cons[cur[in_src[e]]++] = v;
+        for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) {
+          const int32_t u = in_src[e];
+          cidx[e] = static_cast<int32_t>(cur[u] - out_ptr[u]);
+          cons[cur[u]++] = v;
+        }
       }
     }
     rng = SplitMix64(static_cast<uint64_t>(seed) * 0x2545F4914F6CDD1DULL + 12345);
@@ -198,6 +204,17 @@ struct Annealer : torch::CustomClassHolder {
       break;
     }
     if (mv && pred_mark[u] && mj >= t && mj < best) best = mj;
+    return best == kNone ? kNone : best * n + u;
+  }
+
+  // Next-use key of u among readers after step t, starting the scan at index k of u's consumer list,
+  // when every listed reader from k on is read after t (true after the current reader's own entry
+  // unless the current reader is the moved neuron, and from k = 0 for a just-computed value).
+  inline int64_t next_from(int32_t u, int64_t k, int64_t t) const {
+    const int64_t base = out_ptr[u], len = out_ptr[u + 1] - base;
+    while (k < len && mv && cons[base + k] == mx) ++k;
+    int64_t best = k < len ? tpos(cons[base + k]) : kNone;
+    if (mv && pred_mark[u] && mj > t && mj < best) best = mj;
     return best == kNone ? kNone : best * n + u;
   }
 
@@ -409,7 +426,7 @@ struct Annealer : torch::CustomClassHolder {
         ++io;  // load
         add_res(u, 1);
       }
-      const int64_t nu = next_use(u, t + 1);
+      const int64_t nu = (mv && v == mx) ? next_use(u, t + 1) : next_from(u, cidx[e] + 1, t);
       if (nu == kNone) {  // last read: store an unstored output, then drop
         if (res[u] == 2 && is_out[u]) ++io;
         del_res(u);
@@ -418,7 +435,7 @@ struct Annealer : torch::CustomClassHolder {
         push_key(u, nu);
       }
     }
-    const int64_t nu = next_use(v, t + 1);
+    const int64_t nu = next_from(v, 0, t);  // every reader of v comes after it
     if (nu == kNone) {
       if (is_out[v]) ++io;
       --cnt;
@@ -528,6 +545,15 @@ struct Annealer : torch::CustomClassHolder {
       int32_t* ins = std::lower_bound(lo, hi - 1, pos[x], [&](int32_t w, int64_t p) { return pos[w] < p; });
       std::copy_backward(ins, hi - 1, hi);
       *ins = x;
+      // entries between the old and the new place of x moved by one: refresh their cursors
+      const int32_t u = in_src[e];
+      const int64_t k0 = std::min(at, ins) - lo, k1 = std::max(at, ins) - lo;
+      for (int64_t k = k0; k <= k1; ++k) {
+        const int32_t w = lo[k];
+        const int32_t* s0 = in_src.data() + in_ptr[w];
+        const int32_t* s1 = in_src.data() + in_ptr[w + 1];
+        cidx[std::lower_bound(s0, s1, u) - in_src.data()] = static_cast<int32_t>(k);
+      }
     }
   }
 
