@@ -1,0 +1,701 @@
+// Simulated annealing over topological orders with exact, incremental cost evaluation.
+//
+// The cost is that of the 2-optimal strategy as kernels/sim/simulator.cpp replays it (neurons in order,
+// in-edges by ascending source, furthest-next-use eviction, lazy stores). The state of that simulator
+// between two neurons is fully described by the set of resident values and their dirty flags: slot
+// numbers do not influence the count, and the next-use key of a resident value is a function of the
+// order alone. Hence if a modified order (which differs from the baseline only inside a window [a, b])
+// reaches, at some step T > b, the same resident set and dirty flags as the baseline run at T, every
+// later step is identical and the cost difference is exactly the difference accumulated up to T.
+//
+// The annealer keeps, for the current (baseline) order: the I/O cost of each step, a 64-bit Zobrist hash
+// of the state before each step, and full state checkpoints every K steps. A move (relocate one neuron
+// inside its legal window; K=1 swaps adjacent neurons as a special case) is evaluated by restoring the
+// checkpoint at or before the window, replaying the modified order and stopping at the first step past
+// the window whose state hash equals the baseline's. Accepted moves are replayed once more to rewrite
+// the baseline data of the steps they changed. The final cost is re-checked by the caller with the
+// exact simulator (iomodel.count_io); `full_cost()` here is a from-scratch replay for tests.
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace iosparse {
+namespace {
+
+constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+
+struct SplitMix64 {  // small, fast, platform-independent: same seed => same moves everywhere
+  uint64_t s;
+  explicit SplitMix64(uint64_t seed) : s(seed) {}
+  uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  int64_t below(int64_t n) { return static_cast<int64_t>(next() % static_cast<uint64_t>(n)); }
+  double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }
+};
+
+std::vector<int64_t> to_vec(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1, name,
+              " must be a 1-D int64 CPU tensor");
+  auto c = t.contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+struct Annealer : torch::CustomClassHolder {
+  int64_t n = 0, n_in = 0, nc = 0, M = 0, K = 1;
+  std::vector<int64_t> in_ptr, out_ptr;
+  std::vector<int32_t> in_src, cons;  // cons: per source, consumers sorted by current position
+  std::vector<int32_t> cidx;          // per in-edge (u -> v): index of v in u's consumer list
+  std::vector<uint8_t> is_out;
+  std::vector<int32_t> order, pos, best_order_;
+  std::vector<uint64_t> Z[2];
+  // baseline data of the current order
+  std::vector<uint64_t> hash;       // [nc + 1]: state hash before step t
+  std::vector<int32_t> step_cost;   // [nc]: loads + stores during step t
+  std::vector<int32_t> ck_vals, ck_size;  // checkpoint k = state before step k*K: (u << 1 | dirty)
+  int64_t cur_cost = 0, best_cost_ = 0;
+  SplitMix64 rng{0};
+
+  // simulation scratch
+  std::vector<uint8_t> res;        // 0 absent, 1 clean, 2 dirty
+  std::vector<int32_t> rlist, ridx;  // resident list with positions (O(1) insert / erase)
+  // indexed max-heap of the resident values (not the partial sum) by next-use key: at most M entries
+  std::vector<int64_t> hk;
+  std::vector<int32_t> hv, hpos;
+  int64_t hsize = 0;
+  std::vector<uint8_t> pred_mark;  // sources of the moved neuron
+  int64_t cnt = 0;                 // occupied slots (resident values + accumulator)
+  uint64_t h = 0;
+  int64_t io = 0;
+  // the move being evaluated: neuron mx goes from position mi to mj; window [wa, wb]
+  bool mv = false;
+  int32_t mx = -1;
+  int64_t mi = 0, mj = 0, wa = 0, wb = -1;
+  int64_t replayed_steps = 0;
+  // caps on the replay of one proposal (kNone = exact always); a capped proposal is rejected unseen
+  int64_t max_back = kNone, max_forward = kNone, skipped_back = 0, unresolved = 0;
+  // Eviction decisions depend on the future: one made at step s whose victim is next read at position p
+  // may change when the window around p is reordered. Both views of those records are kept.
+  bool recording = false;
+  int64_t cur_t = 0;
+  // One record per eviction decision of the current order: step, victim value and the position of its
+  // next read, runner-up value and an upper bound on the position of its next read (exact when recorded).
+  struct Rec {
+    int32_t s, uv, p, ur, r;
+  };
+  std::vector<Rec> recs;
+  std::vector<int32_t> free_recs;
+  std::vector<std::vector<int32_t>> evict_targets;  // per step: its records
+  std::vector<std::vector<int32_t>> by_runner;      // per position r: records whose runner-up bound is r
+  // per position p: (step, runner-up position) of the evictions whose victim is next read at p
+  std::vector<std::vector<int32_t>> evicted_at;  // per position p: records whose victim is next read at p
+  int64_t last_c = 0;
+
+  Annealer(at::Tensor in_ptr_t, at::Tensor in_src_t, at::Tensor is_output_t, int64_t n_inputs,
+           int64_t memory, at::Tensor order_t, int64_t seed, int64_t checkpoint_budget) {
+    in_ptr = to_vec(in_ptr_t, "in_ptr");
+    auto src64 = to_vec(in_src_t, "in_src");
+    auto ord64 = to_vec(order_t, "order");
+    TORCH_CHECK(is_output_t.scalar_type() == at::kBool, "is_output must be bool");
+    n = static_cast<int64_t>(in_ptr.size()) - 1;
+    n_in = n_inputs;
+    nc = n - n_in;
+    TORCH_CHECK(memory >= 2, "memory must be >= 2 slots, got ", memory);
+    TORCH_CHECK(static_cast<int64_t>(ord64.size()) == nc, "order must list the ", nc, " computed neurons");
+    TORCH_CHECK(n < (int64_t(1) << 30), "too many neurons for the annealer");
+    M = std::min<int64_t>(memory, n + 1);
+    auto io_t = is_output_t.contiguous();
+    is_out.assign(io_t.data_ptr<bool>(), io_t.data_ptr<bool>() + n);
+    in_src.assign(src64.begin(), src64.end());
+    order.assign(ord64.begin(), ord64.end());
+    pos.assign(n, -1);
+    for (int64_t t = 0; t < nc; ++t) {
+      TORCH_CHECK(order[t] >= n_in && order[t] < n && pos[order[t]] < 0, "order is not a permutation of the "
+                  "computed neurons");
+      pos[order[t]] = static_cast<int32_t>(t);
+    }
+    for (int64_t v = n_in; v < n; ++v)
+      for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e)
+        TORCH_CHECK(in_src[e] < n_in || pos[in_src[e]] < pos[v], "order is not topological");
+    out_ptr.assign(n + 1, 0);
+    for (auto u : in_src) out_ptr[u + 1]++;
+    for (int64_t u = 0; u < n; ++u) out_ptr[u + 1] += out_ptr[u];
+    cons.assign(in_src.size(), 0);
+    cidx.assign(in_src.size(), 0);
+    {
+      std::vector<int64_t> cur(out_ptr.begin(), out_ptr.end() - 1);
+      for (int64_t t = 0; t < nc; ++t) {  // consumers appended in order of position: already sorted
+        const int32_t v = order[t];
+        for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) {
+          const int32_t u = in_src[e];
+          cidx[e] = static_cast<int32_t>(cur[u] - out_ptr[u]);
+          cons[cur[u]++] = v;
+        }
+      }
+    }
+    rng = SplitMix64(static_cast<uint64_t>(seed) * 0x2545F4914F6CDD1DULL + 12345);
+    SplitMix64 zr(0xC0FFEEULL);  // hash keys need not depend on the seed
+    Z[0].resize(n);
+    Z[1].resize(n);
+    for (int64_t u = 0; u < n; ++u) {
+      Z[0][u] = zr.next();
+      Z[1][u] = zr.next();
+    }
+    // checkpoint every K steps so that the checkpoints take at most checkpoint_budget entries
+    K = std::max<int64_t>(1, (nc * M + checkpoint_budget - 1) / std::max<int64_t>(1, checkpoint_budget));
+    hash.assign(nc + 1, 0);
+    evict_targets.assign(nc, {});
+    evicted_at.assign(nc, {});
+    by_runner.assign(nc, {});
+    step_cost.assign(nc, 0);
+    ck_size.assign(nc / K + 1, 0);
+    ck_vals.assign((nc / K + 1) * M, 0);
+    res.assign(n, 0);
+    hpos.assign(n, -1);
+    hk.assign(M + 1, 0);
+    hv.assign(M + 1, 0);
+    ridx.assign(n, -1);
+    pred_mark.assign(n, 0);
+    rlist.reserve(M + 1);
+    cur_cost = rebuild();
+    best_cost_ = cur_cost;
+    best_order_ = order;
+  }
+
+  // ---------------------------------------------------------------- positions under the move
+  inline int64_t tpos(int32_t w) const {
+    const int64_t p = pos[w];
+    if (!mv || p < wa || p > wb) return p;
+    if (w == mx) return mj;
+    return mi < mj ? p - 1 : p + 1;
+  }
+  inline int32_t torder(int64_t t) const {
+    if (!mv || t < wa || t > wb) return order[t];
+    if (t == mj) return mx;
+    return mi < mj ? order[t + 1] : order[t - 1];
+  }
+  // Doubled position that keeps every consumer list sorted under the move: x keeps its old place.
+  inline int64_t sort_key2(int32_t w) const {
+    if (mv && w == mx) return mi < mj ? 2 * mi - 1 : 2 * mi + 1;
+    return 2 * tpos(w);
+  }
+  // Next-use key of value u among reads at positions >= t: tpos(consumer) * n + u, or kNone.
+  int64_t next_use(int32_t u, int64_t t) const {
+    const int32_t* lo = cons.data() + out_ptr[u];
+    const int32_t* hi = cons.data() + out_ptr[u + 1];
+    const int64_t t2 = 2 * t;
+    const int32_t* it = std::lower_bound(lo, hi, t2, [&](int32_t w, int64_t key) { return sort_key2(w) < key; });
+    int64_t best = kNone;
+    while (it != hi) {
+      if (mv && *it == mx) {
+        ++it;
+        continue;
+      }
+      best = tpos(*it);
+      break;
+    }
+    if (mv && pred_mark[u] && mj >= t && mj < best) best = mj;
+    return best == kNone ? kNone : best * n + u;
+  }
+
+  // Next-use key of u among readers after step t, starting the scan at index k of u's consumer list,
+  // when every listed reader from k on is read after t (true after the current reader's own entry
+  // unless the current reader is the moved neuron, and from k = 0 for a just-computed value).
+  inline int64_t next_from(int32_t u, int64_t k, int64_t t) const {
+    const int64_t base = out_ptr[u], len = out_ptr[u + 1] - base;
+    while (k < len && mv && cons[base + k] == mx) ++k;
+    int64_t best = k < len ? tpos(cons[base + k]) : kNone;
+    if (mv && pred_mark[u] && mj > t && mj < best) best = mj;
+    return best == kNone ? kNone : best * n + u;
+  }
+
+  // ---------------------------------------------------------------- simulation
+  inline void add_res(int32_t u, uint8_t state) {
+    res[u] = state;
+    ridx[u] = static_cast<int32_t>(rlist.size());
+    rlist.push_back(u);
+    h ^= Z[state - 1][u];
+  }
+  inline void heap_place(int64_t i, int64_t key, int32_t u) {
+    hk[i] = key;
+    hv[i] = u;
+    hpos[u] = static_cast<int32_t>(i);
+  }
+  inline void sift_up(int64_t i) {
+    const int64_t key = hk[i];
+    const int32_t u = hv[i];
+    while (i > 0) {
+      const int64_t parent = (i - 1) >> 1;
+      if (hk[parent] >= key) break;
+      heap_place(i, hk[parent], hv[parent]);
+      i = parent;
+    }
+    heap_place(i, key, u);
+  }
+  inline void sift_down(int64_t i) {
+    const int64_t key = hk[i];
+    const int32_t u = hv[i];
+    for (;;) {
+      int64_t c = 2 * i + 1;
+      if (c >= hsize) break;
+      if (c + 1 < hsize && hk[c + 1] > hk[c]) ++c;
+      if (hk[c] <= key) break;
+      heap_place(i, hk[c], hv[c]);
+      i = c;
+    }
+    heap_place(i, key, u);
+  }
+  inline void heap_remove(int32_t u) {
+    const int64_t i = hpos[u];
+    hpos[u] = -1;
+    const int64_t last = --hsize;
+    if (i == last) return;
+    const int32_t w = hv[last];
+    heap_place(i, hk[last], w);
+    sift_up(i);
+    sift_down(hpos[w]);
+  }
+  inline void del_res(int32_t u) {
+    if (hpos[u] >= 0) heap_remove(u);
+    h ^= Z[res[u] - 1][u];
+    res[u] = 0;
+    const int32_t last = rlist.back();
+    rlist[ridx[u]] = last;
+    ridx[last] = ridx[u];
+    rlist.pop_back();
+    ridx[u] = -1;
+  }
+  inline void push_key(int32_t u, int64_t key) {  // keys only grow while a value is resident
+    if (hpos[u] < 0) {
+      heap_place(hsize++, key, u);
+      sift_up(hsize - 1);
+    } else {
+      const int64_t i = hpos[u];
+      const int64_t old = hk[i];
+      hk[i] = key;
+      if (key > old) sift_up(i); else sift_down(i);
+    }
+  }
+  inline void take_slot() {
+    if (cnt < M) {
+      ++cnt;
+      return;
+    }
+    {  // evict the resident value read furthest in the future
+      TORCH_CHECK(hsize > 0, "internal error: nothing to evict");
+      const int32_t u = hv[0];
+      const int64_t top_key = hk[0];
+      if (res[u] == 2) ++io;  // dirty: store before dropping
+      if (recording) {
+        Rec rec{static_cast<int32_t>(cur_t), u, static_cast<int32_t>(top_key / n), -1, -1};
+        if (hsize > 1) {  // runner-up: the larger child of the root
+          const int64_t c = (hsize > 2 && hk[2] > hk[1]) ? 2 : 1;
+          rec.ur = hv[c];
+          rec.r = static_cast<int32_t>(hk[c] / n);
+        }
+        int32_t id;
+        if (!free_recs.empty()) {
+          id = free_recs.back();
+          free_recs.pop_back();
+          recs[id] = rec;
+        } else {
+          id = static_cast<int32_t>(recs.size());
+          recs.push_back(rec);
+        }
+        evict_targets[cur_t].push_back(id);
+        evicted_at[rec.p].push_back(id);
+        if (rec.r >= 0) by_runner[rec.r].push_back(id);
+      }
+      del_res(u);
+      return;
+    }
+  }
+  void clear_state() {
+    for (int32_t u : rlist) {
+      res[u] = 0;
+      ridx[u] = -1;
+    }
+    rlist.clear();
+    for (int64_t i = 0; i < hsize; ++i) hpos[hv[i]] = -1;
+    hsize = 0;
+    cnt = 0;
+    h = 0;
+  }
+  // State before step c (c a multiple of K) from its checkpoint, with keys under the current move.
+  void restore(int64_t c) {
+    clear_state();
+    const int64_t k = c / K;
+    const int32_t* vals = ck_vals.data() + k * M;
+    for (int32_t q = 0; q < ck_size[k]; ++q) {
+      const int32_t u = vals[q] >> 1;
+      add_res(u, static_cast<uint8_t>(1 + (vals[q] & 1)));
+      push_key(u, next_use(u, c));
+    }
+    cnt = static_cast<int64_t>(rlist.size());
+  }
+  void save_checkpoint(int64_t t) {
+    const int64_t k = t / K;
+    int32_t* vals = ck_vals.data() + k * M;
+    ck_size[k] = static_cast<int32_t>(rlist.size());
+    for (size_t q = 0; q < rlist.size(); ++q) vals[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
+  }
+  // One step: compute neuron torder(t).
+  static void erase_id(std::vector<int32_t>& v, int32_t id) {
+    auto it = std::find(v.begin(), v.end(), id);
+    *it = v.back();
+    v.pop_back();
+  }
+  void forget_evictions(int64_t t) {
+    for (int32_t id : evict_targets[t]) {
+      erase_id(evicted_at[recs[id].p], id);
+      if (recs[id].r >= 0) erase_id(by_runner[recs[id].r], id);
+      free_recs.push_back(id);
+    }
+    evict_targets[t].clear();
+  }
+  // The first step whose eviction decision may differ when positions [a, b] are reordered. Keys of
+  // values next read inside [a, b] stay inside [a, b]; all other keys keep their value. A decision
+  // changes only if its victim's key p is in [a, b] (else the victim stays the maximum, or nothing in
+  // [a, b] competes) and the best other key r is >= a (else every competitor stays below a <= new p).
+  int64_t first_affected(int64_t a, int64_t b) const {
+    int64_t s = a;
+    for (int64_t p = a; p <= b; ++p)
+      for (int32_t id : evicted_at[p])
+        if (recs[id].r >= a) s = std::min<int64_t>(s, recs[id].s);
+    return s;
+  }
+  // After an accepted move (window [wa, wb], replayed from last_c), fix the records of the earlier,
+  // unchanged decisions that point into the window: a victim's key is recomputed in the new order
+  // (same victim, exact); a runner-up key becomes wb, an upper bound of the new best competitor
+  // (competitors in the window stay in it), which keeps first_affected conservative.
+  std::vector<int32_t> fix_p, fix_r;
+  void collect_stale_records() {
+    fix_p.clear();
+    fix_r.clear();
+    for (int64_t q = wa; q <= wb; ++q) {
+      auto& v = evicted_at[q];
+      for (size_t k = 0; k < v.size();) {
+        if (recs[v[k]].s < last_c) {
+          fix_p.push_back(v[k]);
+          v[k] = v.back();
+          v.pop_back();
+        } else {
+          ++k;
+        }
+      }
+      auto& w = by_runner[q];
+      for (size_t k = 0; k < w.size();) {
+        if (recs[w[k]].s < last_c) {
+          fix_r.push_back(w[k]);
+          w[k] = w.back();
+          w.pop_back();
+        } else {
+          ++k;
+        }
+      }
+    }
+  }
+  void reinsert_stale_records(int64_t new_r) {  // after apply_move: positions are the new ones
+    for (int32_t id : fix_p) {
+      Rec& rc = recs[id];
+      rc.p = static_cast<int32_t>(next_use(rc.uv, rc.s + 1) / n);
+      evicted_at[rc.p].push_back(id);
+    }
+    for (int32_t id : fix_r) {
+      recs[id].r = static_cast<int32_t>(new_r);
+      by_runner[new_r].push_back(id);
+    }
+  }
+  inline void step(int64_t t) {
+    cur_t = t;
+    const int32_t v = torder(t);
+    take_slot();  // partial sum of v
+    for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) {
+      const int32_t u = in_src[e];
+      if (!res[u]) {
+        take_slot();
+        ++io;  // load
+        add_res(u, 1);
+      }
+      const int64_t nu = (mv && v == mx) ? next_use(u, t + 1) : next_from(u, cidx[e] + 1, t);
+      if (nu == kNone) {  // last read: store an unstored output, then drop
+        if (res[u] == 2 && is_out[u]) ++io;
+        del_res(u);
+        --cnt;
+      } else {
+        push_key(u, nu);
+      }
+    }
+    const int64_t nu = next_from(v, 0, t);  // every reader of v comes after it
+    if (nu == kNone) {
+      if (is_out[v]) ++io;
+      --cnt;
+    } else {
+      add_res(v, 2);
+      push_key(v, nu);
+    }
+  }
+  // Full replay of the current order, rewriting all baseline data. Returns the activation I/O.
+  int64_t rebuild() {
+    mv = false;
+    clear_state();
+    for (auto& v : evict_targets) v.clear();
+    for (auto& v : evicted_at) v.clear();
+    for (auto& v : by_runner) v.clear();
+    recs.clear();
+    free_recs.clear();
+    recording = true;
+    int64_t total = 0;
+    for (int64_t t = 0; t < nc; ++t) {
+      hash[t] = h;
+      if (t % K == 0) save_checkpoint(t);
+      io = 0;
+      step(t);
+      step_cost[t] = static_cast<int32_t>(io);
+      total += io;
+    }
+    hash[nc] = h;
+    if (nc % K == 0) save_checkpoint(nc);
+    recording = false;
+    clear_state();
+    return total;
+  }
+  // Cost difference of the move mx: mi -> mj (set up by the caller). With record, the changed steps'
+  // baseline data are rewritten (the caller then applies the move to order / pos / cons).
+  int64_t evaluate(bool record, int64_t stop_at, bool early_stop = true) {
+    // Before c every decision is the same under the move, so the checkpointed state is valid.
+    const int64_t c = (first_affected(wa, wb) / K) * K;
+    last_c = c;
+    if (!record && wa - c > max_back) {
+      ++skipped_back;
+      return kNone;  // too expensive to evaluate: the caller rejects the move unseen
+    }
+    restore(c);
+    recording = record;
+    int64_t trial = 0, base = 0, t = c;
+    for (; t < nc; ++t) {
+      if (record) {
+        if (t >= stop_at) break;
+        hash[t] = h;
+        if (t % K == 0) save_checkpoint(t);
+        forget_evictions(t);
+      } else if (early_stop && t > wb && h == hash[t]) {
+        break;  // same state as the baseline at the same step: the rest is identical
+      } else if (early_stop && t - wb > max_forward) {
+        ++unresolved;  // no convergence within the horizon: reject (the delta is unknown)
+        clear_state();
+        return kNone;
+      }
+      io = 0;
+      step(t);
+      if (record) step_cost[t] = static_cast<int32_t>(io);
+      trial += io;
+      base += record ? 0 : step_cost[t];
+    }
+    replayed_steps += t - c;
+    if (record && t == nc) {
+      hash[nc] = h;
+      if (nc % K == 0) save_checkpoint(nc);
+    }
+    stop_ = t;
+    recording = false;
+    clear_state();
+    return trial - base;
+  }
+  int64_t stop_ = 0;
+
+  void set_move(int32_t x, int64_t i, int64_t j) {
+    mv = true;
+    mx = x;
+    mi = i;
+    mj = j;
+    wa = std::min(i, j);
+    wb = std::max(i, j);
+    for (int64_t e = in_ptr[x]; e < in_ptr[x + 1]; ++e) pred_mark[in_src[e]] = 1;
+  }
+  void clear_move() {
+    for (int64_t e = in_ptr[mx]; e < in_ptr[mx + 1]; ++e) pred_mark[in_src[e]] = 0;
+    mv = false;
+  }
+  void apply_move() {  // order, positions and consumer lists of the moved neuron's sources
+    const int32_t x = mx;
+    const int64_t i = mi, j = mj;
+    clear_move();
+    if (i < j) {
+      for (int64_t t = i; t < j; ++t) order[t] = order[t + 1];
+    } else {
+      for (int64_t t = i; t > j; --t) order[t] = order[t - 1];
+    }
+    order[j] = x;
+    for (int64_t t = std::min(i, j); t <= std::max(i, j); ++t) pos[order[t]] = static_cast<int32_t>(t);
+    for (int64_t e = in_ptr[x]; e < in_ptr[x + 1]; ++e) {
+      int32_t* lo = cons.data() + out_ptr[in_src[e]];
+      int32_t* hi = cons.data() + out_ptr[in_src[e] + 1];
+      int32_t* at = std::find(lo, hi, x);
+      std::copy(at + 1, hi, at);  // remove, then insert by position
+      int32_t* ins = std::lower_bound(lo, hi - 1, pos[x], [&](int32_t w, int64_t p) { return pos[w] < p; });
+      std::copy_backward(ins, hi - 1, hi);
+      *ins = x;
+      // entries between the old and the new place of x moved by one: refresh their cursors
+      const int32_t u = in_src[e];
+      const int64_t k0 = std::min(at, ins) - lo, k1 = std::max(at, ins) - lo;
+      for (int64_t k = k0; k <= k1; ++k) {
+        const int32_t w = lo[k];
+        const int32_t* s0 = in_src.data() + in_ptr[w];
+        const int32_t* s1 = in_src.data() + in_ptr[w + 1];
+        cidx[std::lower_bound(s0, s1, u) - in_src.data()] = static_cast<int32_t>(k);
+      }
+    }
+  }
+
+  // Legal positions of the neuron at position i: after its last computed source, before its first reader.
+  void window(int64_t i, int64_t& lo, int64_t& hi) const {
+    const int32_t x = order[i];
+    lo = 0;
+    hi = nc - 1;
+    for (int64_t e = in_ptr[x]; e < in_ptr[x + 1]; ++e)
+      if (in_src[e] >= n_in) lo = std::max<int64_t>(lo, pos[in_src[e]] + 1);
+    for (int64_t e = out_ptr[x]; e < out_ptr[x + 1]; ++e) hi = std::min<int64_t>(hi, pos[cons[e]] - 1);
+  }
+
+  // n_moves proposals at a temperature going geometrically from t_start to t_end. back_cap /
+  // forward_cap (-1 = none) bound the replay of one proposal; proposals over a cap are rejected without
+  // a cost (they never change the order). Returns int64 [evaluated, accepted, improving,
+  // no_legal_move, current cost, best cost, replayed steps, skipped (back cap), unresolved (forward cap)].
+  at::Tensor run(int64_t n_moves, double t_start, double t_end, int64_t max_shift, int64_t back_cap,
+                 int64_t forward_cap) {
+    TORCH_CHECK(n_moves >= 0 && max_shift >= 1, "n_moves >= 0 and max_shift >= 1 required");
+    int64_t evaluated = 0, accepted = 0, improving = 0, stuck = 0;
+    replayed_steps = 0;
+    skipped_back = unresolved = 0;
+    max_back = back_cap < 0 ? kNone : back_cap;
+    max_forward = forward_cap < 0 ? kNone : forward_cap;
+    const double ratio = (t_start > 0 && t_end > 0 && n_moves > 1) ? std::pow(t_end / t_start, 1.0 / (n_moves - 1)) : 1.0;
+    double temp = t_start;
+    for (int64_t it = 0; it < n_moves && nc > 1; ++it, temp *= ratio) {
+      const int64_t i = rng.below(nc);
+      int64_t lo, hi;
+      window(i, lo, hi);
+      lo = std::max(lo, i - max_shift);
+      hi = std::min(hi, i + max_shift);
+      if (hi <= lo) {
+        ++stuck;
+        continue;
+      }
+      int64_t j = lo + rng.below(hi - lo);  // uniform over [lo, hi] without i
+      if (j >= i) ++j;
+      set_move(order[i], i, j);
+      const int64_t delta = evaluate(false, 0);
+      if (delta == kNone) {
+        clear_move();
+        continue;
+      }
+      ++evaluated;
+      bool take = delta <= 0;
+      if (!take && temp > 0) take = rng.uniform() < std::exp(-static_cast<double>(delta) / temp);
+      if (take) {
+        const int64_t stop = stop_;
+        evaluate(true, stop);
+        const int64_t old_wb = wb;
+        collect_stale_records();
+        apply_move();
+        reinsert_stale_records(old_wb);
+        cur_cost += delta;
+        ++accepted;
+        if (delta < 0) ++improving;
+      } else {
+        clear_move();
+      }
+    }
+    if (cur_cost < best_cost_) {
+      best_cost_ = cur_cost;
+      best_order_ = order;
+    }
+    max_back = max_forward = kNone;
+    auto out = at::empty({9}, at::kLong);
+    auto* o = out.data_ptr<int64_t>();
+    o[0] = evaluated;
+    o[1] = accepted;
+    o[2] = improving;
+    o[3] = stuck;
+    o[4] = cur_cost;
+    o[5] = best_cost_;
+    o[6] = replayed_steps;
+    o[7] = skipped_back;
+    o[8] = unresolved;
+    return out;
+  }
+  // Cost deltas of random legal moves, without applying them (to calibrate the temperature).
+  at::Tensor sample_deltas(int64_t count, int64_t max_shift) {
+    std::vector<int64_t> d;
+    for (int64_t tries = 0; tries < 20 * count && static_cast<int64_t>(d.size()) < count && nc > 1; ++tries) {
+      const int64_t i = rng.below(nc);
+      int64_t lo, hi;
+      window(i, lo, hi);
+      lo = std::max(lo, i - max_shift);
+      hi = std::min(hi, i + max_shift);
+      if (hi <= lo) continue;
+      int64_t j = lo + rng.below(hi - lo);
+      if (j >= i) ++j;
+      set_move(order[i], i, j);
+      const int64_t delta = evaluate(false, 0);
+      if (delta != kNone) d.push_back(delta);
+      clear_move();
+    }
+    auto out = at::empty({static_cast<int64_t>(d.size())}, at::kLong);
+    std::copy(d.begin(), d.end(), out.data_ptr<int64_t>());
+    return out;
+  }
+  // Exact cost change of moving the neuron at position i to position j (must be legal); not applied.
+  int64_t delta_of(int64_t i, int64_t j, bool early_stop) {
+    TORCH_CHECK(i >= 0 && i < nc && j >= 0 && j < nc && i != j, "positions out of range");
+    int64_t lo, hi;
+    window(i, lo, hi);
+    TORCH_CHECK(j >= lo && j <= hi, "moving position ", i, " to ", j, " breaks the topological order");
+    set_move(order[i], i, j);
+    const int64_t d = evaluate(false, 0, early_stop);
+    clear_move();
+    return d;
+  }
+  at::Tensor get_order() const { return vec_tensor(order); }
+  at::Tensor best_order() const { return vec_tensor(best_order_); }
+  int64_t cost() const { return cur_cost; }
+  int64_t best_cost() const { return best_cost_; }
+  int64_t checkpoint_interval() const { return K; }
+  // From-scratch replay of the current order (also resynchronises the baseline data): for tests.
+  int64_t full_cost() { return rebuild(); }
+
+  static at::Tensor vec_tensor(const std::vector<int32_t>& v) {
+    auto out = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+    auto* o = out.data_ptr<int64_t>();
+    for (size_t k = 0; k < v.size(); ++k) o[k] = v[k];
+    return out;
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(iosparse, m) {
+  m.class_<Annealer>("Annealer")
+      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, at::Tensor, int64_t, int64_t>())
+      .def("run", &Annealer::run)
+      .def("sample_deltas", &Annealer::sample_deltas)
+      .def("delta_of", &Annealer::delta_of)
+      .def("order", &Annealer::get_order)
+      .def("best_order", &Annealer::best_order)
+      .def("cost", &Annealer::cost)
+      .def("best_cost", &Annealer::best_cost)
+      .def("checkpoint_interval", &Annealer::checkpoint_interval)
+      .def("full_cost", &Annealer::full_cost);
+}
+
+}  // namespace iosparse
