@@ -1,0 +1,492 @@
+"""Triton executor of a compiled program (helper-notes/PROGRAM.md, docs/program-format.md).
+
+Kernels and launchers only; the registration as the CUDA kernel of the ``iosparse`` op lives in
+:mod:`torch_iosparse.gpu`. Everything here also runs on CPU tensors under ``TRITON_INTERPRET=1`` (the
+tests do that), so the kernel is checked against :meth:`SparseDAG.forward_reference` without a GPU.
+
+Execution model (docs/gpu.md):
+    * one Triton program per batch tile of ``BT`` columns;
+    * the partial sum ``acc[BT]`` of the neuron being computed lives in registers;
+    * the ``M`` slots of the fast memory are a per-program scratch ``[M, BT]`` float32 in global memory
+      (Triton cannot index shared memory dynamically); it is small and re-touched constantly, so it
+      stays in L2 (sizing in :func:`choose_tiling`);
+    * the slow memory is a float32 buffer ``[n_slow, B]`` in HBM; input rows are read straight from
+      ``x`` and output rows are also written straight into ``y`` (in ``x.dtype``).
+
+The program is re-encoded once (:func:`encode`) into *steps* the kernel can vectorise, without
+changing its I/O: a ``LOAD`` immediately followed by the ``FMA`` that reads the loaded slot becomes
+one fused entry (the value is used from the register it was loaded into and written to its slot), and
+runs of FMA entries are cut into chunks of up to ``K`` entries that are gathered as one ``[K, BT]``
+tile. A chunk never touches one slot twice, so gathering all its operands before writing its loads
+is exactly the sequential semantics. A ``FINISH`` followed by the ``STORE`` of the same slot is fused
+too (the stored value comes from the register). Every step that writes memory ends with a barrier,
+because another thread of the program may read that address in the next step.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton ships with torch on Linux
+    triton = None
+    tl = None
+
+# Opcodes of the compiled program (PROGRAM.md).
+LOAD, FMA, FINISH, STORE = 1, 2, 3, 4
+# Step kinds of the re-encoded program (this module only).
+STEP_CHUNK, STEP_LOAD, STEP_STORE, STEP_FINISH = 0, 1, 2, 3
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+DEFAULT_CHUNK = 16
+
+
+class ProgramError(ValueError):
+    """A compiled program that the kernel cannot execute (malformed ops, slots or rows out of range)."""
+
+
+# ---------------------------------------------------------------------------------------------- encoding
+@dataclass
+class KernelProgram:
+    """A program re-encoded for the Triton kernel (see the module docstring). Tensors live on ``device``.
+
+    steps  int32 [S, 4]  rows (kind, a, b, c):
+        CHUNK  (entry_start, count, -)         entries ent_slot/ent_edge/ent_row[entry_start:+count]
+        LOAD   (slow_row, slot, -)             a LOAD whose slot is not read right away
+        STORE  (slot, slow_row, out_col)       out_col >= 0 also writes y[:, out_col]
+        FINISH (slot, store_row, out_col)      store_row >= 0 fuses the following STORE of the slot
+    step_ptr int32 [n_computed + 1]; neuron int32; act_code int32; act_lo/act_hi float32 [n_computed]
+    ent_slot, ent_edge, ent_row int32 [E]   ent_row >= 0: fused LOAD of that slow row into ent_slot
+    """
+
+    steps: torch.Tensor
+    step_ptr: torch.Tensor
+    neuron: torch.Tensor
+    act_code: torch.Tensor
+    act_lo: torch.Tensor
+    act_hi: torch.Tensor
+    ent_slot: torch.Tensor
+    ent_edge: torch.Tensor
+    ent_row: torch.Tensor
+    n_inputs: int
+    n_outputs: int
+    n_computed: int
+    n_slow: int
+    memory: int
+    n_edges: int
+    n_neurons: int
+    chunk: int
+
+    def to(self, device) -> "KernelProgram":
+        kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
+        return KernelProgram(**kw)
+
+    @property
+    def device(self) -> torch.device:
+        return self.steps.device
+
+
+def _np(a, dtype=None) -> np.ndarray:
+    if isinstance(a, torch.Tensor):
+        a = a.detach().cpu().numpy()
+    a = np.asarray(a)
+    return a if dtype is None else a.astype(dtype, copy=False)
+
+
+def _field(program, name):
+    if isinstance(program, dict):
+        return program[name]
+    return getattr(program, name)
+
+
+def encode(program, *, n_edges: int, n_neurons: int, chunk: int = DEFAULT_CHUNK,
+           device="cpu") -> KernelProgram:
+    """Re-encode a compiled program (a ``program.Program`` or a dict with its fields) for the kernel.
+
+    Vectorised numpy except for FMA chunks in which a slot repeats (only at very small M), which are
+    re-split by a short Python loop. Validates every index, so the kernel never reads out of bounds.
+    """
+    if chunk < 1 or chunk & (chunk - 1):
+        raise ValueError(f"chunk must be a power of two >= 1, got {chunk}")
+    n_inputs = int(_field(program, "n_inputs"))
+    n_outputs = int(_field(program, "n_outputs"))
+    n_computed = int(_field(program, "n_computed"))
+    n_slow = int(_field(program, "n_slow"))
+    M = int(_field(program, "memory"))
+    neuron = _np(_field(program, "neuron"), np.int64)
+    act_code = _np(_field(program, "act_code"), np.int64)
+    act_lo = _np(_field(program, "act_lo"), np.float32)
+    act_hi = _np(_field(program, "act_hi"), np.float32)
+    op_ptr = _np(_field(program, "op_ptr"), np.int64)
+    ops = _np(_field(program, "ops"), np.int64).reshape(-1, 3)
+    output_rows = _np(_field(program, "output_rows"), np.int64)
+
+    # ---- validation: the kernel trusts these indices
+    if M < 1:
+        raise ProgramError(f"program memory must be >= 1 slot, got {M}")
+    if neuron.shape != (n_computed,) or act_code.shape != (n_computed,):
+        raise ProgramError("neuron/act_code must have one entry per computed neuron")
+    if op_ptr.shape != (n_computed + 1,) or op_ptr[0] != 0 or op_ptr[-1] != len(ops) or (np.diff(op_ptr) < 0).any():
+        raise ProgramError("op_ptr must be non-decreasing from 0 to len(ops) with n_computed + 1 entries")
+    if neuron.size and (neuron.min() < 0 or neuron.max() >= n_neurons):
+        raise ProgramError(f"program neuron ids outside [0, {n_neurons})")
+    if output_rows.shape != (n_outputs,) or (output_rows.size and (output_rows.min() < n_inputs
+                                                                   or output_rows.max() >= n_slow)):
+        raise ProgramError("output_rows must name n_outputs stored (non-input) slow rows")
+    code, a, b = ops[:, 0], ops[:, 1], ops[:, 2]
+    if not np.isin(code, (LOAD, FMA, FINISH, STORE)).all():
+        raise ProgramError(f"unknown opcode {int(code[~np.isin(code, (LOAD, FMA, FINISH, STORE))][0])}")
+    slot_of = np.where(code == LOAD, b, a)
+    if ops.size and (slot_of.min() < 0 or slot_of.max() >= M):
+        raise ProgramError(f"a slot index lies outside [0, {M})")
+    rows = np.concatenate([a[code == LOAD], b[code == STORE]])
+    if rows.size and (rows.min() < 0 or rows.max() >= n_slow):
+        raise ProgramError(f"a slow row lies outside [0, {n_slow})")
+    if (b[code == STORE] < n_inputs).any():
+        raise ProgramError("a STORE overwrites an input row")
+    edges = b[code == FMA]
+    if edges.size and (edges.min() < 0 or edges.max() >= n_edges):
+        raise ProgramError(f"an FMA edge lies outside [0, {n_edges})")
+    pos = np.repeat(np.arange(n_computed), np.diff(op_ptr))
+    fin_count = np.bincount(pos[code == FINISH], minlength=n_computed)
+    if (fin_count != 1).any():
+        raise ProgramError(f"position {int(np.flatnonzero(fin_count != 1)[0])} must have exactly one FINISH")
+    if max(n_slow, n_edges, len(ops)) >= 2**31 - 1:
+        raise ProgramError("programs with 2^31 or more rows/edges/ops are not supported by the Triton kernel")
+
+    K = len(ops)
+    out_col_of_row = np.full(n_slow, -1, dtype=np.int64)
+    out_col_of_row[output_rows] = np.arange(n_outputs)
+
+    # ---- fuse LOAD + the FMA right after it that reads the loaded slot (same position)
+    nxt_same = np.zeros(K, dtype=bool)
+    if K > 1:
+        nxt_same[:-1] = pos[1:] == pos[:-1]
+    fused_load = np.zeros(K, dtype=bool)
+    if K > 1:
+        fused_load[:-1] = (code[:-1] == LOAD) & (code[1:] == FMA) & (a[1:] == b[:-1]) & nxt_same[:-1]
+    fma_row = np.full(K, -1, dtype=np.int64)
+    fma_row[1:][fused_load[:-1]] = a[:-1][fused_load[:-1]]
+    # ---- fuse FINISH + the STORE right after it of the same slot (same position)
+    fused_store = np.zeros(K, dtype=bool)  # marks the STORE op that is absorbed
+    if K > 1:
+        fused_store[1:] = (code[1:] == STORE) & (code[:-1] == FINISH) & (a[1:] == a[:-1]) & nxt_same[:-1]
+
+    keep = ~fused_load & ~fused_store      # ops that remain as items
+    is_fma = code == FMA
+    # Items: each kept op. FMA items are grouped into runs (consecutive FMA items in one position).
+    k_idx = np.flatnonzero(keep)
+    k_fma = is_fma[k_idx]
+    k_pos = pos[k_idx]
+    run_start = np.ones(k_idx.size, dtype=bool)
+    if k_idx.size > 1:
+        run_start[1:] = ~(k_fma[1:] & k_fma[:-1] & (k_pos[1:] == k_pos[:-1]))
+    run_id = np.cumsum(run_start) - 1
+    first_of_run = np.flatnonzero(run_start)
+    idx_in_run = np.arange(k_idx.size) - first_of_run[run_id]
+    # FMA entries in item order
+    fma_items = np.flatnonzero(k_fma)
+    e_op = k_idx[fma_items]
+    ent_slot = a[e_op]
+    ent_edge = b[e_op]
+    ent_row = fma_row[e_op]
+    # chunk boundaries: start of every run, every `chunk` entries, and wherever a slot repeats
+    e_idx = idx_in_run[fma_items]
+    new_chunk = (e_idx % chunk) == 0
+    chunk_id = np.cumsum(new_chunk) - 1
+    if ent_slot.size:
+        key = chunk_id * M + ent_slot
+        uniq, cnt = np.unique(key, return_counts=True)
+        bad_chunks = np.unique(uniq[cnt > 1] // M)
+        if bad_chunks.size:
+            e_start = np.flatnonzero(new_chunk)
+            for c in bad_chunks:  # rare (tiny M): re-split sequentially at the first repeated slot
+                lo = e_start[c]
+                hi = e_start[c + 1] if c + 1 < e_start.size else ent_slot.size
+                seen = set()
+                for j in range(lo, hi):
+                    s = int(ent_slot[j])
+                    if s in seen:
+                        new_chunk[j] = True
+                        seen = set()
+                    seen.add(s)
+    e_chunk_start = np.flatnonzero(new_chunk)
+    e_chunk_count = np.diff(np.append(e_chunk_start, ent_slot.size))
+
+    # ---- steps: one per non-FMA item plus one per chunk, in program order
+    # step key: the op index of the first op of the step (fused loads sort by their FMA: same order)
+    nf = ~k_fma
+    nf_op = k_idx[nf]
+    nf_code = code[nf_op]
+    st_kind = np.where(nf_code == LOAD, STEP_LOAD, np.where(nf_code == STORE, STEP_STORE, STEP_FINISH))
+    st_a = a[nf_op]  # LOAD: slow row; STORE and FINISH: slot
+    st_b = np.where(nf_code == LOAD, b[nf_op], np.where(nf_code == STORE, b[nf_op], -1))
+    st_c = np.where(nf_code == STORE, out_col_of_row[np.clip(b[nf_op], 0, n_slow - 1)], -1)
+    fin = nf_code == FINISH
+    fin_fused = np.zeros(nf_op.size, dtype=bool)
+    nxt = nf_op + 1
+    ok = nxt < K
+    fin_fused[ok] = fin[ok] & fused_store[nxt[ok]]
+    st_b[fin_fused] = b[nxt[fin_fused]]
+    st_c[fin_fused] = out_col_of_row[b[nxt[fin_fused]]]
+    ch_op = e_op[e_chunk_start] if e_chunk_start.size else np.zeros(0, dtype=np.int64)
+    order_key = np.concatenate([nf_op, ch_op])
+    kinds = np.concatenate([st_kind, np.full(ch_op.size, STEP_CHUNK)])
+    sa = np.concatenate([st_a, e_chunk_start])
+    sb = np.concatenate([st_b, e_chunk_count])
+    sc = np.concatenate([st_c, np.full(ch_op.size, -1)])
+    srt = np.argsort(order_key, kind="stable")
+    steps = np.stack([kinds[srt], sa[srt], sb[srt], sc[srt]], axis=1).astype(np.int32)
+    step_pos = pos[order_key[srt]]
+    step_ptr = np.zeros(n_computed + 1, dtype=np.int64)
+    step_ptr[1:] = np.cumsum(np.bincount(step_pos, minlength=n_computed))
+
+    i32 = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int32)).to(device)  # noqa: E731
+    f32 = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(device)  # noqa: E731
+    return KernelProgram(
+        steps=i32(steps.reshape(-1, 4)), step_ptr=i32(step_ptr), neuron=i32(neuron), act_code=i32(act_code),
+        act_lo=f32(act_lo), act_hi=f32(act_hi), ent_slot=i32(ent_slot), ent_edge=i32(ent_edge),
+        ent_row=i32(ent_row), n_inputs=n_inputs, n_outputs=n_outputs, n_computed=n_computed, n_slow=n_slow,
+        memory=M, n_edges=int(n_edges), n_neurons=int(n_neurons), chunk=int(chunk))
+
+
+# ---------------------------------------------------------------------------------------------- tiling
+@dataclass(frozen=True)
+class Tiling:
+    """Batch tile ``batch_tile`` (columns per program) and the fast-memory size ``memory`` (slots) the
+    Triton kernel is sized for on one device, with the numbers they came from."""
+
+    batch_tile: int
+    memory: int
+    chunk: int
+    num_warps: int
+    source: str
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 << max(0, int(n - 1).bit_length())
+
+
+def choose_tiling(device=None, batch: int = 1024, *, batch_tile: Optional[int] = None,
+                  memory: Optional[int] = None, chunk: Optional[int] = None,
+                  l2_fraction: float = 0.5, programs_per_sm: int = 4) -> Tiling:
+    """Pick the batch tile BT and the number of slots M for ``device`` (docs/gpu.md).
+
+    BT: the power of two >= ``batch`` capped at 64 (at least 16): small batches waste no lanes, large
+    ones give each program a 64-column tile (one 256-byte row of fp32 per slot, coalesced).
+
+    M (CUDA): the slots of all resident programs must stay in L2, where ``resident`` is the number of
+    programs the GPU runs at once (``min(tiles, SMs * programs_per_sm)``):
+        M = floor(l2_fraction * L2_bytes / (resident * BT * 4))
+    capped by the shared memory of a block (``smem_per_block / (BT * 4)``: what an on-chip CUDA kernel
+    could hold) and at least 2. On CPU (the interpreter) M = 64 and BT as above.
+    Environment overrides: ``IOSPARSE_GPU_BT``, ``IOSPARSE_GPU_M``; arguments override both.
+    """
+    env_bt = os.environ.get("IOSPARSE_GPU_BT")
+    env_m = os.environ.get("IOSPARSE_GPU_M")
+    if batch_tile is None and env_bt:
+        batch_tile = int(env_bt)
+    if memory is None and env_m:
+        memory = int(env_m)
+    if batch_tile is None:
+        batch_tile = min(64, max(16, _pow2_at_least(max(1, int(batch)))))
+    if batch_tile < 1 or batch_tile & (batch_tile - 1):
+        raise ValueError(f"batch_tile must be a power of two, got {batch_tile}")
+    chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
+    num_warps = 4 if batch_tile * chunk >= 512 else 2
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    if dev.type == "cuda" and torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(dev)
+        l2 = int(getattr(p, "L2_cache_size", 0) or 40 * 2**20)
+        smem = int(getattr(p, "shared_memory_per_block_optin", 0) or getattr(p, "shared_memory_per_block", 48 * 1024))
+        sms = int(p.multi_processor_count)
+        tiles = max(1, math.ceil(batch / batch_tile))
+        resident = min(tiles, sms * programs_per_sm)
+        m_l2 = int(l2_fraction * l2 // (resident * batch_tile * 4))
+        m_smem = smem // (batch_tile * 4)
+        m_auto = max(2, min(m_l2, m_smem))
+        source = (f"{p.name}: L2 {l2 >> 20} MiB, {sms} SMs, smem/block {smem >> 10} KiB, "
+                  f"{resident} resident programs")
+    else:
+        m_auto = 64
+        source = "cpu default (Triton interpreter)"
+    if memory is None:
+        memory = m_auto
+    elif memory < 2:
+        raise ValueError(f"memory must be >= 2 slots, got {memory}")
+    return Tiling(int(batch_tile), int(memory), chunk, num_warps, source)
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+if triton is not None:
+
+    @triton.jit
+    def _activate(acc, code, lo, hi):
+        # Codes: activations.KINDS = identity, relu, hardtanh, gelu, gelu_tanh, tanh, sigmoid.
+        if code == 1:
+            acc = tl.maximum(acc, 0.0)
+        elif code == 2:
+            acc = tl.minimum(tl.maximum(acc, lo), hi)
+        elif code == 3:
+            acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
+        elif code == 4:
+            inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
+            acc = 0.5 * acc * (1.0 + (1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)))
+        elif code == 5:
+            acc = 1.0 - 2.0 / (tl.exp(2.0 * acc) + 1.0)
+        elif code == 6:
+            acc = 1.0 / (1.0 + tl.exp(-acc))
+        return acc
+
+    @triton.jit
+    def _iosparse_forward_kernel(
+            x_ptr, y_ptr, w_ptr, b_ptr, slow_ptr, scratch_ptr,
+            steps_ptr, step_ptr_ptr, neuron_ptr, act_code_ptr, act_lo_ptr, act_hi_ptr,
+            ent_slot_ptr, ent_edge_ptr, ent_row_ptr,
+            B, n_inputs, n_computed, stride_xb, stride_xf, stride_yb, stride_yf, stride_slow,
+            M: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr):
+        pid = tl.program_id(0)
+        cols = pid * BT + tl.arange(0, BT)
+        cmask = cols < B
+        cols64 = cols.to(tl.int64)
+        scratch = scratch_ptr + pid.to(tl.int64) * (M * BT)
+        lanes = tl.arange(0, BT)
+        kk = tl.arange(0, KC)
+        for i in range(0, n_computed):
+            nid = tl.load(neuron_ptr + i)
+            acc = tl.zeros([BT], dtype=tl.float32) + tl.load(b_ptr + nid).to(tl.float32)
+            s0 = tl.load(step_ptr_ptr + i)
+            s1 = tl.load(step_ptr_ptr + i + 1)
+            for s in range(s0, s1):
+                kind = tl.load(steps_ptr + 4 * s)
+                sa = tl.load(steps_ptr + 4 * s + 1)
+                sb = tl.load(steps_ptr + 4 * s + 2)
+                sc = tl.load(steps_ptr + 4 * s + 3)
+                if kind == 0:
+                    # CHUNK of sb FMA entries starting at sa: gather [KC, BT], one weighted sum.
+                    kmask = kk < sb
+                    e = sa + kk
+                    slot = tl.load(ent_slot_ptr + e, mask=kmask, other=0)
+                    edge = tl.load(ent_edge_ptr + e, mask=kmask, other=0)
+                    row = tl.load(ent_row_ptr + e, mask=kmask, other=-1)
+                    wgt = tl.load(w_ptr + edge, mask=kmask, other=0.0).to(tl.float32)
+                    m2 = kmask[:, None] & cmask[None, :]
+                    from_slot = row < 0
+                    from_x = (row >= 0) & (row < n_inputs)
+                    from_slow = row >= n_inputs
+                    row64 = row.to(tl.int64)
+                    sptr = scratch + slot[:, None] * BT + lanes[None, :]
+                    v = tl.load(sptr, mask=m2 & from_slot[:, None], other=0.0)
+                    v += tl.load(x_ptr + cols64[None, :] * stride_xb + row64[:, None] * stride_xf,
+                                 mask=m2 & from_x[:, None], other=0.0).to(tl.float32)
+                    v += tl.load(slow_ptr + row64[:, None] * stride_slow + cols64[None, :],
+                                 mask=m2 & from_slow[:, None], other=0.0)
+                    acc += tl.sum(v * wgt[:, None], axis=0)
+                    # fused loads also fill their slot (slots within a chunk are distinct)
+                    tl.store(sptr, v, mask=m2 & (row >= 0)[:, None])
+                    tl.debug_barrier()
+                elif kind == 1:
+                    # LOAD slow row sa into slot sb
+                    if sa < n_inputs:
+                        v1 = tl.load(x_ptr + cols64 * stride_xb + sa.to(tl.int64) * stride_xf,
+                                     mask=cmask, other=0.0).to(tl.float32)
+                    else:
+                        v1 = tl.load(slow_ptr + sa.to(tl.int64) * stride_slow + cols64, mask=cmask, other=0.0)
+                    tl.store(scratch + sb * BT + lanes, v1, mask=cmask)
+                    tl.debug_barrier()
+                elif kind == 2:
+                    # STORE slot sa into slow row sb (and output column sc)
+                    v2 = tl.load(scratch + sa * BT + lanes, mask=cmask, other=0.0)
+                    tl.store(slow_ptr + sb.to(tl.int64) * stride_slow + cols64, v2, mask=cmask)
+                    if sc >= 0:
+                        tl.store(y_ptr + cols64 * stride_yb + sc.to(tl.int64) * stride_yf,
+                                 v2.to(y_ptr.dtype.element_ty), mask=cmask)
+                    tl.debug_barrier()
+                else:
+                    # FINISH into slot sa; fused STORE to slow row sb (and output column sc)
+                    code = tl.load(act_code_ptr + i)
+                    lo = tl.load(act_lo_ptr + i)
+                    hi = tl.load(act_hi_ptr + i)
+                    acc = _activate(acc, code, lo, hi)
+                    tl.store(scratch + sa * BT + lanes, acc, mask=cmask)
+                    if sb >= 0:
+                        tl.store(slow_ptr + sb.to(tl.int64) * stride_slow + cols64, acc, mask=cmask)
+                        if sc >= 0:
+                            tl.store(y_ptr + cols64 * stride_yb + sc.to(tl.int64) * stride_yf,
+                                     acc.to(y_ptr.dtype.element_ty), mask=cmask)
+                    tl.debug_barrier()
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kp: KernelProgram):
+    if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
+        raise TypeError("x, weight and bias must be torch.Tensors")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if weight.dtype not in SUPPORTED_DTYPES or bias.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"weight and bias must be float32, float16 or bfloat16, got {weight.dtype}, {bias.dtype}")
+    if x.dim() != 2 or x.shape[1] != kp.n_inputs:
+        raise ValueError(f"x must have shape [batch, {kp.n_inputs}], got {list(x.shape)}")
+    if weight.dim() != 1 or weight.numel() != kp.n_edges:
+        raise ValueError(f"weight must be 1-D with {kp.n_edges} entries (one per edge), got {list(weight.shape)}")
+    if bias.dim() != 1 or bias.numel() != kp.n_neurons:
+        raise ValueError(f"bias must be 1-D with {kp.n_neurons} entries (one per neuron), got {list(bias.shape)}")
+    devs = {x.device, weight.device, bias.device, kp.device}
+    if len(devs) != 1:
+        raise ValueError(f"x, weight, bias and the program must be on one device, got {sorted(map(str, devs))}")
+    if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("the Triton kernel runs on CPU tensors only under the interpreter "
+                           "(set TRITON_INTERPRET=1 before importing torch_iosparse)")
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kp: KernelProgram, *,
+            batch_tile: Optional[int] = None, num_warps: Optional[int] = None) -> torch.Tensor:
+    """Run the compiled network on ``x`` ([B, n_inputs]) with the Triton kernel: ``[B, n_outputs]`` in
+    ``x.dtype`` (float32 accumulation). ``kp`` comes from :func:`encode` on the same device as ``x``.
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    _check_inputs(x, weight, bias, kp)
+    B = x.shape[0]
+    y = torch.empty(B, kp.n_outputs, dtype=x.dtype, device=x.device)
+    if B == 0:
+        return y
+    tiling = choose_tiling(x.device, B, batch_tile=batch_tile, memory=kp.memory, chunk=kp.chunk)
+    BT = tiling.batch_tile
+    tiles = triton.cdiv(B, BT)
+    # slow memory: only the rows past the inputs are stored to (inputs are read from x)
+    slow = torch.empty(max(kp.n_slow, 1), B, dtype=torch.float32, device=x.device)
+    scratch = torch.empty(tiles * kp.memory * BT, dtype=torch.float32, device=x.device)
+    w = weight if weight.is_contiguous() else weight.contiguous()
+    b = bias if bias.is_contiguous() else bias.contiguous()
+    _iosparse_forward_kernel[(tiles,)](
+        x, y, w, b, slow, scratch,
+        kp.steps, kp.step_ptr, kp.neuron, kp.act_code, kp.act_lo, kp.act_hi,
+        kp.ent_slot, kp.ent_edge, kp.ent_row,
+        B, kp.n_inputs, kp.n_computed, x.stride(0), x.stride(1), y.stride(0), y.stride(1), slow.stride(0),
+        M=kp.memory, BT=BT, KC=kp.chunk, num_warps=num_warps or tiling.num_warps)
+    return y
+
+
+# ---------------------------------------------------------------------------------------------- cache
+_CACHE: Dict[Tuple, KernelProgram] = {}
+_CACHE_MAX = 16
+
+
+def cached_encode(key: Tuple, build) -> KernelProgram:
+    """Memoise :func:`encode` results by ``key`` (the op's CUDA kernel re-uses the device program
+    across calls; structure tensors are immutable buffers, identified by data pointer and version)."""
+    kp = _CACHE.get(key)
+    if kp is None:
+        kp = build()
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = kp
+    return kp
