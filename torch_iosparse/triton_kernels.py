@@ -328,6 +328,12 @@ def choose_tiling(device=None, batch: int = 1024, *, batch_tile: Optional[int] =
 if triton is not None:
 
     @triton.jit
+    def _tanh(x):
+        z = tl.exp(-2.0 * tl.abs(x))  # in (0, 1]: never overflows
+        t = (1.0 - z) / (1.0 + z)
+        return tl.where(x >= 0, t, -t)
+
+    @triton.jit
     def _activate(acc, code, lo, hi):
         # Codes: activations.KINDS = identity, relu, hardtanh, gelu, gelu_tanh, tanh, sigmoid.
         if code == 1:
@@ -338,11 +344,12 @@ if triton is not None:
             acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
         elif code == 4:
             inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
-            acc = 0.5 * acc * (1.0 + (1.0 - 2.0 / (tl.exp(2.0 * inner) + 1.0)))
+            acc = 0.5 * acc * (1.0 + _tanh(inner))
         elif code == 5:
-            acc = 1.0 - 2.0 / (tl.exp(2.0 * acc) + 1.0)
+            acc = _tanh(acc)
         elif code == 6:
-            acc = 1.0 / (1.0 + tl.exp(-acc))
+            z = tl.exp(-tl.abs(acc))  # in (0, 1]: never overflows
+            acc = tl.where(acc >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
         return acc
 
     @triton.jit

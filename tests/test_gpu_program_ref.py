@@ -1,4 +1,4 @@
-"""Test helpers for the GPU tests: compiled programs and an independent executor of the format.
+"""Test helpers (no tests here) for the GPU tests: compiled programs and an independent executor of the format.
 
 ``compile_program`` uses ``torch_iosparse.program.compile_plan`` when it exists (the one program format
 of both backends); ``trace_program`` builds the same format straight from the event trace in plain
