@@ -81,14 +81,14 @@ def test_compile_plan_agrees_with_trace_program():
 # ---------------------------------------------------------------------------------------------- kernel
 @given(seed=st.integers(0, 10**6), memory=st.sampled_from([2, 3, 4, 8, None]),
        batch=st.sampled_from([1, 5, 16, 23]), chunk=st.sampled_from([2, 4, 16]),
-       skip=st.booleans())
+       skip=st.booleans(), batch_tile=st.sampled_from([None, 8, 16]))
 @settings(max_examples=20)
-def test_launcher_matches_reference_fp32(seed, memory, batch, chunk, skip):
+def test_launcher_matches_reference_fp32(seed, memory, batch, chunk, skip, batch_tile):
     dag = random_dag(seed, 5, 14, skip=skip)
     plan = tis.plan(dag, memory)
     kp = encode_for(dag, plan, chunk)
     x = torch.randn(batch, dag.n_inputs, generator=torch.Generator().manual_seed(seed))
-    y = tk.forward(x, dag.weight, dag.bias, kp, batch_tile=16)
+    y = tk.forward(x, dag.weight, dag.bias, kp, batch_tile=batch_tile)
     assert y.shape == (batch, dag.n_outputs) and y.dtype == torch.float32
     torch.testing.assert_close(y, dag.forward_reference(x), rtol=1e-4, atol=1e-5)
 
@@ -217,7 +217,8 @@ def test_choose_tiling_defaults_and_overrides(monkeypatch):
     monkeypatch.delenv("IOSPARSE_GPU_BT", raising=False)
     monkeypatch.delenv("IOSPARSE_GPU_M", raising=False)
     t = tk.choose_tiling("cpu", 1)
-    assert (t.batch_tile, t.memory) == (16, 64) and "cpu" in t.source
+    assert (t.batch_tile, t.memory) == (1, 64) and "cpu" in t.source
+    assert tk.choose_tiling("cpu", 5).batch_tile == 8
     assert tk.choose_tiling("cpu", 40).batch_tile == 64
     assert tk.choose_tiling("cpu", 5000).batch_tile == 64
     assert tk.choose_tiling("cpu", 5000, batch_tile=8, memory=7).memory == 7
@@ -247,5 +248,5 @@ def test_choose_tiling_from_device_properties(monkeypatch):
     resident = 132 * 4
     assert t.batch_tile == 64
     assert t.memory == min(int(0.5 * 50 * 2**20 // (resident * 64 * 4)), 227 * 1024 // 256)
-    small = tk.choose_tiling("cuda", 1)  # one program: capped by shared memory per block
+    small = tk.choose_tiling("cuda", 16)  # one program: capped by shared memory per block
     assert small.batch_tile == 16 and small.memory == 227 * 1024 // (16 * 4)

@@ -279,8 +279,8 @@ def choose_tiling(device=None, batch: int = 1024, *, batch_tile: Optional[int] =
                   l2_fraction: float = 0.5, programs_per_sm: int = 4) -> Tiling:
     """Pick the batch tile BT and the number of slots M for ``device`` (docs/gpu.md).
 
-    BT: the power of two >= ``batch`` capped at 64 (at least 16): small batches waste no lanes, large
-    ones give each program a 64-column tile (one 256-byte row of fp32 per slot, coalesced).
+    BT: the power of two >= ``batch`` capped at 64: small batches waste no lanes (B = 1 runs [K, 1]
+    tiles), large ones give each program a 64-column tile (one 256-byte row of fp32 per slot, coalesced).
 
     M (CUDA): the slots of all resident programs must stay in L2, where ``resident`` is the number of
     programs the GPU runs at once (``min(tiles, SMs * programs_per_sm)``):
@@ -296,11 +296,11 @@ def choose_tiling(device=None, batch: int = 1024, *, batch_tile: Optional[int] =
     if memory is None and env_m:
         memory = int(env_m)
     if batch_tile is None:
-        batch_tile = min(64, max(16, _pow2_at_least(max(1, int(batch)))))
+        batch_tile = min(64, _pow2_at_least(max(1, int(batch))))
     if batch_tile < 1 or batch_tile & (batch_tile - 1):
         raise ValueError(f"batch_tile must be a power of two, got {batch_tile}")
     chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
-    num_warps = 4 if batch_tile * chunk >= 512 else 2
+    num_warps = max(1, min(4, batch_tile * chunk // 256))  # ~8 elements of a [K, BT] tile per thread
     dev = torch.device(device) if device is not None else torch.device("cpu")
     if dev.type == "cuda" and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(dev)
