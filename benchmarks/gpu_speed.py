@@ -61,7 +61,9 @@ def radix_like(width: int, depth: int, fan_in: int = 32, seed: int = 0) -> tis.S
     src, dst = [], []
     j = np.arange(width)
     for k in range(depth):
-        stride = pow(fan_in, k % max(1, int(round(math.log(width, fan_in)))), width) if fan_in > 1 else 1
+        # strides fan_in**0, fan_in**1, ... while fan_in * stride <= width (no duplicate edges)
+        levels = max(1, int(math.log(width, fan_in) + 1e-9)) if fan_in > 1 else 1
+        stride = fan_in ** (k % levels) if fan_in > 1 else 1
         for d in range(fan_in):
             src.append(k * width + (j + d * stride) % width)
             dst.append((k + 1) * width + j)
