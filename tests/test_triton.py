@@ -248,5 +248,8 @@ def test_choose_tiling_from_device_properties(monkeypatch):
     resident = 132 * 4
     assert t.batch_tile == 64
     assert t.memory == min(int(0.5 * 50 * 2**20 // (resident * 64 * 4)), 227 * 1024 // 256)
-    small = tk.choose_tiling("cuda", 16)  # one program: capped by shared memory per block
+    mid = tk.choose_tiling("cuda", 1024)  # spread over the SMs: ceil(1024 / 132) = 8 columns per program
+    assert mid.batch_tile == 8
+    assert mid.memory == min(int(0.5 * 50 * 2**20 // (128 * 8 * 4)), 227 * 1024 // 32)
+    small = tk.choose_tiling("cuda", 16, batch_tile=16)  # one program: capped by shared memory per block
     assert small.batch_tile == 16 and small.memory == 227 * 1024 // (16 * 4)

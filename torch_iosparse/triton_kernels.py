@@ -279,14 +279,17 @@ def choose_tiling(device=None, batch: int = 1024, *, batch_tile: Optional[int] =
                   l2_fraction: float = 0.5, programs_per_sm: int = 4) -> Tiling:
     """Pick the batch tile BT and the number of slots M for ``device`` (docs/gpu.md).
 
-    BT: the power of two >= ``batch`` capped at 64: small batches waste no lanes (B = 1 runs [K, 1]
-    tiles), large ones give each program a 64-column tile (one 256-byte row of fp32 per slot, coalesced).
+    BT (CUDA): one program executes the whole plan sequentially for its BT columns, so a program is
+    latency-bound and the kernel's speed comes from running many programs at once: BT is the smallest
+    power of two that spreads the batch over all SMs, ``pow2_ceil(ceil(batch / SMs))``, capped at 64
+    (a 256-byte fp32 slot row, coalesced). BT (CPU, the interpreter): the power of two >= ``batch``
+    capped at 64 (fewest programs: the interpreter runs them one after another).
 
     M (CUDA): the slots of all resident programs must stay in L2, where ``resident`` is the number of
     programs the GPU runs at once (``min(tiles, SMs * programs_per_sm)``):
         M = floor(l2_fraction * L2_bytes / (resident * BT * 4))
     capped by the shared memory of a block (``smem_per_block / (BT * 4)``: what an on-chip CUDA kernel
-    could hold) and at least 2. On CPU (the interpreter) M = 64 and BT as above.
+    could hold) and at least 2. On CPU (the interpreter) M = 64.
     Environment overrides: ``IOSPARSE_GPU_BT``, ``IOSPARSE_GPU_M``; arguments override both.
     """
     env_bt = os.environ.get("IOSPARSE_GPU_BT")
@@ -295,15 +298,18 @@ def choose_tiling(device=None, batch: int = 1024, *, batch_tile: Optional[int] =
         batch_tile = int(env_bt)
     if memory is None and env_m:
         memory = int(env_m)
+    batch = max(1, int(batch))
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    props = torch.cuda.get_device_properties(dev) if dev.type == "cuda" and torch.cuda.is_available() else None
     if batch_tile is None:
-        batch_tile = min(64, _pow2_at_least(max(1, int(batch))))
+        spread = math.ceil(batch / int(props.multi_processor_count)) if props is not None else batch
+        batch_tile = min(64, _pow2_at_least(spread))
     if batch_tile < 1 or batch_tile & (batch_tile - 1):
         raise ValueError(f"batch_tile must be a power of two, got {batch_tile}")
     chunk = DEFAULT_CHUNK if chunk is None else int(chunk)
     num_warps = max(1, min(4, batch_tile * chunk // 256))  # ~8 elements of a [K, BT] tile per thread
-    dev = torch.device(device) if device is not None else torch.device("cpu")
-    if dev.type == "cuda" and torch.cuda.is_available():
-        p = torch.cuda.get_device_properties(dev)
+    if props is not None:
+        p = props
         l2 = int(getattr(p, "L2_cache_size", 0) or 40 * 2**20)
         smem = int(getattr(p, "shared_memory_per_block_optin", 0) or getattr(p, "shared_memory_per_block", 48 * 1024))
         sms = int(p.multi_processor_count)
