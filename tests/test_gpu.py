@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 import torch_iosparse as tis
-from torch_iosparse import gpu
+from torch_iosparse import gpu, ops
 
 from test_triton import random_dag
 
@@ -49,3 +51,124 @@ def test_reference_handles_non_topological_numbering():
     x = torch.randn(3, 2)
     torch.testing.assert_close(gpu.reference_forward(x, dag.weight, dag.bias, *structure(dag)),
                                dag.forward_reference(x))
+
+
+# ---------------------------------------------------------------------------------------------- registration
+
+
+def prepared(dag, memory):
+    net = ops.prepare(dag, tis.plan(dag, memory), strategy="program")
+    return ops._op_args(net.buffers, net.meta)
+
+
+def test_cuda_kernels_are_registered():
+    assert gpu.registered() == "iosparse::dag_forward"
+    for name in ("iosparse::dag_forward", "iosparse::dag_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA"), name
+    dump = torch._C._dispatch_dump("iosparse::dag_forward")
+    assert "CUDA" in dump and "CPU" in dump
+    assert gpu.register() == "iosparse::dag_forward"  # idempotent
+
+
+def test_buffer_positions_match_ops():
+    for idx, name in [(gpu.NET_IN_PTR, "in_ptr"), (gpu.NET_IN_SRC, "in_src"), (gpu.NET_ACT_CODE, "act_code"),
+                      (gpu.NET_ACT_PARAM, "act_param"), (gpu.NET_OUTPUTS, "outputs"),
+                      (gpu.NET_PROG_NEURON, "prog_neuron"), (gpu.NET_PROG_OP_PTR, "prog_op_ptr"),
+                      (gpu.NET_PROG_OPS, "prog_ops"), (gpu.NET_PROG_OUTPUT_ROWS, "prog_output_rows")]:
+        assert ops.NET_KEYS[idx] == name
+    for idx, name in [(gpu.CFG_N_INPUTS, "n_inputs"), (gpu.CFG_N_NEURONS, "n_neurons"),
+                      (gpu.CFG_N_OUTPUTS, "n_outputs"), (gpu.CFG_MEMORY, "memory"), (gpu.CFG_N_SLOW, "n_slow")]:
+        assert ops.CONFIG_KEYS[idx] == name
+
+
+@given(seed=st.integers(0, 10**6), memory=st.sampled_from([2, 4, None]), batch=st.sampled_from([1, 6, 17]))
+@settings(max_examples=10)
+def test_cuda_forward_adapter_equals_cpu_op(seed, memory, batch):
+    """The function registered as the CUDA kernel, called on CPU tensors under the interpreter, equals
+    the CPU op and forward_reference (same buffers, same program)."""
+    dag = random_dag(seed, 5, 14)
+    net, config = prepared(dag, memory)
+    x = torch.randn(batch, dag.n_inputs)
+    y = gpu.triton_forward_from_buffers(x, dag.weight, dag.bias, net, config)
+    torch.testing.assert_close(y, torch.ops.iosparse.dag_forward(x, dag.weight, dag.bias, net, config),
+                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y, dag.forward_reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cuda_forward_adapter_fp16_and_fp64_and_cache():
+    dag = random_dag(21, 4, 12)
+    net, config = prepared(dag, 3)
+    x = torch.randn(9, 4)
+    ref = dag.forward_reference(x)
+    y16 = gpu.triton_forward_from_buffers(x.half(), dag.weight.half(), dag.bias.half(), net, config)
+    assert y16.dtype == torch.float16
+    torch.testing.assert_close(y16.float(), ref, rtol=1e-2, atol=1e-2)
+    y64 = gpu.triton_forward_from_buffers(x.double(), dag.weight.double(), dag.bias.double(), net, config)
+    torch.testing.assert_close(y64, dag.forward_reference(x.double()))
+    kp = gpu.kernel_program_from_buffers(net, config)
+    assert gpu.kernel_program_from_buffers(net, config) is kp  # cached
+    net[gpu.NET_PROG_OPS].add_(0)  # an in-place write bumps the version: re-encoded
+    assert gpu.kernel_program_from_buffers(net, config) is not kp
+
+
+@pytest.mark.parametrize("memory", [2, None])
+def test_cuda_backward_adapter_equals_cpu_op(memory):
+    dag = random_dag(5, 4, 13)
+    net, config = prepared(dag, memory)
+    x = torch.randn(7, 4)
+    gy = torch.randn(7, dag.n_outputs)
+    got = gpu.reference_backward_from_buffers(gy, x, dag.weight, dag.bias, net, config)
+    want = torch.ops.iosparse.dag_backward(gy, x, dag.weight, dag.bias, net, config)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="grad_output must have shape"):
+        gpu.reference_backward_from_buffers(gy[:, :1], x, dag.weight, dag.bias, net, config)
+
+
+def _fake_cuda_args(mode, dag, memory, batch):
+    net, config = prepared(dag, memory)
+    with mode:
+        # same shapes and dtypes as the real buffers, on the (fake) GPU. No requires_grad: autograd
+        # metadata of a CUDA tensor needs a CUDA device guard, which a CPU-only PyTorch aborts on.
+        x = torch.empty(batch, dag.n_inputs, device="cuda")
+        w = torch.empty(dag.weight.shape, device="cuda")
+        b = torch.empty(dag.bias.shape, device="cuda")
+        net_c = [torch.empty(t.shape, dtype=t.dtype, device="cuda") for t in net]
+    return x, w, b, net_c, config
+
+
+def test_fake_kernels_with_cuda_fake_tensors():
+    dag = random_dag(8, 4, 10)
+    mode = FakeTensorMode()
+    x, w, b, net, config = _fake_cuda_args(mode, dag, 3, 6)
+    with mode:
+        y = torch.ops.iosparse.dag_forward(x, w, b, net, config)
+        assert y.shape == (6, dag.n_outputs) and y.device.type == "cuda" and y.dtype == torch.float32
+        gx, gw, gb = torch.ops.iosparse.dag_backward(torch.empty_like(y), x, w, b, net, config)
+        assert gx.shape == x.shape and gw.shape == w.shape and gb.shape == b.shape and gx.device.type == "cuda"
+        y16 = torch.ops.iosparse.dag_forward(x.half(), w.half(), b.half(), net, config)
+        assert y16.dtype == torch.float16 and y16.device.type == "cuda"
+
+
+def test_compile_and_export_with_cuda_fake_tensors():
+    """torch.compile(fullgraph, dynamic) and torch.export trace the CUDA op through its fake kernel."""
+    dag = random_dag(9, 4, 10)
+    mode = FakeTensorMode()
+    x, w, b, net, config = _fake_cuda_args(mode, dag, 4, 5)
+
+    def f(x, w, b):
+        return torch.ops.iosparse.dag_forward(torch.tanh(x), w, b, net, config) * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True, dynamic=True)
+    with mode:
+        y = compiled(x, w, b)
+        assert y.shape == (5, dag.n_outputs) and y.device.type == "cuda"
+
+    class M(torch.nn.Module):
+        def forward(self, x, w, b):
+            return f(x, w, b)
+
+    with mode:
+        ep = torch.export.export(M(), (x, w, b))
+    targets = [n.target for n in ep.graph.nodes if n.op == "call_function"]
+    assert torch.ops.iosparse.dag_forward.default in targets

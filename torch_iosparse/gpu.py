@@ -251,3 +251,6 @@ def register() -> str:
 def registered() -> Optional[str]:
     """The op name whose CUDA kernel this module registered, or None."""
     return _REGISTERED
+
+
+register()
