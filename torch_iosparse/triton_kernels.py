@@ -358,7 +358,8 @@ if triton is not None:
             acc = tl.where(acc >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
         return acc
 
-    @triton.jit
+    # B and the sizes change per call/network: no recompilation for their divisibility by 16.
+    @triton.jit(do_not_specialize=["B", "n_inputs", "n_computed"])
     def _iosparse_forward_kernel(
             x_ptr, y_ptr, w_ptr, b_ptr, slow_ptr, scratch_ptr,
             steps_ptr, step_ptr_ptr, neuron_ptr, act_code_ptr, act_lo_ptr, act_hi_ptr,
