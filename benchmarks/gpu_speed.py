@@ -2,7 +2,9 @@
 
 Stage 1 (correctness): on every network, ours == SparseDAG.forward_reference (and the dense / CSR
 baselines agree too). Stage 2 (speed): CUDA events, warm-up, median of repeats, for
-    ours (Triton, compiled plan)  vs  dense cuBLAS (F.linear per layer)  vs  torch CSR (cuSPARSE SpMM)
+    ours (Triton, compiled plan, slots in an L2-resident scratch)
+    ours CUDA C++ (kernels/cuda, slots in shared memory; only where nvcc is found, else nan)
+    dense cuBLAS (F.linear per layer)  and  torch CSR (cuSPARSE SpMM per layer)
 on RadiX-Net-like nets (width N = 1024 … 65536, fan-in 32) and pruned MLPs at B in {1, 64, 1024}.
 Prints one table and appends it, with card and date, to benchmarks/RESULTS.md.
 
@@ -114,6 +116,14 @@ class Ours:
         self.w = dag.weight.to(device)
         self.b = dag.bias.to(device)
         self.dag, self.op_net = dag, None
+        self.cxx, self.cxx_note = None, "not built"
+        if device.type == "cuda":  # the on-chip (shared-memory slots) CUDA C++ variant, when nvcc is there
+            try:
+                from torch_iosparse import gpu
+                self.cxx = gpu.CudaCxxForward(prog, dag.n_edges, device)
+                self.cxx_note = "ok"
+            except (RuntimeError, OSError) as e:
+                self.cxx_note = str(e).splitlines()[0]
 
     def via_op(self, x):
         """The user-facing path: torch.ops.iosparse.dag_forward on x's device (on CUDA: our Triton
@@ -271,6 +281,14 @@ def main(argv=None):
             csr = CSRLayers(dag, device, torch.float32)(x.to(device)).cpu()
             if not max_rel_err(csr, ref) < 1e-4:
                 sys.exit(f"FAILED: torch CSR baseline differs on {name} N={N} B={B}")
+            if ours.cxx is not None:
+                try:
+                    y_cxx = ours.cxx(x.to(device)).cpu()
+                except ValueError as e:  # M x BT does not fit shared memory
+                    ours.cxx, ours.cxx_note = None, str(e)
+                else:
+                    if not max_rel_err(y_cxx, ref) < 1e-4:
+                        sys.exit(f"FAILED: the CUDA C++ kernel differs on {name} N={N} B={B}")
             y_op = ours.via_op(x.to(device)).cpu()
             if not max_rel_err(y_op, ref) < 1e-4:
                 sys.exit(f"FAILED: the iosparse op on {device.type} differs on {name} N={N} B={B}")
@@ -278,7 +296,8 @@ def main(argv=None):
             if dense.ok and not max_rel_err(dense(x.to(device)).cpu(), ref) < 1e-4:
                 sys.exit(f"FAILED: dense baseline differs on {name} N={N} B={B}")
         print(f"  ok  {name:<5} N={N:<6} edges={dag.n_edges:<9} M={ours.kp.memory:<5} "
-              f"loads={ours.plan.io.loads} stores={ours.plan.io.stores} prepare {ours.prepare_s:.2f}s", flush=True)
+              f"loads={ours.plan.io.loads} stores={ours.plan.io.stores} prepare {ours.prepare_s:.2f}s"
+              + (f"  CUDA C++: {ours.cxx_note}" if device.type == "cuda" else ""), flush=True)
     print("correctness stage passed", flush=True)
 
     # ---- stage 2: speed (in --dry: one untimed-quality call each, to exercise the code path)
@@ -296,6 +315,7 @@ def main(argv=None):
         for B in args.batches:
             x = torch.randn(B, dag.n_inputs, device=device, dtype=dtype)
             t_ours = time_cuda(lambda: ours(x))
+            t_cxx = time_cuda(lambda: ours.cxx(x)) if ours.cxx is not None else float("nan")
             t_dense = time_cuda(lambda: dense(x)) if dense.ok else float("nan")
             try:
                 t_csr = time_cuda(lambda: csr(x))
@@ -303,15 +323,15 @@ def main(argv=None):
                 t_csr = float("nan")
             wbytes = dag.n_edges * torch.tensor([], dtype=dtype).element_size()
             gbs = wbytes / (t_ours * 1e-3) / 1e9
-            rows.append((name, N, dag.n_edges, B, t_ours, t_dense, t_csr, t_csr / t_ours, gbs, 100 * gbs / bw))
+            rows.append((name, N, dag.n_edges, B, t_ours, t_cxx, t_dense, t_csr, t_csr / t_ours, gbs, 100 * gbs / bw))
         del dense, csr
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    hdr = ("| net | N | edges | B | ours ms | dense cuBLAS ms | torch CSR ms | CSR/ours | weight GB/s | % copy |\n"
-           "|---|---|---|---|---|---|---|---|---|---|")
-    lines = [hdr] + [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.3f} | {r[7]:.2f} | "
-                     f"{r[8]:.1f} | {r[9]:.1f} |" for r in rows]
+    hdr = ("| net | N | edges | B | ours Triton ms | ours CUDA C++ ms | dense cuBLAS ms | torch CSR ms | CSR/ours | "
+           "weight GB/s | % copy |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [hdr] + [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]:.3f} | {r[5]:.3f} | {r[6]:.3f} | {r[7]:.3f} | "
+                     f"{r[8]:.2f} | {r[9]:.1f} | {r[10]:.1f} |" for r in rows]
     if skipped:
         lines.append(f"\n(not timed, --max-seconds {args.max_seconds:g} reached: {', '.join(skipped)})")
     table = "\n".join(lines)

@@ -38,3 +38,32 @@ def test_cuda_kernel_compiles_for_sm90(src, tmp_path):
     if nm:
         syms = subprocess.run([nm, str(out)], capture_output=True, text=True).stdout
         assert " T iosparse_cuda_forward" in syms
+
+
+def test_cuda_cxx_library_builds_and_loads(tmp_path):
+    """gpu.build_cuda_cxx compiles the .cu into a shared library and binds its launcher via ctypes; the
+    launcher's own argument checks answer without touching a GPU."""
+    if _nvcc() is None:
+        pytest.skip("nvcc is not installed (the only legitimate reason to skip this compile check)")
+    import numpy as np
+    import torch
+
+    import torch_iosparse as tis
+    from torch_iosparse import gpu
+    from torch_iosparse.program import compile_plan
+
+    lib = gpu.build_cuda_cxx("90", cache_dir=str(tmp_path))
+    assert gpu.build_cuda_cxx("90", cache_dir=str(tmp_path)) is lib  # cached
+    fn = lib.iosparse_cuda_forward
+    null = [None] * 4
+    # B = 0 and an unknown dtype are rejected before any CUDA call: cudaErrorInvalidValue (1)
+    assert fn(0, *null, 0, *([None] * 8), 0, 2, 3, 8, 32, 2, 1, 1, 1, None) == 1
+    assert fn(7, *null, 0, *([None] * 8), 4, 2, 3, 8, 32, 2, 1, 1, 1, None) == 1
+
+    dag = tis.SparseDAG.from_edges(2, [0, 1, 2], [2, 2, 3], activation="relu")
+    prog = compile_plan(dag, tis.plan(dag, 2))
+    runner = gpu.CudaCxxForward(prog, dag.n_edges, device="cpu", lib=lib)
+    assert runner.out_col.tolist()[int(prog.output_rows[0])] == 0
+    assert np.array_equal(runner.ops.numpy(), prog.ops)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        runner(torch.randn(3, 2), dag.weight, dag.bias)

@@ -7,6 +7,11 @@ the re-encoded device program per network.
 """
 from __future__ import annotations
 
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
 from typing import Optional, Sequence
 
 import numpy as np
@@ -17,7 +22,7 @@ from . import activations as acts
 from . import triton_kernels as tk
 from .dag import _levels
 
-__all__ = ["kernel_program_from_buffers", "reference_backward", "reference_backward_from_buffers", "reference_forward",
+__all__ = ["CudaCxxForward", "build_cuda_cxx", "find_nvcc", "kernel_program_from_buffers", "reference_backward", "reference_backward_from_buffers", "reference_forward",
            "register", "registered", "triton_forward_from_buffers"]
 
 
@@ -220,6 +225,125 @@ def reference_backward_from_buffers(grad_y: torch.Tensor, x: torch.Tensor, weigh
     return reference_backward(grad_y, x, weight, bias, net[NET_IN_PTR], net[NET_IN_SRC], net[NET_ACT_CODE],
                               net[NET_ACT_PARAM][:, 0], net[NET_ACT_PARAM][:, 1], net[NET_OUTPUTS],
                               int(config[CFG_N_INPUTS]))
+
+
+# ---------------------------------------------------------------------------------------------- CUDA C++ variant
+# kernels/cuda/iosparse_forward.cu: the same program with the M slots in shared memory (one thread per
+# column, no barriers). Not part of the op: built on demand with nvcc where torch has CUDA, for the
+# benchmark's comparison of on-chip slots against the Triton kernel's L2-resident scratch.
+CUDA_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "cuda",
+                           "iosparse_forward.cu")
+_CUDA_LIBS: dict = {}
+
+
+def find_nvcc() -> Optional[str]:
+    """Path of nvcc ($CUDA_HOME/bin, PATH, /usr/local/cuda/bin) or None."""
+    cands = [os.path.join(os.environ[k], "bin", "nvcc") for k in ("CUDA_HOME", "CUDA_PATH") if os.environ.get(k)]
+    cands += [shutil.which("nvcc") or "", "/usr/local/cuda/bin/nvcc"]
+    return next((c for c in cands if c and os.path.exists(c)), None)
+
+
+def build_cuda_cxx(arch: Optional[str] = None, cache_dir: Optional[str] = None):
+    """Compile kernels/cuda/iosparse_forward.cu into a shared library (cached by source hash and
+    architecture) and load it with ctypes. ``arch`` like ``"90"`` (default: the current GPU's, else 90).
+    Raises RuntimeError when nvcc or the source is missing or the compile fails."""
+    if not os.path.exists(CUDA_SOURCE):
+        raise RuntimeError(f"{CUDA_SOURCE} is missing (the CUDA C++ kernel ships with the source tree only)")
+    nvcc = find_nvcc()
+    if nvcc is None:
+        raise RuntimeError("nvcc was not found (set CUDA_HOME); the CUDA C++ kernel needs it to build")
+    if arch is None:
+        arch = "%d%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else "90"
+    with open(CUDA_SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read()).hexdigest()[:16]
+    cache_dir = cache_dir or os.environ.get("IOSPARSE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "torch_iosparse")
+    os.makedirs(cache_dir, exist_ok=True)
+    out = os.path.join(cache_dir, f"iosparse_forward_{digest}_sm{arch}.so")
+    if out in _CUDA_LIBS:
+        return _CUDA_LIBS[out]
+    if not os.path.exists(out):
+        tmp = f"{out}.{os.getpid()}.tmp"
+        cmd = [nvcc, f"-arch=sm_{arch}", "-O3", "-std=c++17", "-shared", "-Xcompiler", "-fPIC", "-cudart", "static",
+               "-o", tmp, CUDA_SOURCE]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            raise RuntimeError(f"nvcc failed ({' '.join(cmd)}):\n{r.stderr[-4000:]}")
+        os.replace(tmp, out)
+    lib = ctypes.CDLL(out)
+    fn = lib.iosparse_cuda_forward
+    fn.restype = ctypes.c_int
+    fn.argtypes = ([ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] + [ctypes.c_void_p] * 8
+                   + [ctypes.c_int64, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32]
+                   + [ctypes.c_int64] * 4 + [ctypes.c_void_p])
+    _CUDA_LIBS[out] = lib
+    return lib
+
+
+_CXX_DTYPE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+class CudaCxxForward:
+    """The CUDA C++ executor of a compiled ``program.Program`` on ``device`` (benchmarks; not the op).
+
+    ``y = CudaCxxForward(program, n_edges, "cuda")(x, weight, bias)``; slots live in shared memory, so
+    ``memory * batch_tile * 4`` bytes must fit a block's shared memory."""
+
+    def __init__(self, program, n_edges: int, device="cuda", lib=None):
+        self.lib = lib if lib is not None else build_cuda_cxx()
+        dev = torch.device(device)
+        self.n_inputs, self.n_outputs = int(program.n_inputs), int(program.n_outputs)
+        self.n_computed, self.n_slow, self.memory = int(program.n_computed), int(program.n_slow), int(program.memory)
+        self.n_edges = int(n_edges)
+        t = lambda a, dt: torch.as_tensor(np.ascontiguousarray(a), dtype=dt).to(dev)  # noqa: E731
+        self.ops = t(program.ops, torch.int32)
+        self.op_ptr = t(program.op_ptr, torch.int64)
+        self.neuron = t(program.neuron, torch.int64)
+        self.act_code = t(program.act_code, torch.int8)
+        self.act_lo = t(program.act_lo, torch.float32)
+        self.act_hi = t(program.act_hi, torch.float32)
+        out_col = np.full(self.n_slow, -1, dtype=np.int32)
+        out_col[np.asarray(program.output_rows, dtype=np.int64)] = np.arange(self.n_outputs, dtype=np.int32)
+        self.out_col = t(out_col, torch.int32)
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                 batch_tile: Optional[int] = None) -> torch.Tensor:
+        if x.device.type != "cuda" or x.device != self.ops.device:
+            raise ValueError(f"the CUDA C++ kernel needs CUDA tensors on {self.ops.device}, got x on {x.device}")
+        if x.dtype not in _CXX_DTYPE:
+            raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+        if x.dim() != 2 or x.shape[1] != self.n_inputs:
+            raise ValueError(f"x must have shape [batch, {self.n_inputs}], got {list(x.shape)}")
+        if weight.numel() != self.n_edges:
+            raise ValueError(f"weight must have {self.n_edges} entries, got {weight.numel()}")
+        same = weight.dtype == x.dtype and bias.dtype == x.dtype
+        w = (weight if same else weight.float()).contiguous()
+        b = (bias if same else bias.float()).contiguous()
+        B = x.shape[0]
+        y = torch.empty(B, self.n_outputs, dtype=x.dtype, device=x.device)
+        if B == 0:
+            return y
+        props = torch.cuda.get_device_properties(x.device)
+        smem = int(getattr(props, "shared_memory_per_block_optin", 0) or 48 * 1024)
+        if batch_tile is None:
+            spread = -(-B // int(props.multi_processor_count))
+            batch_tile = min(128, max(32, 1 << max(0, (spread - 1).bit_length())))
+            while batch_tile > 1 and self.memory * batch_tile * 4 > smem:
+                batch_tile //= 2
+        if self.memory * batch_tile * 4 > smem:
+            raise ValueError(f"{self.memory} slots x {batch_tile} columns x 4 B exceed the {smem} B of shared memory "
+                             "per block; plan for fewer slots")
+        slow = torch.empty(max(self.n_slow, 1), B, dtype=torch.float32, device=x.device)
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        err = self.lib.iosparse_cuda_forward(
+            _CXX_DTYPE[x.dtype], x.data_ptr(), y.data_ptr(), w.data_ptr(), b.data_ptr(), int(same), slow.data_ptr(),
+            self.ops.data_ptr(), self.op_ptr.data_ptr(), self.neuron.data_ptr(), self.act_code.data_ptr(),
+            self.act_lo.data_ptr(), self.act_hi.data_ptr(), self.out_col.data_ptr(), B, self.n_inputs,
+            self.n_computed, self.memory, int(batch_tile), x.stride(0), x.stride(1), y.stride(0), y.stride(1),
+            ctypes.c_void_p(stream))
+        if err != 0:
+            raise RuntimeError(f"iosparse CUDA C++ kernel failed with cudaError {err}")
+        return y
 
 
 # ---------------------------------------------------------------------------------------------- registration
