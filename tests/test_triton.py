@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import torch_iosparse as tis
+from torch_iosparse import planning
 from torch_iosparse import triton_kernels as tk
 from torch_iosparse.activations import KINDS, Activation
 
@@ -39,6 +40,13 @@ def random_dag(seed: int, n_inputs: int, n_computed: int, max_fan_in: int = 4, a
     w = torch.randn(len(src), generator=g) * 0.7
     b = torch.randn(n, generator=g) * 0.3
     return tis.SparseDAG.from_edges(n_inputs, src, dst, w, b, activation=act)
+
+
+@planning.register_method("gpu_test_level_reversed")
+def _level_reversed(dag, memory, seed=0, time_budget=None, **kw):
+    """A topological order unlike the numbering: by level, and inside a level by descending id."""
+    comp = np.arange(dag.n_inputs, dag.n_neurons)
+    return comp[np.lexsort((-comp, dag.levels()[comp]))]
 
 
 def encode_for(dag, plan, chunk=16):
@@ -90,6 +98,18 @@ def test_launcher_matches_reference_fp32(seed, memory, batch, chunk, skip, batch
     y = tk.forward(x, dag.weight, dag.bias, kp, batch_tile=batch_tile)
     assert y.shape == (batch, dag.n_outputs) and y.dtype == torch.float32
     torch.testing.assert_close(y, dag.forward_reference(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("memory", [2, 5, None])
+def test_launcher_with_an_order_unlike_the_numbering(memory):
+    """FMA entries out of edge order: the launcher gathers the weights into entry order."""
+    dag = random_dag(31, 5, 16)
+    plan = tis.plan(dag, memory, method="gpu_test_level_reversed")
+    kp = encode_for(dag, plan)
+    assert not kp.edges_in_order
+    assert encode_for(dag, tis.plan(dag, memory)).edges_in_order  # the numbering order needs no gather
+    x = torch.randn(11, dag.n_inputs)
+    torch.testing.assert_close(tk.forward(x, dag.weight, dag.bias, kp), dag.forward_reference(x), rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("memory,dtype", [(2, torch.float16), (6, torch.float16), (None, torch.float16),

@@ -63,7 +63,10 @@ class KernelProgram:
         STORE  (slot, slow_row, out_col)       out_col >= 0 also writes y[:, out_col]
         FINISH (slot, store_row, out_col)      store_row >= 0 fuses the following STORE of the slot
     step_ptr int32 [n_computed + 1]; neuron int32; act_code int32; act_lo/act_hi float32 [n_computed]
-    ent_slot, ent_edge, ent_row int32 [E]   ent_row >= 0: fused LOAD of that slow row into ent_slot
+    ent_slot, ent_row int32 [E], ent_edge int64 [E]   ent_row >= 0: fused LOAD of that row into ent_slot
+    edges_in_order: ent_edge == arange(E) (e.g. layer order): the weights are already in entry order.
+        Otherwise the launcher gathers ``weight[ent_edge]`` once per call, so the kernel reads the
+        weights of a chunk contiguously instead of through a dependent index load.
     """
 
     steps: torch.Tensor
@@ -83,6 +86,7 @@ class KernelProgram:
     n_edges: int
     n_neurons: int
     chunk: int
+    edges_in_order: bool = False
 
     def to(self, device) -> "KernelProgram":
         kw = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -249,12 +253,14 @@ def encode(program, *, n_edges: int, n_neurons: int, chunk: int = DEFAULT_CHUNK,
     step_ptr[1:] = np.cumsum(np.bincount(step_pos, minlength=n_computed))
 
     i32 = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int32)).to(device)  # noqa: E731
+    i64 = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)).to(device)  # noqa: E731
     f32 = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(device)  # noqa: E731
     return KernelProgram(
         steps=i32(steps.reshape(-1, 4)), step_ptr=i32(step_ptr), neuron=i32(neuron), act_code=i32(act_code),
-        act_lo=f32(act_lo), act_hi=f32(act_hi), ent_slot=i32(ent_slot), ent_edge=i32(ent_edge),
+        act_lo=f32(act_lo), act_hi=f32(act_hi), ent_slot=i32(ent_slot), ent_edge=i64(ent_edge),
         ent_row=i32(ent_row), n_inputs=n_inputs, n_outputs=n_outputs, n_computed=n_computed, n_slow=n_slow,
-        memory=M, n_edges=int(n_edges), n_neurons=int(n_neurons), chunk=int(chunk))
+        memory=M, n_edges=int(n_edges), n_neurons=int(n_neurons), chunk=int(chunk),
+        edges_in_order=bool(ent_edge.size == n_edges and np.array_equal(ent_edge, np.arange(n_edges))))
 
 
 # ---------------------------------------------------------------------------------------------- tiling
@@ -363,7 +369,7 @@ if triton is not None:
     def _iosparse_forward_kernel(
             x_ptr, y_ptr, w_ptr, b_ptr, slow_ptr, scratch_ptr,
             steps_ptr, step_ptr_ptr, neuron_ptr, act_code_ptr, act_lo_ptr, act_hi_ptr,
-            ent_slot_ptr, ent_edge_ptr, ent_row_ptr,
+            ent_slot_ptr, ent_row_ptr,
             B, n_inputs, n_computed, stride_xb, stride_xf, stride_yb, stride_yf, stride_slow,
             M: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr):
         pid = tl.program_id(0)
@@ -388,9 +394,8 @@ if triton is not None:
                     kmask = kk < sb
                     e = sa + kk
                     slot = tl.load(ent_slot_ptr + e, mask=kmask, other=0)
-                    edge = tl.load(ent_edge_ptr + e, mask=kmask, other=0)
                     row = tl.load(ent_row_ptr + e, mask=kmask, other=-1)
-                    wgt = tl.load(w_ptr + edge, mask=kmask, other=0.0).to(tl.float32)
+                    wgt = tl.load(w_ptr + e, mask=kmask, other=0.0).to(tl.float32)  # weights in entry order
                     m2 = kmask[:, None] & cmask[None, :]
                     from_slot = row < 0
                     from_x = (row >= 0) & (row < n_inputs)
@@ -478,12 +483,13 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kp: Kerne
     # slow memory: only the rows past the inputs are stored to (inputs are read from x)
     slow = torch.empty(max(kp.n_slow, 1), B, dtype=torch.float32, device=x.device)
     scratch = torch.empty(tiles * kp.memory * BT, dtype=torch.float32, device=x.device)
-    w = weight if weight.is_contiguous() else weight.contiguous()
+    # weights in FMA-entry order: contiguous loads per chunk (a no-op for layer-ordered plans)
+    w = weight.contiguous() if kp.edges_in_order else weight[kp.ent_edge]
     b = bias if bias.is_contiguous() else bias.contiguous()
     _iosparse_forward_kernel[(tiles,)](
         x, y, w, b, slow, scratch,
         kp.steps, kp.step_ptr, kp.neuron, kp.act_code, kp.act_lo, kp.act_hi,
-        kp.ent_slot, kp.ent_edge, kp.ent_row,
+        kp.ent_slot, kp.ent_row,
         B, kp.n_inputs, kp.n_computed, x.stride(0), x.stride(1), y.stride(0), y.stride(1), slow.stride(0),
         M=kp.memory, BT=BT, KC=kp.chunk, num_warps=num_warps or tiling.num_warps)
     return y
