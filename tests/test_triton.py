@@ -3,8 +3,6 @@
 The launcher must equal SparseDAG.forward_reference on random DAGs, for plans with spills (tiny M) and
 without, several batch sizes (also not multiples of the batch tile), every activation, fp32 and fp16.
 """
-import math
-import os
 
 import numpy as np
 import pytest

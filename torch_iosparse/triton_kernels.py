@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional
 
 import numpy as np
 import torch
@@ -493,20 +493,3 @@ def forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kp: Kerne
         B, kp.n_inputs, kp.n_computed, x.stride(0), x.stride(1), y.stride(0), y.stride(1), slow.stride(0),
         M=kp.memory, BT=BT, KC=kp.chunk, num_warps=num_warps or tiling.num_warps)
     return y
-
-
-# ---------------------------------------------------------------------------------------------- cache
-_CACHE: Dict[Tuple, KernelProgram] = {}
-_CACHE_MAX = 16
-
-
-def cached_encode(key: Tuple, build) -> KernelProgram:
-    """Memoise :func:`encode` results by ``key`` (the op's CUDA kernel re-uses the device program
-    across calls; structure tensors are immutable buffers, identified by data pointer and version)."""
-    kp = _CACHE.get(key)
-    if kp is None:
-        kp = build()
-        if len(_CACHE) >= _CACHE_MAX:
-            _CACHE.pop(next(iter(_CACHE)))
-        _CACHE[key] = kp
-    return kp
