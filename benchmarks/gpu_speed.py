@@ -219,6 +219,35 @@ def max_rel_err(y, ref):
     return float((y.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-6))
 
 
+def save_plot(rows, path, title):
+    """One panel per batch size: milliseconds vs edges for each method (log-log)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = sorted({r[3] for r in rows})
+    fig, axes = plt.subplots(1, len(batches), figsize=(4.5 * len(batches), 3.8), squeeze=False)
+    methods = [(4, "ours Triton", "o-"), (5, "ours CUDA C++", "s-"), (6, "dense cuBLAS", "^--"), (7, "torch CSR", "v--")]
+    for ax, B in zip(axes[0], batches):
+        for net in ("radix", "mlp"):
+            sel = sorted((r for r in rows if r[3] == B and r[0] == net), key=lambda r: r[2])
+            for col, label, style in methods:
+                pts = [(r[2], r[col]) for r in sel if r[col] == r[col]]  # drop nan
+                if pts:
+                    ax.plot(*zip(*pts), style, label=f"{label} ({net})", alpha=0.8)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("edges")
+        ax.set_ylabel("ms")
+        ax.set_title(f"B = {B}")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][-1].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ---------------------------------------------------------------------------------------------- main
 def networks(args):
     if args.dry:
@@ -247,6 +276,9 @@ def main(argv=None):
     ap.add_argument("--max-seconds", type=float, default=420.0,
                     help="stop timing further networks once this much wall time has passed (device budgets)")
     ap.add_argument("--no-append", action="store_true", help="do not append the table to benchmarks/RESULTS.md")
+    ap.add_argument("--plot", default=None,
+                    help="PNG of time vs edges per batch size (default on CUDA: benchmarks/gpu_speed.png; "
+                         "--dry plots only when given)")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -342,6 +374,10 @@ def main(argv=None):
             f"chunk {args.chunk}, copy bandwidth {bw:.0f} GB/s, torch {torch.__version__}\n\n")
     print()
     print(head + table)
+    plot = args.plot or (None if args.dry else os.path.join(os.path.dirname(RESULTS), "gpu_speed.png"))
+    if plot:
+        save_plot(rows, plot, head.splitlines()[0].lstrip("# "))
+        print(f"plot written to {plot}")
     if not args.no_append:
         with open(RESULTS, "a") as f:
             f.write("\n" + head + table + "\n")
