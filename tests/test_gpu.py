@@ -56,8 +56,8 @@ def test_reference_handles_non_topological_numbering():
 # ---------------------------------------------------------------------------------------------- registration
 
 
-def prepared(dag, memory):
-    net = ops.prepare(dag, tis.plan(dag, memory), strategy="program")
+def prepared(dag, memory, strategy="program"):
+    net = ops.prepare(dag, tis.plan(dag, memory), strategy=strategy)
     return ops._op_args(net.buffers, net.meta)
 
 
@@ -74,11 +74,43 @@ def test_buffer_positions_match_ops():
     for idx, name in [(gpu.NET_IN_PTR, "in_ptr"), (gpu.NET_IN_SRC, "in_src"), (gpu.NET_ACT_CODE, "act_code"),
                       (gpu.NET_ACT_PARAM, "act_param"), (gpu.NET_OUTPUTS, "outputs"),
                       (gpu.NET_PROG_NEURON, "prog_neuron"), (gpu.NET_PROG_OP_PTR, "prog_op_ptr"),
-                      (gpu.NET_PROG_OPS, "prog_ops"), (gpu.NET_PROG_OUTPUT_ROWS, "prog_output_rows")]:
+                      (gpu.NET_PROG_OPS, "prog_ops"), (gpu.NET_PROG_OUTPUT_ROWS, "prog_output_rows"),
+                      (gpu.NET_LEVEL_PTR, "level_ptr"), (gpu.NET_LEVEL_NEURON, "level_neuron")]:
         assert ops.NET_KEYS[idx] == name
     for idx, name in [(gpu.CFG_N_INPUTS, "n_inputs"), (gpu.CFG_N_NEURONS, "n_neurons"),
-                      (gpu.CFG_N_OUTPUTS, "n_outputs"), (gpu.CFG_MEMORY, "memory"), (gpu.CFG_N_SLOW, "n_slow")]:
+                      (gpu.CFG_N_OUTPUTS, "n_outputs"), (gpu.CFG_MEMORY, "memory"), (gpu.CFG_N_SLOW, "n_slow"),
+                      (gpu.CFG_STRATEGY, "strategy")]:
         assert ops.CONFIG_KEYS[idx] == name
+    assert (gpu.STRATEGY_AUTO, gpu.STRATEGY_PROGRAM, gpu.STRATEGY_LEVEL, gpu.STRATEGY_DENSE) == tuple(
+        ops.STRATEGIES[k] for k in ("auto", "program", "level", "dense"))
+
+
+def test_choose_gpu_path(monkeypatch):
+    monkeypatch.delenv("IOSPARSE_GPU_STRATEGY", raising=False)
+    assert gpu.choose_gpu_path(1, gpu.STRATEGY_PROGRAM, "cpu") == "program"
+    assert gpu.choose_gpu_path(10**6, gpu.STRATEGY_LEVEL, "cpu") == "level"
+    assert gpu.choose_gpu_path(10**6, gpu.STRATEGY_DENSE, "cpu") == "level"
+    # auto: the plan executor once every SM gets a 64-column tile (1 "SM" off CUDA)
+    assert gpu.choose_gpu_path(63, gpu.STRATEGY_AUTO, "cpu") == "level"
+    assert gpu.choose_gpu_path(64, gpu.STRATEGY_AUTO, "cpu") == "program"
+    monkeypatch.setenv("IOSPARSE_GPU_STRATEGY", "program")
+    assert gpu.choose_gpu_path(1, gpu.STRATEGY_AUTO, "cpu") == "program"
+    assert gpu.choose_gpu_path(1, gpu.STRATEGY_LEVEL, "cpu") == "level"  # an explicit strategy wins
+    monkeypatch.setenv("IOSPARSE_GPU_STRATEGY", "fast")
+    with pytest.raises(ValueError, match="IOSPARSE_GPU_STRATEGY"):
+        gpu.choose_gpu_path(1, gpu.STRATEGY_AUTO, "cpu")
+
+
+@pytest.mark.parametrize("strategy", ["level", "auto"])
+def test_cuda_forward_adapter_level_path(strategy, monkeypatch):
+    monkeypatch.delenv("IOSPARSE_GPU_STRATEGY", raising=False)
+    dag = random_dag(13, 5, 14)
+    net, config = prepared(dag, 3, strategy)
+    x = torch.randn(6, dag.n_inputs)  # auto at B = 6 < 64: the level kernel
+    lp = gpu.level_program_from_buffers(net, config)
+    assert gpu.level_program_from_buffers(net, config) is lp  # cached
+    y = gpu.triton_forward_from_buffers(x, dag.weight, dag.bias, net, config)
+    torch.testing.assert_close(y, dag.forward_reference(x), rtol=1e-4, atol=1e-5)
 
 
 @given(seed=st.integers(0, 10**6), memory=st.sampled_from([2, 4, None]), batch=st.sampled_from([1, 6, 17]))

@@ -272,3 +272,49 @@ def test_choose_tiling_from_device_properties(monkeypatch):
     assert mid.memory == min(int(0.5 * 50 * 2**20 // (128 * 8 * 4)), 227 * 1024 // 32)
     small = tk.choose_tiling("cuda", 16, batch_tile=16)  # one program: capped by shared memory per block
     assert small.batch_tile == 16 and small.memory == 227 * 1024 // (16 * 4)
+
+
+# ---------------------------------------------------------------------------------------------- level kernel
+@given(seed=st.integers(0, 10**6), batch=st.sampled_from([1, 3, 17]), batch_tile=st.sampled_from([None, 4]),
+       skip=st.booleans())
+@settings(max_examples=10)
+def test_level_kernel_matches_reference(seed, batch, batch_tile, skip):
+    dag = random_dag(seed, 5, 14, skip=skip)
+    lp = tk.encode_levels_from_dag(dag)
+    x = torch.randn(batch, dag.n_inputs, generator=torch.Generator().manual_seed(seed))
+    y = tk.level_forward(x, dag.weight, dag.bias, lp, batch_tile=batch_tile)
+    torch.testing.assert_close(y, dag.forward_reference(x), rtol=1e-4, atol=1e-5)
+
+
+def test_level_kernel_wide_fan_in_fp16_and_non_topological_numbering():
+    torch.manual_seed(1)
+    seq = torch.nn.Sequential(torch.nn.Linear(300, 6), torch.nn.Sigmoid(), torch.nn.Linear(6, 3))  # fan-in 300 > KC
+    dag = tis.SparseDAG.from_module(seq)
+    x = torch.randn(5, 300)
+    y = tk.level_forward(x.half(), dag.weight.half(), dag.bias.half(), tk.encode_levels_from_dag(dag))
+    assert y.dtype == torch.float16
+    torch.testing.assert_close(y.float(), seq(x.half().float()).detach(), rtol=1e-2, atol=1e-2)
+    # neuron 4 reads 5: levels, not the numbering, order the launches
+    dag2 = tis.SparseDAG.from_edges(2, [0, 1, 5, 0], [5, 5, 4, 4], torch.tensor([1.0, -2.0, 0.5, 3.0]),
+                                    torch.tensor([0, 0, 0.1, 0, -0.2, 0.3]), n_neurons=6, outputs=[4],
+                                    activation="gelu")
+    x2 = torch.randn(4, 2)
+    torch.testing.assert_close(tk.level_forward(x2, dag2.weight, dag2.bias, tk.encode_levels_from_dag(dag2)),
+                               dag2.forward_reference(x2))
+
+
+def test_level_kernel_rejects_bad_inputs():
+    dag = random_dag(2, 4, 8)
+    lp = tk.encode_levels_from_dag(dag)
+    with pytest.raises(ValueError, match=r"\[batch, 4\]"):
+        tk.level_forward(torch.randn(2, 3), dag.weight, dag.bias, lp)
+    with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
+        tk.level_forward(torch.randn(2, 4).double(), dag.weight, dag.bias, lp)
+    with pytest.raises(ValueError, match="power of two"):
+        tk.level_forward(torch.randn(2, 4), dag.weight, dag.bias, lp, batch_tile=3)
+    assert tk.level_forward(torch.randn(0, 4), dag.weight, dag.bias, lp).shape == (0, dag.n_outputs)
+    ptr, src = dag.in_ptr, dag.in_src
+    with pytest.raises(tk.ProgramError, match="level_ptr"):
+        tk.encode_levels(ptr, src, [0, 3], np.arange(4, 12), [0] * 12, [0.0] * 12, [0.0] * 12, dag.outputs, 4)
+    with pytest.raises(tk.ProgramError, match="every computed neuron"):
+        tk.encode_levels(ptr, src, [0, 7], np.arange(4, 11), [0] * 12, [0.0] * 12, [0.0] * 12, dag.outputs, 4)

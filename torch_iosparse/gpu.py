@@ -22,7 +22,8 @@ from . import activations as acts
 from . import triton_kernels as tk
 from .dag import _levels
 
-__all__ = ["CudaCxxForward", "build_cuda_cxx", "find_nvcc", "kernel_program_from_buffers", "reference_backward", "reference_backward_from_buffers", "reference_forward",
+__all__ = ["CudaCxxForward", "build_cuda_cxx", "choose_gpu_path", "find_nvcc", "kernel_program_from_buffers",
+           "level_program_from_buffers", "reference_backward", "reference_backward_from_buffers", "reference_forward",
            "register", "registered", "triton_forward_from_buffers"]
 
 
@@ -76,20 +77,22 @@ def _apply_codes(z: torch.Tensor, code: torch.Tensor, lo: torch.Tensor, hi: torc
 def reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, in_ptr: torch.Tensor,
                       in_src: torch.Tensor, act_code: torch.Tensor, act_lo: torch.Tensor, act_hi: torch.Tensor,
                       outputs: torch.Tensor, n_inputs: int) -> torch.Tensor:
-    """Differentiable pure-PyTorch evaluation from the structure tensors, level by level, on x's device
-    (float32 accumulation). ``act_*`` are per neuron. This is the CUDA backward's forward: autograd
-    through it gives the gradients w.r.t. x, weight and bias."""
+    """Pure-PyTorch evaluation from the structure tensors, level by level, on x's device (float32
+    accumulation, float64 for float64 inputs; differentiable). ``act_*`` are per neuron. The CUDA
+    forward uses it for float64 inputs; the tests check :func:`reference_backward` against autograd
+    through :meth:`SparseDAG.forward_reference`."""
     levels = _level_structure(in_ptr, in_src, n_inputs)
     dev, B = x.device, x.shape[0]
     n = in_ptr.numel() - 1
-    w = weight.to(torch.float32)
-    b = bias.to(torch.float32)
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32  # never below float32
+    w = weight.to(acc_t)
+    b = bias.to(acc_t)
     code = act_code.to(dev, torch.int64)
-    lo, hi = act_lo.to(dev, torch.float32), act_hi.to(dev, torch.float32)
+    lo, hi = act_lo.to(dev, acc_t), act_hi.to(dev, acc_t)
     # values of the neurons computed so far, gathered through a position map (no in-place writes)
     pos = torch.full((n,), -1, dtype=torch.int64, device=dev)
     pos[:n_inputs] = torch.arange(n_inputs, device=dev)
-    vals = x.to(torch.float32).t()
+    vals = x.to(acc_t).t()
     count = n_inputs
     for neurons, edges, srcs, local in levels:
         neurons, edges, srcs, local = (t.to(dev) for t in (neurons, edges, srcs, local))
@@ -132,27 +135,29 @@ def reference_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
                        in_ptr: torch.Tensor, in_src: torch.Tensor, act_code: torch.Tensor, act_lo: torch.Tensor,
                        act_hi: torch.Tensor, outputs: torch.Tensor, n_inputs: int):
     """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`reference_forward`, computed explicitly
-    (no autograd: it runs inside a dispatcher kernel, below the autograd key) in float32 on x's device:
+    (no autograd: it runs inside a dispatcher kernel, below the autograd key) in float32 (float64 for
+    float64 inputs) on x's device:
     recompute the pre-activations level by level, then walk the levels backwards (transposed DAG)."""
     levels = _level_structure(in_ptr, in_src, n_inputs)
     dev, B = x.device, x.shape[0]
     n = in_ptr.numel() - 1
-    w = weight.to(torch.float32)
-    b = bias.to(torch.float32)
+    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32  # never below float32
+    w = weight.to(acc_t)
+    b = bias.to(acc_t)
     code = act_code.to(dev, torch.int64)
-    lo, hi = act_lo.to(dev, torch.float32), act_hi.to(dev, torch.float32)
-    vals = torch.zeros(n, B, dtype=torch.float32, device=dev)
-    vals[:n_inputs] = x.to(torch.float32).t()
+    lo, hi = act_lo.to(dev, acc_t), act_hi.to(dev, acc_t)
+    vals = torch.zeros(n, B, dtype=acc_t, device=dev)
+    vals[:n_inputs] = x.to(acc_t).t()
     pre = []
     for neurons, edges, srcs, local in levels:
         neurons, edges, srcs, local = (t.to(dev) for t in (neurons, edges, srcs, local))
         z = b[neurons][:, None].expand(-1, B).index_add(0, local, vals[srcs] * w[edges][:, None])
         pre.append(z)
         vals[neurons] = _apply_codes(z, code[neurons], lo[neurons], hi[neurons])
-    g = torch.zeros(n, B, dtype=torch.float32, device=dev)
-    g.index_add_(0, outputs.to(dev, torch.int64), grad_y.to(torch.float32).t())
-    gw = torch.zeros(weight.numel(), dtype=torch.float32, device=dev)
-    gb = torch.zeros(n, dtype=torch.float32, device=dev)
+    g = torch.zeros(n, B, dtype=acc_t, device=dev)
+    g.index_add_(0, outputs.to(dev, torch.int64), grad_y.to(acc_t).t())
+    gw = torch.zeros(weight.numel(), dtype=acc_t, device=dev)
+    gb = torch.zeros(n, dtype=acc_t, device=dev)
     for (neurons, edges, srcs, local), z in zip(reversed(levels), reversed(pre)):
         neurons, edges, srcs, local = (t.to(dev) for t in (neurons, edges, srcs, local))
         gz = g[neurons] * _activation_derivative(z, code[neurons], lo[neurons], hi[neurons])
@@ -167,8 +172,9 @@ def reference_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tens
 # Positions in the op's ``Tensor[] net`` and ``int[] config`` (kernels/cpu/dag_kernel.cpp, ops.NET_KEYS and
 # ops.CONFIG_KEYS; checked against ops.py by the tests).
 NET_IN_PTR, NET_IN_SRC, NET_ACT_CODE, NET_ACT_PARAM, NET_OUTPUTS = 0, 1, 2, 3, 4
+NET_LEVEL_PTR, NET_LEVEL_NEURON = 5, 6
 NET_PROG_NEURON, NET_PROG_OP_PTR, NET_PROG_OPS, NET_PROG_OUTPUT_ROWS = 7, 8, 9, 10
-CFG_N_INPUTS, CFG_N_NEURONS, CFG_N_OUTPUTS, CFG_MEMORY, CFG_N_SLOW = 0, 1, 2, 3, 4
+CFG_N_INPUTS, CFG_N_NEURONS, CFG_N_OUTPUTS, CFG_MEMORY, CFG_N_SLOW, CFG_STRATEGY = 0, 1, 2, 3, 4, 6
 
 _PROGRAMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -200,19 +206,63 @@ def kernel_program_from_buffers(net: Sequence[torch.Tensor], config: Sequence[in
     return kp
 
 
+def level_program_from_buffers(net: Sequence[torch.Tensor], config: Sequence[int]) -> tk.LevelProgram:
+    """The level structure of the op's buffers for :func:`triton_kernels.level_forward`, cached like
+    :func:`kernel_program_from_buffers`."""
+    lvl = net[NET_LEVEL_NEURON]
+    key = ("levels", lvl._version, net[NET_LEVEL_PTR]._version, net[NET_IN_SRC]._version, net[NET_ACT_CODE]._version,
+           net[NET_ACT_PARAM]._version, tuple(int(c) for c in config), str(lvl.device))
+    hit = _PROGRAMS.get(lvl)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    params = net[NET_ACT_PARAM].detach().cpu().reshape(-1, 2)
+    lp = tk.encode_levels(net[NET_IN_PTR], net[NET_IN_SRC], net[NET_LEVEL_PTR], lvl, net[NET_ACT_CODE],
+                          params[:, 0], params[:, 1], net[NET_OUTPUTS], int(config[CFG_N_INPUTS]),
+                          device=lvl.device)
+    _PROGRAMS[lvl] = (key, lp)
+    return lp
+
+
+STRATEGY_AUTO, STRATEGY_PROGRAM, STRATEGY_LEVEL, STRATEGY_DENSE = 0, 1, 2, 3
+
+
+def choose_gpu_path(batch: int, strategy: int, device) -> str:
+    """``"program"`` (the plan executor) or ``"level"`` (the level kernel) for one CUDA call.
+
+    The op's strategy decides when it is explicit ("program"; "level" and "dense" run the level
+    kernel). For "auto": ``IOSPARSE_GPU_STRATEGY`` (program | level) if set, else the plan executor
+    once the batch fills every SM with a 64-column tile (``batch >= 64 * SMs``) and the level kernel
+    below that. The threshold is an unmeasured first guess (docs/gpu.md): the plan executor is
+    latency-bound per program and needs many programs to be competitive."""
+    if strategy == STRATEGY_PROGRAM:
+        return "program"
+    if strategy in (STRATEGY_LEVEL, STRATEGY_DENSE):
+        return "level"
+    env = os.environ.get("IOSPARSE_GPU_STRATEGY", "").strip().lower()
+    if env in ("program", "level"):
+        return env
+    if env:
+        raise ValueError(f"IOSPARSE_GPU_STRATEGY must be 'program' or 'level', got {env!r}")
+    dev = torch.device(device)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
+    return "program" if batch >= 64 * sms else "level"
+
+
 def triton_forward_from_buffers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                 net: Sequence[torch.Tensor], config: Sequence[int]) -> torch.Tensor:
-    """The CUDA kernel of ``iosparse::dag_forward``: the Triton launcher on the op's arguments.
+    """The CUDA kernel of ``iosparse::dag_forward``: a Triton kernel on the op's arguments.
 
-    float32 / float16 / bfloat16 inputs run the Triton kernel (float32 accumulation); float64 (which
-    the kernel does not support) runs :func:`reference_forward` on the device. Also callable on CPU
-    tensors under TRITON_INTERPRET=1 (that is how the tests exercise it)."""
+    float32 / float16 / bfloat16 inputs run the plan executor or the level kernel
+    (:func:`choose_gpu_path`), both with float32 accumulation; float64 (which the kernels do not
+    support) runs :func:`reference_forward` on the device. Also callable on CPU tensors under
+    TRITON_INTERPRET=1 (that is how the tests exercise it)."""
     if x.dtype == torch.float64:
         return reference_forward(x, weight, bias, net[NET_IN_PTR], net[NET_IN_SRC], net[NET_ACT_CODE],
                                  net[NET_ACT_PARAM][:, 0], net[NET_ACT_PARAM][:, 1], net[NET_OUTPUTS],
                                  int(config[CFG_N_INPUTS]))
-    kp = kernel_program_from_buffers(net, config)
-    return tk.forward(x, weight, bias, kp)
+    if choose_gpu_path(x.shape[0] if x.dim() else 0, int(config[CFG_STRATEGY]), x.device) == "level":
+        return tk.level_forward(x, weight, bias, level_program_from_buffers(net, config))
+    return tk.forward(x, weight, bias, kernel_program_from_buffers(net, config))
 
 
 def reference_backward_from_buffers(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

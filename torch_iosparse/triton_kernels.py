@@ -443,21 +443,141 @@ if triton is not None:
                     tl.debug_barrier()
 
 
+# ---------------------------------------------------------------------------------------------- level kernel
+# The small-batch path: one launch per level, one program per (neuron of the level, batch tile). It does
+# not follow the plan (every edge reads its source row from the values buffer, like a CSR SpMM per
+# level), but it spreads even B = 1 over all SMs. Values are float32 [n_neurons, B] in global memory.
+if triton is not None:
+
+    @triton.jit(do_not_specialize=["B", "start"])
+    def _iosparse_level_kernel(vals_ptr, w_ptr, b_ptr, in_ptr_ptr, in_src_ptr, level_neuron_ptr,
+                               act_code_ptr, act_lo_ptr, act_hi_ptr, start, B, stride_v,
+                               BT: tl.constexpr, KC: tl.constexpr):
+        v = tl.load(level_neuron_ptr + start + tl.program_id(0)).to(tl.int64)
+        cols = tl.program_id(1) * BT + tl.arange(0, BT)
+        cmask = cols < B
+        e0 = tl.load(in_ptr_ptr + v)
+        e1 = tl.load(in_ptr_ptr + v + 1)
+        acc2 = tl.zeros([KC, BT], dtype=tl.float32)
+        for e in range(e0, e1, KC):
+            ee = e + tl.arange(0, KC)
+            km = ee < e1
+            src = tl.load(in_src_ptr + ee, mask=km, other=0).to(tl.int64)
+            wgt = tl.load(w_ptr + ee, mask=km, other=0.0).to(tl.float32)
+            xv = tl.load(vals_ptr + src[:, None] * stride_v + cols[None, :], mask=km[:, None] & cmask[None, :],
+                         other=0.0)
+            acc2 += wgt[:, None] * xv
+        acc = tl.sum(acc2, axis=0) + tl.load(b_ptr + v).to(tl.float32)
+        acc = _activate(acc, tl.load(act_code_ptr + v), tl.load(act_lo_ptr + v), tl.load(act_hi_ptr + v))
+        tl.store(vals_ptr + v * stride_v + cols, acc, mask=cmask)
+
+
+@dataclass
+class LevelProgram:
+    """Per-level structure for :func:`level_forward` (tensors on ``device``; level bounds on the host)."""
+
+    in_ptr: torch.Tensor        # int64 [n_neurons + 1]
+    in_src: torch.Tensor        # int32 [n_edges]
+    level_neuron: torch.Tensor  # int32 [n_computed], grouped by level
+    act_code: torch.Tensor      # int32 [n_neurons]
+    act_lo: torch.Tensor        # float32 [n_neurons]
+    act_hi: torch.Tensor
+    outputs: torch.Tensor       # int64 [n_outputs]
+    level_ptr: tuple            # host ints, len L + 1
+    level_fan_in: tuple         # host ints: largest in-degree per level
+    n_inputs: int
+    n_neurons: int
+    n_edges: int
+
+    @property
+    def device(self) -> torch.device:
+        return self.in_ptr.device
+
+
+def encode_levels(in_ptr, in_src, level_ptr, level_neuron, act_code, act_lo, act_hi, outputs, n_inputs: int,
+                  device="cpu") -> LevelProgram:
+    """Build a :class:`LevelProgram` from the structure arrays (``ops.prepare``'s buffers or a DAG's)."""
+    ptr = _np(in_ptr, np.int64)
+    src = _np(in_src, np.int64)
+    lp = _np(level_ptr, np.int64)
+    ln = _np(level_neuron, np.int64)
+    n = ptr.size - 1
+    if src.size and (src.min() < 0 or src.max() >= n):
+        raise ProgramError("in_src has neuron ids out of range")
+    if lp.size < 1 or lp[0] != 0 or lp[-1] != ln.size or (np.diff(lp) < 0).any():
+        raise ProgramError("level_ptr must be non-decreasing from 0 to len(level_neuron)")
+    if ln.size != n - int(n_inputs) or (ln.size and (ln.min() < n_inputs or ln.max() >= n)):
+        raise ProgramError("level_neuron must list every computed neuron")
+    deg = np.diff(ptr)[ln]
+    fan = tuple(int(deg[a:b].max()) if b > a else 0 for a, b in zip(lp[:-1], lp[1:]))
+    t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a, dtype=dt)).to(device)  # noqa: E731
+    return LevelProgram(
+        in_ptr=t(ptr, np.int64), in_src=t(src, np.int32), level_neuron=t(ln, np.int32),
+        act_code=t(_np(act_code), np.int32), act_lo=t(_np(act_lo), np.float32), act_hi=t(_np(act_hi), np.float32),
+        outputs=t(_np(outputs), np.int64), level_ptr=tuple(int(a) for a in lp), level_fan_in=fan,
+        n_inputs=int(n_inputs), n_neurons=n, n_edges=int(src.size))
+
+
+def encode_levels_from_dag(dag, device="cpu") -> LevelProgram:
+    """:func:`encode_levels` for a SparseDAG (levels from ``dag.levels()``)."""
+    lv = dag.levels()
+    comp = np.arange(dag.n_inputs, dag.n_neurons)
+    ln = comp[np.argsort(lv[comp], kind="stable")]
+    lp = np.zeros(int(lv.max()) + 1, dtype=np.int64)
+    lp[1:] = np.cumsum(np.bincount(lv[comp] - 1, minlength=int(lv.max())))
+    acts = [dag.activation_of(v) for v in range(dag.n_neurons)]
+    return encode_levels(dag.in_ptr, dag.in_src, lp, ln, [a.code for a in acts], [a.lo for a in acts],
+                         [a.hi for a in acts], dag.outputs, dag.n_inputs, device)
+
+
+def level_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lp: LevelProgram, *,
+                  batch_tile: Optional[int] = None) -> torch.Tensor:
+    """Evaluate the network level by level with the Triton level kernel (the small-batch path):
+    ``[B, n_inputs] -> [B, n_outputs]`` in ``x.dtype``, float32 accumulation."""
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    _check_common(x, weight, bias, lp.n_inputs, lp.n_edges, lp.n_neurons, lp.device)
+    B = x.shape[0]
+    if B == 0:
+        return torch.empty(0, lp.outputs.numel(), dtype=x.dtype, device=x.device)
+    BT = batch_tile or min(64, _pow2_at_least(B))
+    if BT < 1 or BT & (BT - 1):
+        raise ValueError(f"batch_tile must be a power of two, got {BT}")
+    vals = torch.empty(lp.n_neurons, B, dtype=torch.float32, device=x.device)
+    vals[: lp.n_inputs] = x.t()
+    w = weight.contiguous()
+    b = bias.contiguous()
+    tiles = triton.cdiv(B, BT)
+    for L in range(len(lp.level_ptr) - 1):
+        start, count = lp.level_ptr[L], lp.level_ptr[L + 1] - lp.level_ptr[L]
+        if count == 0:
+            continue
+        KC = max(1, min(_pow2_at_least(max(1, lp.level_fan_in[L])), 128, max(1, 4096 // BT)))
+        _iosparse_level_kernel[(count, tiles)](
+            vals, w, b, lp.in_ptr, lp.in_src, lp.level_neuron, lp.act_code, lp.act_lo, lp.act_hi,
+            start, B, vals.stride(0), BT=BT, KC=KC, num_warps=max(1, min(4, KC * BT // 256)))
+    return vals[lp.outputs].t().to(x.dtype)
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 def _check_inputs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, kp: KernelProgram):
+    _check_common(x, weight, bias, kp.n_inputs, kp.n_edges, kp.n_neurons, kp.device)
+
+
+def _check_common(x, weight, bias, n_inputs: int, n_edges: int, n_neurons: int, device):
     if not isinstance(x, torch.Tensor) or not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
         raise TypeError("x, weight and bias must be torch.Tensors")
     if x.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
     if weight.dtype not in SUPPORTED_DTYPES or bias.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"weight and bias must be float32, float16 or bfloat16, got {weight.dtype}, {bias.dtype}")
-    if x.dim() != 2 or x.shape[1] != kp.n_inputs:
-        raise ValueError(f"x must have shape [batch, {kp.n_inputs}], got {list(x.shape)}")
-    if weight.dim() != 1 or weight.numel() != kp.n_edges:
-        raise ValueError(f"weight must be 1-D with {kp.n_edges} entries (one per edge), got {list(weight.shape)}")
-    if bias.dim() != 1 or bias.numel() != kp.n_neurons:
-        raise ValueError(f"bias must be 1-D with {kp.n_neurons} entries (one per neuron), got {list(bias.shape)}")
-    devs = {x.device, weight.device, bias.device, kp.device}
+    if x.dim() != 2 or x.shape[1] != n_inputs:
+        raise ValueError(f"x must have shape [batch, {n_inputs}], got {list(x.shape)}")
+    if weight.dim() != 1 or weight.numel() != n_edges:
+        raise ValueError(f"weight must be 1-D with {n_edges} entries (one per edge), got {list(weight.shape)}")
+    if bias.dim() != 1 or bias.numel() != n_neurons:
+        raise ValueError(f"bias must be 1-D with {n_neurons} entries (one per neuron), got {list(bias.shape)}")
+    devs = {x.device, weight.device, bias.device, torch.device(device)}
     if len(devs) != 1:
         raise ValueError(f"x, weight, bias and the program must be on one device, got {sorted(map(str, devs))}")
     if x.device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
