@@ -55,12 +55,22 @@ def radix_like(width: int, depth: int, fan_in: int = 32, seed: int = 0) -> tis.S
     """A RadiX-Net-like layered net: layer k connects neuron j to j + d * fan_in**k (mod width),
     d = 0..fan_in-1, so every neuron has exactly ``fan_in`` in-edges and paths mix across all strides.
     Uses torch_iosparse.generate.radix_net when the planner branch provides it."""
+    rng = np.random.default_rng(seed)
     try:
         from torch_iosparse.generate import radix_net
-        return radix_net(width, depth, fan_in=fan_in, seed=seed)
     except ImportError:
-        pass
-    rng = np.random.default_rng(seed)
+        radix_net = None
+    if radix_net is not None:
+        dag = radix_net(width, depth, fan_in=fan_in, seed=seed)
+        # random weights and biases instead of the challenge's constants (1/16 and a negative bias under
+        # a ReLU cap would zero most outputs and make the correctness stage blind)
+        dag.weight = torch.from_numpy(rng.standard_normal(dag.n_edges).astype(np.float32) / math.sqrt(fan_in))
+        b = rng.standard_normal(dag.n_neurons).astype(np.float32) * 0.1
+        b[:width] = 0
+        dag.bias = torch.from_numpy(b)
+        if dag.layer_sizes is None:
+            dag.layer_sizes = [width] * (depth + 1)  # layered (targets are relabelled inside each layer)
+        return dag
     fan_in = min(fan_in, width)
     src, dst = [], []
     j = np.arange(width)
