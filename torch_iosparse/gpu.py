@@ -1,9 +1,12 @@
-"""CUDA backend of the ``iosparse`` op: registers the Triton launcher (torch_iosparse.triton_kernels)
-as the CUDA kernel of the op that torch_iosparse.ops defines, and a device-agnostic PyTorch backward.
+"""CUDA backend of the ``iosparse`` op (docs/gpu.md).
 
-Importing this module registers the kernels (idempotent). Kernels live in triton_kernels.py; this file
-only adapts the op's arguments (the program tensors of ``ops.prepare``) to the launcher, with a cache of
-the re-encoded device program per network.
+Importing this module registers (idempotently) the CUDA kernels of the ops that torch_iosparse.ops
+defines: ``iosparse::dag_forward`` runs a Triton kernel (triton_kernels.py: the plan executor, or the
+level kernel for small batches, see :func:`choose_gpu_path`) and ``iosparse::dag_backward`` runs
+:func:`reference_backward`, a device-agnostic PyTorch implementation. This file only adapts the op's
+arguments (the buffers of ``ops.prepare``) to the launchers, with caches of the re-encoded device
+programs. It also builds the optional CUDA C++ variant (kernels/cuda, slots in shared memory) on demand
+for the benchmark (:class:`CudaCxxForward`).
 """
 from __future__ import annotations
 
