@@ -169,8 +169,11 @@ def test_encode_keeps_io_and_fuses():
     fused = int((kp.ent_row.numpy() >= 0).sum())
     lone_loads = int((steps[:, 0] == tk.STEP_LOAD).sum())
     assert fused + lone_loads == plan.io.loads
-    fin = steps[:, 0] == tk.STEP_FINISH
-    assert int((steps[:, 0] == tk.STEP_STORE).sum() + (steps[fin, 2] >= 0).sum()) == plan.io.stores
+    fin = steps[:, 4] >= 0  # a FINISH (standalone or riding on a chunk)
+    assert int(fin.sum()) == dag.n_computed
+    assert int((steps[:, 0] == tk.STEP_STORE).sum() + (steps[fin, 5] >= 0).sum()) == plan.io.stores
+    assert ((steps[:, 0] == tk.STEP_CHUNK) & fin).any()  # FINISHes ride on chunks
+    assert (steps[steps[:, 0] == tk.STEP_FINISH, 1:4] == -1).all()
     assert kp.ent_slot.numel() == dag.n_edges
     chunks = steps[steps[:, 0] == tk.STEP_CHUNK]
     assert chunks[:, 2].sum() == dag.n_edges and (chunks[:, 2] <= 4).all() and (chunks[:, 2] >= 1).all()
@@ -318,3 +321,20 @@ def test_level_kernel_rejects_bad_inputs():
         tk.encode_levels(ptr, src, [0, 3], np.arange(4, 12), [0] * 12, [0.0] * 12, [0.0] * 12, dag.outputs, 4)
     with pytest.raises(tk.ProgramError, match="every computed neuron"):
         tk.encode_levels(ptr, src, [0, 7], np.arange(4, 11), [0] * 12, [0.0] * 12, [0.0] * 12, dag.outputs, 4)
+
+
+def test_finish_does_not_ride_on_a_chunk_that_uses_its_slot():
+    """A valid (hand-made) program whose FINISH reuses an operand slot of the preceding chunk: the
+    FINISH must stay a step of its own (on a GPU the chunk's threads may still read that slot)."""
+    dag = tis.SparseDAG.from_edges(2, [0, 1], [2, 2], torch.tensor([2.0, -1.0]), torch.tensor([0, 0, 0.5]),
+                                   activation="relu")
+    prog = dict(n_inputs=2, n_outputs=1, n_computed=1, memory=2, n_slow=3, neuron=np.array([2]),
+                act_code=np.array([1]), act_lo=np.array([0.0]), act_hi=np.array([0.0]), op_ptr=np.array([0, 6]),
+                ops=np.array([[LOAD, 0, 1], [FMA, 1, 0], [LOAD, 1, 0], [FMA, 0, 1], [FINISH, 1, -1], [STORE, 1, 2]]),
+                output_rows=np.array([2]))
+    kp = tk.encode(prog, n_edges=2, n_neurons=3)
+    steps = kp.steps.numpy()
+    assert steps[:, 0].tolist() == [tk.STEP_CHUNK, tk.STEP_FINISH]
+    assert steps[0, 4] == -1 and steps[1, 4:7].tolist() == [1, 2, 0]
+    x = torch.randn(5, 2)
+    torch.testing.assert_close(tk.forward(x, dag.weight, dag.bias, kp), dag.forward_reference(x))

@@ -19,8 +19,9 @@ one fused entry (the value is used from the register it was loaded into and writ
 runs of FMA entries are cut into chunks of up to ``K`` entries that are gathered as one ``[K, BT]``
 tile. A chunk never touches one slot twice, so gathering all its operands before writing its loads
 is exactly the sequential semantics. A ``FINISH`` followed by the ``STORE`` of the same slot is fused
-too (the stored value comes from the register). Every step that writes memory ends with a barrier,
-because another thread of the program may read that address in the next step.
+too (the stored value comes from the register), and a FINISH right after the last chunk of its
+position rides on that chunk's step. Every step ends with a barrier, because another thread of the
+program may read (or overwrite) in the next step what this one wrote (or read).
 """
 from __future__ import annotations
 
@@ -57,11 +58,13 @@ class ProgramError(ValueError):
 class KernelProgram:
     """A program re-encoded for the Triton kernel (see the module docstring). Tensors live on ``device``.
 
-    steps  int32 [S, 4]  rows (kind, a, b, c):
+    steps  int32 [S, 8]  rows (kind, a, b, c, fin_slot, fin_row, fin_col, 0):
         CHUNK  (entry_start, count, -)         entries ent_slot/ent_edge/ent_row[entry_start:+count]
         LOAD   (slow_row, slot, -)             a LOAD whose slot is not read right away
         STORE  (slot, slow_row, out_col)       out_col >= 0 also writes y[:, out_col]
-        FINISH (slot, store_row, out_col)      store_row >= 0 fuses the following STORE of the slot
+        FINISH (-, -, -)                       a FINISH that could not ride on a chunk
+      fin_slot >= 0 (any kind, in practice CHUNK or FINISH): after the step's own work, FINISH into
+      fin_slot; fin_row >= 0 fuses the following STORE of that slot (and fin_col >= 0 writes y).
     step_ptr int32 [n_computed + 1]; neuron int32; act_code int32; act_lo/act_hi float32 [n_computed]
     ent_slot, ent_row int32 [E], ent_edge int64 [E]   ent_row >= 0: fused LOAD of that row into ent_slot
     edges_in_order: ent_edge == arange(E) (e.g. layer order): the weights are already in entry order.
@@ -247,8 +250,29 @@ def encode(program, *, n_edges: int, n_neurons: int, chunk: int = DEFAULT_CHUNK,
     sb = np.concatenate([st_b, e_chunk_count])
     sc = np.concatenate([st_c, np.full(ch_op.size, -1)])
     srt = np.argsort(order_key, kind="stable")
-    steps = np.stack([kinds[srt], sa[srt], sb[srt], sc[srt]], axis=1).astype(np.int32)
+    kinds, sa, sb, sc = kinds[srt], sa[srt], sb[srt], sc[srt]
     step_pos = pos[order_key[srt]]
+    # FINISH fields live in columns 4..6 (slot, store row, output column), so that a FINISH right after
+    # the last chunk of its position rides on that chunk's step (one step, one barrier less).
+    is_fin = kinds == STEP_FINISH
+    fs, fr, fc = np.where(is_fin, sa, -1), np.where(is_fin, sb, -1), np.where(is_fin, sc, -1)
+    sa, sb, sc = np.where(is_fin, -1, sa), np.where(is_fin, -1, sb), np.where(is_fin, -1, sc)
+    merge = np.zeros(kinds.size, dtype=bool)  # marks the chunk step that absorbs the next FINISH
+    if kinds.size > 1:
+        merge[:-1] = (kinds[:-1] == STEP_CHUNK) & is_fin[1:] & (step_pos[:-1] == step_pos[1:])
+    cand = np.flatnonzero(merge)
+    if cand.size:  # never merge when the FINISH slot is one of the chunk's slots (not from the simulator)
+        counts = sb[cand]
+        chunk_of = np.repeat(np.arange(cand.size), counts)
+        ent = np.repeat(sa[cand] - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+        clash = np.unique(chunk_of[ent_slot[ent] == fs[cand + 1][chunk_of]])
+        merge[cand[clash]] = False
+        cand = np.flatnonzero(merge)
+        fs[cand], fr[cand], fc[cand] = fs[cand + 1], fr[cand + 1], fc[cand + 1]
+    keep_step = np.ones(kinds.size, dtype=bool)
+    keep_step[cand + 1] = False
+    steps = np.stack([kinds, sa, sb, sc, fs, fr, fc, np.zeros_like(kinds)], axis=1)[keep_step].astype(np.int32)
+    step_pos = step_pos[keep_step]
     step_ptr = np.zeros(n_computed + 1, dtype=np.int64)
     step_ptr[1:] = np.cumsum(np.bincount(step_pos, minlength=n_computed))
 
@@ -256,7 +280,7 @@ def encode(program, *, n_edges: int, n_neurons: int, chunk: int = DEFAULT_CHUNK,
     i64 = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)).to(device)  # noqa: E731
     f32 = lambda v: torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(device)  # noqa: E731
     return KernelProgram(
-        steps=i32(steps.reshape(-1, 4)), step_ptr=i32(step_ptr), neuron=i32(neuron), act_code=i32(act_code),
+        steps=i32(steps.reshape(-1, 8)), step_ptr=i32(step_ptr), neuron=i32(neuron), act_code=i32(act_code),
         act_lo=f32(act_lo), act_hi=f32(act_hi), ent_slot=i32(ent_slot), ent_edge=i64(ent_edge),
         ent_row=i32(ent_row), n_inputs=n_inputs, n_outputs=n_outputs, n_computed=n_computed, n_slow=n_slow,
         memory=M, n_edges=int(n_edges), n_neurons=int(n_neurons), chunk=int(chunk),
@@ -385,10 +409,13 @@ if triton is not None:
             s0 = tl.load(step_ptr_ptr + i)
             s1 = tl.load(step_ptr_ptr + i + 1)
             for s in range(s0, s1):
-                kind = tl.load(steps_ptr + 4 * s)
-                sa = tl.load(steps_ptr + 4 * s + 1)
-                sb = tl.load(steps_ptr + 4 * s + 2)
-                sc = tl.load(steps_ptr + 4 * s + 3)
+                kind = tl.load(steps_ptr + 8 * s)
+                sa = tl.load(steps_ptr + 8 * s + 1)
+                sb = tl.load(steps_ptr + 8 * s + 2)
+                sc = tl.load(steps_ptr + 8 * s + 3)
+                fs = tl.load(steps_ptr + 8 * s + 4)
+                fr = tl.load(steps_ptr + 8 * s + 5)
+                fc = tl.load(steps_ptr + 8 * s + 6)
                 if kind == 0:
                     # CHUNK of sb FMA entries starting at sa: gather [KC, BT], one weighted sum.
                     kmask = kk < sb
@@ -410,7 +437,6 @@ if triton is not None:
                     acc += tl.sum(v * wgt[:, None], axis=0)
                     # fused loads also fill their slot (slots within a chunk are distinct)
                     tl.store(sptr, v, mask=m2 & (row >= 0)[:, None])
-                    tl.debug_barrier()
                 elif kind == 1:
                     # LOAD slow row sa into slot sb
                     if sa < n_inputs:
@@ -419,7 +445,6 @@ if triton is not None:
                     else:
                         v1 = tl.load(slow_ptr + sa.to(tl.int64) * stride_slow + cols64, mask=cmask, other=0.0)
                     tl.store(scratch + sb * BT + lanes, v1, mask=cmask)
-                    tl.debug_barrier()
                 elif kind == 2:
                     # STORE slot sa into slow row sb (and output column sc)
                     v2 = tl.load(scratch + sa * BT + lanes, mask=cmask, other=0.0)
@@ -427,20 +452,21 @@ if triton is not None:
                     if sc >= 0:
                         tl.store(y_ptr + cols64 * stride_yb + sc.to(tl.int64) * stride_yf,
                                  v2.to(y_ptr.dtype.element_ty), mask=cmask)
-                    tl.debug_barrier()
-                else:
-                    # FINISH into slot sa; fused STORE to slow row sb (and output column sc)
+                if fs >= 0:
+                    # FINISH into slot fs; fused STORE to slow row fr (and output column fc). Its slot is
+                    # not one of the chunk's, so no barrier is needed between the two.
                     code = tl.load(act_code_ptr + i)
                     lo = tl.load(act_lo_ptr + i)
                     hi = tl.load(act_hi_ptr + i)
                     acc = _activate(acc, code, lo, hi)
-                    tl.store(scratch + sa * BT + lanes, acc, mask=cmask)
-                    if sb >= 0:
-                        tl.store(slow_ptr + sb.to(tl.int64) * stride_slow + cols64, acc, mask=cmask)
-                        if sc >= 0:
-                            tl.store(y_ptr + cols64 * stride_yb + sc.to(tl.int64) * stride_yf,
+                    tl.store(scratch + fs * BT + lanes, acc, mask=cmask)
+                    if fr >= 0:
+                        tl.store(slow_ptr + fr.to(tl.int64) * stride_slow + cols64, acc, mask=cmask)
+                        if fc >= 0:
+                            tl.store(y_ptr + cols64 * stride_yb + fc.to(tl.int64) * stride_yf,
                                      acc.to(y_ptr.dtype.element_ty), mask=cmask)
-                    tl.debug_barrier()
+                # another thread may read (or overwrite) in the next step what this one wrote (or read)
+                tl.debug_barrier()
 
 
 # ---------------------------------------------------------------------------------------------- level kernel
