@@ -106,14 +106,7 @@ def pruned_mlp(sizes, density: float, seed: int = 0) -> tis.SparseDAG:
 
 # ---------------------------------------------------------------------------------------------- runners
 def compile_program(dag, plan):
-    try:
-        from torch_iosparse.program import compile_plan
-    except ImportError:
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-        from test_gpu_program_ref import trace_program  # slow pure-Python fallback (small nets only)
-        if dag.n_edges > 200_000:
-            raise RuntimeError("torch_iosparse.program is missing and the fallback is too slow for this net")
-        return trace_program(dag, plan)
+    from torch_iosparse.program import compile_plan
     return compile_plan(dag, plan)
 
 

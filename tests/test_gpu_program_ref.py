@@ -1,8 +1,8 @@
 """Test helpers (no tests here) for the GPU tests: compiled programs and an independent executor of the format.
 
-``compile_program`` uses ``torch_iosparse.program.compile_plan`` when it exists (the one program format
-of both backends); ``trace_program`` builds the same format straight from the event trace in plain
-Python (PROGRAM.md §1), as an independent cross-check and a fallback. ``run_program`` executes a program
+``compile_program`` is ``torch_iosparse.program.compile_plan`` (the one program format of both
+backends); ``trace_program`` builds the same format straight from the event trace in plain Python
+(PROGRAM.md §1), written independently, as a cross-check of it. ``run_program`` executes a program
 op by op in PyTorch, the literal meaning of the format.
 """
 from __future__ import annotations
@@ -15,10 +15,7 @@ from torch_iosparse.iomodel import normalize_memory
 
 LOAD, FMA, FINISH, STORE = 1, 2, 3, 4
 
-try:
-    from torch_iosparse.program import compile_plan as _compile_plan
-except ImportError:  # branch `cpu` not merged yet
-    _compile_plan = None
+from torch_iosparse.program import compile_plan
 
 
 def trace_program(dag, plan) -> dict:
@@ -70,10 +67,8 @@ def trace_program(dag, plan) -> dict:
 
 
 def compile_program(dag, plan):
-    """program.compile_plan when available, else the trace-built dict."""
-    if _compile_plan is not None:
-        return _compile_plan(dag, plan)
-    return trace_program(dag, plan)
+    """The program both backends execute: program.compile_plan."""
+    return compile_plan(dag, plan)
 
 
 def field(program, name):
