@@ -1,0 +1,426 @@
+"""IOSparseNetwork: a pruned network as a drop-in ``nn.Module`` that runs an I/O-planned schedule.
+
+Parameters are only the nonzero weights (one 1-D ``weight`` of length nnz, in the DAG's in-edge order)
+and the biases of the computed neurons (``bias``); the structure and the plan live in buffers. Zeros
+therefore stay zero under any optimizer: they are not parameters.
+
+``forward`` dispatches to the native custom op ``torch.ops.iosparse`` (``ops.dag_forward``) on CPU, and
+on any other device whose kernel is registered for it (the Triton/CUDA kernel); otherwise to
+:func:`reference_forward`, a pure-PyTorch, differentiable, level-by-level evaluation.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import activations as acts
+from .activations import Activation
+from .dag import GraphError, SparseDAG
+from .iomodel import IOCount, lower_bound, normalize_memory, upper_bound
+from .planning import Plan
+
+# Structure + plan: persistent buffers (what a state_dict must carry to rebuild the network).
+_STRUCTURE = ("in_ptr", "in_src", "outputs", "act_index", "act_code", "act_lo", "act_hi", "layer_sizes",
+              "plan_order", "plan_memory")
+
+DEFAULT_BATCH_TILE = 64
+
+
+# ---------------------------------------------------------------------- native op discovery
+def _ops_module():
+    """``torch_iosparse.ops`` when it exists and the native library loads, else None."""
+    try:
+        from . import ops  # noqa: F401
+        return ops
+    except ImportError:
+        return None
+
+
+_KERNEL_CACHE: Dict[str, bool] = {}
+
+
+def _has_kernel(device_type: str) -> bool:
+    """Whether the custom op has a kernel for ``device_type`` (checked once per device type)."""
+    if device_type not in _KERNEL_CACHE:
+        ops = _ops_module()
+        ok = False
+        if ops is not None:
+            if device_type == "cpu":
+                ok = True
+            else:
+                name = getattr(ops, "OP_NAME", "iosparse::dag_forward")
+                key = {"cuda": "CUDA", "xpu": "XPU", "mps": "MPS"}.get(device_type, device_type.upper())
+                try:
+                    ok = torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
+                except Exception:
+                    ok = False
+        _KERNEL_CACHE[device_type] = ok
+    return _KERNEL_CACHE[device_type]
+
+
+# ---------------------------------------------------------------------- memory
+def _l2_bytes() -> int:
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cache/index2/size") as f:
+            s = f.read().strip().upper()
+        mult = {"K": 1024, "M": 1024 ** 2}.get(s[-1], 1)
+        return int(s.rstrip("KM")) * mult
+    except (OSError, ValueError):
+        return 1024 ** 2
+
+
+def resolve_memory(memory, dtype: torch.dtype = torch.float32, batch_tile: Optional[int] = None) -> Optional[int]:
+    """Turn ``memory`` into slots. ``"auto"``: the per-core L2 share divided by one slot's bytes
+    (``batch_tile`` columns of ``dtype``), as in the cost model's hardware mapping."""
+    if isinstance(memory, str) and memory.lower() == "auto":
+        try:
+            from . import hardware  # the CPU backend's model of this machine, when present
+            fn = getattr(hardware, "auto_memory", None)
+            if fn is not None:
+                return int(fn(dtype=dtype, batch_tile=batch_tile))
+        except ImportError:
+            pass
+        bt = batch_tile or DEFAULT_BATCH_TILE
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        return max(2, _l2_bytes() // (bt * itemsize))
+    return normalize_memory(memory)
+
+
+# ---------------------------------------------------------------------- pure-PyTorch reference
+def reference_prepare(dag: SparseDAG) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    """Index tensors for :func:`reference_forward`: neurons relabelled level by level (and by activation
+    inside a level) so that each level is a contiguous block and each activation a contiguous run."""
+    n, n_in = dag.n_neurons, dag.n_inputs
+    lv = dag.levels().astype(np.int64)
+    ai = dag.act_index.astype(np.int64)
+    comp = np.arange(n_in, n, dtype=np.int64)
+    neurons = comp[np.lexsort((comp, ai[comp], lv[comp]))]
+    pos = np.empty(n, dtype=np.int64)
+    pos[:n_in] = np.arange(n_in)
+    pos[neurons] = n_in + np.arange(neurons.size)
+    src, dst = dag.edges()
+    eperm = np.lexsort((src, pos[dst]))
+    dst_pos, src_pos = pos[dst[eperm]], pos[src[eperm]]
+    lvs = lv[neurons]
+    levels = []
+    for L in range(1, int(lvs.max()) + 1 if lvs.size else 1):
+        v0 = n_in + int(np.searchsorted(lvs, L, "left"))
+        v1 = n_in + int(np.searchsorted(lvs, L, "right"))
+        if v1 == v0:
+            continue
+        e0 = int(np.searchsorted(dst_pos, v0, "left"))
+        e1 = int(np.searchsorted(dst_pos, v1, "left"))
+        seg_act = ai[neurons[v0 - n_in:v1 - n_in]]
+        cuts = np.flatnonzero(np.diff(seg_act)) + 1
+        bounds = [0, *cuts.tolist(), v1 - v0]
+        segs = tuple((v0 + bounds[i], v0 + bounds[i + 1], int(seg_act[bounds[i]])) for i in range(len(bounds) - 1))
+        levels.append((v0, v1, e0, e1, segs))
+    dst_local = dst_pos.copy()
+    for v0, v1, e0, e1, _ in levels:
+        dst_local[e0:e1] -= v0
+    buffers = {
+        "ref_bias_index": torch.from_numpy(neurons - n_in),
+        "ref_edge_perm": torch.from_numpy(eperm.astype(np.int64)),
+        "ref_src_pos": torch.from_numpy(src_pos),
+        "ref_dst_local": torch.from_numpy(dst_local),
+        "ref_out_pos": torch.from_numpy(pos[dag.outputs.astype(np.int64)]),
+    }
+    meta = {"n_inputs": n_in, "n_neurons": n, "levels": tuple(levels), "activations": tuple(dag.activations)}
+    return buffers, meta
+
+
+def reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffers: Dict[str, torch.Tensor],
+                      meta: Dict) -> torch.Tensor:
+    """Differentiable pure-PyTorch evaluation: ``x [B, n_inputs] -> [B, n_outputs]``.
+
+    ``weight``: the edge weights in in-edge order; ``bias``: one per *computed* neuron. Gathers and
+    out-of-place ``index_add`` only, so autograd gives gradients for x, weight and bias.
+    """
+    n_in, n = meta["n_inputs"], meta["n_neurons"]
+    B = x.shape[0]
+    w = weight.to(x.dtype)[buffers["ref_edge_perm"]].unsqueeze(1)
+    b = bias.to(x.dtype)[buffers["ref_bias_index"]]
+    src_pos, dst_local = buffers["ref_src_pos"], buffers["ref_dst_local"]
+    vals = x.new_zeros(n, B)  # feature-major, neurons in level order
+    vals[:n_in] = x.t()
+    table: Tuple[Activation, ...] = meta["activations"]
+    for v0, v1, e0, e1, segs in meta["levels"]:
+        acc = b[v0 - n_in:v1 - n_in].unsqueeze(1).expand(v1 - v0, B)
+        if e1 > e0:
+            contrib = vals[src_pos[e0:e1]] * w[e0:e1]
+            acc = acc.index_add(0, dst_local[e0:e1], contrib)
+        for s0, s1, k in segs:
+            vals[s0:s1] = table[k].apply(acc[s0 - v0:s1 - v0])
+    return vals[buffers["ref_out_pos"]].t()
+
+
+# ---------------------------------------------------------------------- the module
+def _structure_tensors(dag: SparseDAG, plan: Plan) -> Dict[str, torch.Tensor]:
+    i64 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    return {
+        "in_ptr": i64(dag.in_ptr), "in_src": i64(dag.in_src), "outputs": i64(dag.outputs),
+        "act_index": i64(dag.act_index),
+        "act_code": torch.tensor([a.code for a in dag.activations], dtype=torch.int64),
+        "act_lo": torch.tensor([a.lo for a in dag.activations], dtype=torch.float64),
+        "act_hi": torch.tensor([a.hi for a in dag.activations], dtype=torch.float64),
+        "layer_sizes": i64(dag.layer_sizes if dag.layer_sizes is not None else []),
+        "plan_order": i64(plan.order),
+        "plan_memory": torch.tensor(-1 if plan.memory is None else plan.memory, dtype=torch.int64),
+    }
+
+
+def _dag_from_tensors(t: Dict[str, torch.Tensor], weight: torch.Tensor, bias_computed: torch.Tensor) -> SparseDAG:
+    """Rebuild a SparseDAG from structure tensors (a state_dict or the module's buffers), validating it."""
+    try:
+        in_ptr = t["in_ptr"].cpu().numpy().astype(np.int64)
+        in_src = t["in_src"].cpu().numpy().astype(np.int64)
+        outputs = t["outputs"].cpu().numpy().astype(np.int64)
+        act_index = t["act_index"].cpu().numpy().astype(np.int16)
+        codes = t["act_code"].cpu().tolist()
+        lo, hi = t["act_lo"].cpu().double().tolist(), t["act_hi"].cpu().double().tolist()
+        sizes = t["layer_sizes"].cpu().tolist()
+    except KeyError as e:
+        raise KeyError(f"state_dict lacks the IOSparseNetwork structure entry {e}") from None
+    table = [Activation(acts.KINDS[c], lo[i], hi[i]) for i, c in enumerate(codes)]
+    n = in_ptr.size - 1
+    n_in = n - bias_computed.numel()
+    src = in_src
+    dst = np.repeat(np.arange(n, dtype=np.int64), np.diff(in_ptr))
+    w = weight.detach().cpu()
+    b = torch.cat([torch.zeros(n_in, dtype=bias_computed.dtype), bias_computed.detach().cpu()])
+    per_neuron = table[0] if len(table) == 1 else [table[int(k)] for k in act_index]
+    dag = SparseDAG.from_edges(n_in, src, dst, w, b, n_neurons=n, outputs=outputs, activation=per_neuron)
+    if sizes:
+        if sum(sizes) != n or sizes[0] != n_in:
+            raise GraphError(f"layer_sizes {sizes} do not match {n} neurons with {n_in} inputs")
+        dag.layer_sizes = [int(s) for s in sizes]
+        dag._levels = None
+    return dag
+
+
+class IOSparseNetwork(nn.Module):
+    """A sparse feed-forward network (pruned ``nn.Linear`` stack or any :class:`SparseDAG`) evaluated
+    by an I/O-planned schedule.
+
+    Args:
+        dag_or_module: a :class:`SparseDAG`, or an ``nn.Sequential`` of ``nn.Linear`` + supported
+            activations (zeros or ``torch.nn.utils.prune`` masks define the sparsity), or one ``nn.Linear``.
+        memory: fast-memory slots M (int >= 2), ``None``/``"unbounded"``, or ``"auto"`` (fit the
+            per-core cache for ``batch_tile`` columns).
+        method: planning method (``"two_optimal"``, or ``"greedy"``/``"anneal"`` from the planner).
+        plan: a ready :class:`Plan` for this network (skips planning and the cache).
+        seed, time_budget, **plan_kwargs: passed to the planner.
+        batch_tile: batch columns per tile (BT) for the kernel; default chosen by the backend.
+        cache: look up / store the plan in the on-disk plan cache (:mod:`torch_iosparse.cache`).
+        cache_dir: cache directory (default ``$TORCH_IOSPARSE_CACHE`` or ``~/.cache/torch_iosparse``).
+
+    Input: ``[..., n_inputs]`` (any leading dims); output ``[..., n_outputs]``.
+    """
+
+    def __init__(self, dag_or_module: Union[SparseDAG, nn.Module], memory="auto", method: str = "two_optimal", *,
+                 plan: Optional[Plan] = None, seed: int = 0, time_budget: Optional[float] = None,
+                 batch_tile: Optional[int] = None, cache: bool = True, cache_dir: Optional[str] = None,
+                 dtype: Optional[torch.dtype] = None, **plan_kwargs):
+        super().__init__()
+        if isinstance(dag_or_module, SparseDAG):
+            dag = dag_or_module
+        elif isinstance(dag_or_module, nn.Module):
+            dag = SparseDAG.from_module(dag_or_module, dtype=dtype)
+        else:
+            raise TypeError(f"IOSparseNetwork takes a SparseDAG or an nn.Module, got {type(dag_or_module).__name__}")
+        self.batch_tile = batch_tile
+        self.cache_hit = False
+        if plan is None:
+            if method not in _planning_methods():
+                raise ValueError(f"unknown planning method {method!r}; available: {', '.join(_planning_methods())}")
+            M = resolve_memory(memory, dtype or dag.weight.dtype, batch_tile)
+            from .cache import cached_plan
+            plan, self.cache_hit = cached_plan(dag, M, method, seed, time_budget, directory=cache_dir,
+                                               use_cache=cache, **plan_kwargs)
+        else:
+            plan.check_dag(dag)
+        self.method = plan.method
+        wdt = dtype or dag.weight.dtype
+        self.weight = nn.Parameter(dag.weight.detach().to(wdt).clone())
+        self.bias = nn.Parameter(dag.bias[dag.n_inputs:].detach().to(wdt).clone())
+        for k, v in _structure_tensors(dag, plan).items():
+            self.register_buffer(k, v)
+        self._build_derived(dag, plan)
+
+    # -------------------------------------------------------------- construction helpers
+    @classmethod
+    def from_state_dict(cls, state_dict: Dict[str, torch.Tensor], prefix: str = "", **kwargs) -> "IOSparseNetwork":
+        """Build a module from a state_dict alone (structure, plan, weights): the inverse of
+        ``state_dict()``, e.g. after ``torch.load(path, weights_only=True)``."""
+        t = {k: state_dict[prefix + k] for k in _STRUCTURE if prefix + k in state_dict}
+        for k in ("weight", "bias"):
+            if prefix + k not in state_dict:
+                raise KeyError(f"state_dict lacks {prefix + k!r}: not an IOSparseNetwork state")
+        dag = _dag_from_tensors(t, state_dict[prefix + "weight"], state_dict[prefix + "bias"])
+        mem = int(t["plan_memory"])
+        from .iomodel import count_io
+        order = t["plan_order"].cpu().numpy()
+        M = None if mem < 0 else mem
+        p = Plan(order, M, count_io(dag, order, M), kwargs.pop("method", "loaded"), dag.structure_hash())
+        return cls(dag, plan=p, **kwargs)
+
+    def _build_derived(self, dag: SparseDAG, plan: Plan) -> None:
+        """(Re)compute everything that follows from structure + plan: reference indices, the native
+        program, the summary numbers. Non-persistent buffers, so state_dicts carry only the structure."""
+        for k in [k for k in self._buffers if k.startswith(("ref_", "op_"))]:
+            del self._buffers[k]
+            self._non_persistent_buffers_set.discard(k)
+        dev = self.weight.device
+        rb, self._ref_meta = reference_prepare(dag)
+        for k, v in rb.items():
+            self.register_buffer(k, v.to(dev), persistent=False)
+        self._op_keys: Tuple[str, ...] = ()
+        self._op_meta: Optional[Dict] = None
+        ops = _ops_module()
+        if ops is not None:
+            net = ops.prepare(dag, plan, memory=plan.memory, batch_tile=self.batch_tile)
+            self._op_keys = tuple(net.buffers)
+            for k, v in net.buffers.items():
+                self.register_buffer("op_" + k, v.to(dev), persistent=False)
+            self._op_meta = dict(net.meta)
+        M = plan.memory
+        io = plan.io
+        sizes = dag.layer_sizes
+        dense = sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) if sizes else None
+        self._summary = {
+            "n_inputs": dag.n_inputs, "n_outputs": dag.n_outputs, "n_neurons": dag.n_neurons,
+            "n_edges": dag.n_edges, "layer_sizes": list(sizes) if sizes else None, "dense_weights": dense,
+            "memory": M, "method": plan.method, "io": io, "lb": lower_bound(dag, M), "ub": upper_bound(dag, M),
+            "batch_tile": (self._op_meta or {}).get("batch_tile", self.batch_tile or DEFAULT_BATCH_TILE),
+            "strategy": (self._op_meta or {}).get("strategy", "native" if self._op_meta else "reference"),
+        }
+        self._fingerprint = self._structure_fingerprint()
+
+    def _structure_fingerprint(self) -> str:
+        h = hashlib.sha256()
+        for k in _STRUCTURE:
+            t = getattr(self, k).detach().cpu().contiguous()
+            h.update(k.encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
+        return h.hexdigest()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # A state of the same shapes may carry another structure or plan: rebuild what derives from it.
+        if not any(k.startswith(prefix) for k in missing_keys) and self._structure_fingerprint() != self._fingerprint:
+            try:
+                dag = self.to_dag()
+                from .iomodel import count_io
+                order = self.plan_order.cpu().numpy()
+                mem = int(self.plan_memory)
+                M = None if mem < 0 else mem
+                p = Plan(order, M, count_io(dag, order, M), "loaded", dag.structure_hash())
+                self._build_derived(dag, p)
+            except Exception as e:
+                error_msgs.append(f"loaded IOSparseNetwork structure is invalid: {e}")
+
+    # -------------------------------------------------------------- views
+    @property
+    def n_inputs(self) -> int:
+        return self._summary["n_inputs"]
+
+    @property
+    def n_outputs(self) -> int:
+        return self._summary["n_outputs"]
+
+    @property
+    def nnz(self) -> int:
+        return self._summary["n_edges"]
+
+    @property
+    def memory(self) -> Optional[int]:
+        return self._summary["memory"]
+
+    @property
+    def io(self) -> IOCount:
+        return self._summary["io"]
+
+    def summary(self) -> Dict:
+        """Sizes, plan and bounds as a dict (what :func:`torch_iosparse.explain` prints)."""
+        return dict(self._summary)
+
+    def to_dag(self) -> SparseDAG:
+        """The network (with the current, possibly trained, weights) as a :class:`SparseDAG`."""
+        t = {k: getattr(self, k) for k in _STRUCTURE}
+        return _dag_from_tensors(t, self.weight, self.bias)
+
+    def plan(self) -> Plan:
+        """The plan this module runs."""
+        from .iomodel import count_io
+        dag = self.to_dag()
+        order = self.plan_order.cpu().numpy()
+        return Plan(order, self.memory, self.io, self.method, dag.structure_hash())
+
+    def to_dense(self) -> nn.Sequential:
+        """An equivalent ``nn.Sequential`` of dense ``nn.Linear`` (+ activation) layers (layered nets)."""
+        if not self._summary["layer_sizes"]:
+            raise ValueError("to_dense() needs a layered network (built from nn.Linear layers); this one is a "
+                             "general DAG — use to_dag().forward_reference instead")
+        layers: List[nn.Module] = []
+        dev, dt = self.weight.device, self.weight.dtype
+        for W, b, a in self.to_dag().to_dense_layers():
+            lin = nn.Linear(W.shape[1], W.shape[0], device=dev, dtype=dt)
+            with torch.no_grad():
+                lin.weight.copy_(W)
+                lin.bias.copy_(b)
+            layers.append(lin)
+            if a.kind != "identity":
+                layers.append(a.to_module())
+        return nn.Sequential(*layers)
+
+    def extra_repr(self) -> str:
+        s = self._summary
+        sizes = "x".join(map(str, s["layer_sizes"])) if s["layer_sizes"] else \
+            f"{s['n_inputs']}->{s['n_neurons'] - s['n_inputs'] - s['n_outputs']} hidden->{s['n_outputs']}"
+        dens = f", density={s['n_edges'] / s['dense_weights']:.2%}" if s["dense_weights"] else ""
+        M = "unbounded" if s["memory"] is None else s["memory"]
+        return (f"sizes={sizes}, nnz={s['n_edges']}{dens}, M={M}, method={s['method']}, "
+                f"io={s['io'].total} (LB={s['lb']}, UB={s['ub']})")
+
+    # -------------------------------------------------------------- forward
+    def _use_op(self, x: torch.Tensor) -> bool:
+        if self._op_meta is None:
+            return False
+        if torch.compiler.is_compiling():
+            return True  # the custom op traces through its fake kernel on every device
+        return _has_kernel(x.device.type)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n_in = self._summary["n_inputs"]
+        if x.dim() == 0 or x.shape[-1] != n_in:
+            raise ValueError(f"IOSparseNetwork expects inputs of width {n_in} (shape [..., {n_in}]), "
+                             f"got shape {list(x.shape)}")
+        if not x.is_floating_point():
+            raise TypeError(f"IOSparseNetwork expects a floating-point input, got {x.dtype}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, n_in)
+        if self._use_op(x2):
+            bias_full = nn.functional.pad(self.bias, (n_in, 0))
+            bufs = {k: getattr(self, "op_" + k) for k in self._op_keys}
+            from . import ops
+            y = ops.dag_forward(x2.contiguous(), self.weight, bias_full, bufs, self._op_meta)
+        else:
+            bufs = {k: getattr(self, k) for k in ("ref_bias_index", "ref_edge_perm", "ref_src_pos", "ref_dst_local",
+                                                  "ref_out_pos")}
+            y = reference_forward(x2, self.weight, self.bias, bufs, self._ref_meta)
+        return y.reshape(*lead, self._summary["n_outputs"])
+
+
+def _planning_methods() -> List[str]:
+    from . import planning
+    try:  # the planner module registers "greedy" / "anneal" on import, when it exists
+        from . import planner  # noqa: F401
+    except ImportError:
+        pass
+    return planning.methods()
