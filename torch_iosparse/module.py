@@ -26,7 +26,8 @@ from .planning import Plan
 
 # Structure + plan: persistent buffers (what a state_dict must carry to rebuild the network).
 _STRUCTURE = ("in_ptr", "in_src", "outputs", "act_index", "act_code", "act_lo", "act_hi", "layer_sizes",
-              "plan_order", "plan_memory")
+              "plan_order", "plan_memory", "plan_method")
+_METHOD_BYTES = 32  # fixed width, so states planned by different methods load into each other
 
 DEFAULT_BATCH_TILE = 64
 
@@ -171,7 +172,17 @@ def _structure_tensors(dag: SparseDAG, plan: Plan) -> Dict[str, torch.Tensor]:
         "layer_sizes": i64(dag.layer_sizes if dag.layer_sizes is not None else []),
         "plan_order": i64(plan.order),
         "plan_memory": torch.tensor(-1 if plan.memory is None else plan.memory, dtype=torch.int64),
+        "plan_method": _encode_method(plan.method),
     }
+
+
+def _encode_method(name: str) -> torch.Tensor:
+    b = name.encode()[:_METHOD_BYTES]
+    return torch.tensor(list(b) + [0] * (_METHOD_BYTES - len(b)), dtype=torch.uint8)
+
+
+def _decode_method(t: torch.Tensor) -> str:
+    return bytes(int(c) for c in t.cpu().tolist() if c).decode(errors="replace") or "loaded"
 
 
 def _dag_from_tensors(t: Dict[str, torch.Tensor], weight: torch.Tensor, bias_computed: torch.Tensor) -> SparseDAG:
@@ -266,7 +277,8 @@ class IOSparseNetwork(nn.Module):
         from .iomodel import count_io
         order = t["plan_order"].cpu().numpy()
         M = None if mem < 0 else mem
-        p = Plan(order, M, count_io(dag, order, M), kwargs.pop("method", "loaded"), dag.structure_hash())
+        method = _decode_method(t["plan_method"]) if "plan_method" in t else "loaded"
+        p = Plan(order, M, count_io(dag, order, M), method, dag.structure_hash())
         return cls(dag, plan=p, **kwargs)
 
     def _build_derived(self, dag: SparseDAG, plan: Plan) -> None:
@@ -320,7 +332,8 @@ class IOSparseNetwork(nn.Module):
                 order = self.plan_order.cpu().numpy()
                 mem = int(self.plan_memory)
                 M = None if mem < 0 else mem
-                p = Plan(order, M, count_io(dag, order, M), "loaded", dag.structure_hash())
+                p = Plan(order, M, count_io(dag, order, M), _decode_method(self.plan_method), dag.structure_hash())
+                self.method = p.method
                 self._build_derived(dag, p)
             except Exception as e:
                 error_msgs.append(f"loaded IOSparseNetwork structure is invalid: {e}")
