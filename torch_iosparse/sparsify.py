@@ -156,7 +156,7 @@ def sparsify_(model: nn.Module, *, min_sparsity: float = 0.5, filter_fn: Optiona
                         "IOSparseNetwork(linear)")
     for parent, prefix, names in chains:
         mods = [getattr(parent, n) for n in names]
-        ref = mods[0].weight
+        ref = getattr(mods[0], "weight_orig", mods[0].weight)  # a pruned layer's weight is derived
         net = IOSparseNetwork(nn.Sequential(*mods), memory=memory, method=method, **network_kwargs)
         net = net.to(device=ref.device)
         net.requires_grad_(ref.requires_grad)
