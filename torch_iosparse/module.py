@@ -93,9 +93,17 @@ def resolve_memory(memory, dtype: torch.dtype = torch.float32, batch_tile: Optio
 
 
 # ---------------------------------------------------------------------- pure-PyTorch reference
+_REF_KEYS = ("ref_edge_perm", "ref_src_pos", "ref_dst_local", "ref_bias_index", "ref_out_pos", "ref_levels",
+             "ref_segments", "ref_act")
+
+
 def reference_prepare(dag: SparseDAG) -> Tuple[Dict[str, torch.Tensor], Dict]:
     """Index tensors for :func:`reference_forward`: neurons relabelled level by level (and by activation
-    inside a level) so that each level is a contiguous block and each activation a contiguous run."""
+    inside a level) so that each level is a contiguous block and each activation a contiguous run.
+
+    Everything, the level table included, is an int64 tensor (``ref_act`` holds the activation
+    ``(code, lo, hi)`` rows with lo/hi bit-cast from float64), so ``module.to(dtype)`` leaves it intact and
+    the custom op below can take it as arguments."""
     n, n_in = dag.n_neurons, dag.n_inputs
     lv = dag.levels().astype(np.int64)
     ai = dag.act_index.astype(np.int64)
@@ -108,7 +116,7 @@ def reference_prepare(dag: SparseDAG) -> Tuple[Dict[str, torch.Tensor], Dict]:
     eperm = np.lexsort((src, pos[dst]))
     dst_pos, src_pos = pos[dst[eperm]], pos[src[eperm]]
     lvs = lv[neurons]
-    levels = []
+    levels, segments = [], []
     for L in range(1, int(lvs.max()) + 1 if lvs.size else 1):
         v0 = n_in + int(np.searchsorted(lvs, L, "left"))
         v1 = n_in + int(np.searchsorted(lvs, L, "right"))
@@ -119,20 +127,34 @@ def reference_prepare(dag: SparseDAG) -> Tuple[Dict[str, torch.Tensor], Dict]:
         seg_act = ai[neurons[v0 - n_in:v1 - n_in]]
         cuts = np.flatnonzero(np.diff(seg_act)) + 1
         bounds = [0, *cuts.tolist(), v1 - v0]
-        segs = tuple((v0 + bounds[i], v0 + bounds[i + 1], int(seg_act[bounds[i]])) for i in range(len(bounds) - 1))
-        levels.append((v0, v1, e0, e1, segs))
+        g0 = len(segments)
+        segments += [(v0 + bounds[i], v0 + bounds[i + 1], int(seg_act[bounds[i]])) for i in range(len(bounds) - 1)]
+        levels.append((v0, v1, e0, e1, g0, len(segments)))
     dst_local = dst_pos.copy()
-    for v0, v1, e0, e1, _ in levels:
+    for v0, v1, e0, e1, _, _ in levels:
         dst_local[e0:e1] -= v0
+    lohi = np.array([[a.lo, a.hi] for a in dag.activations], dtype=np.float64).view(np.int64)
+    act = np.concatenate([np.array([[a.code] for a in dag.activations], dtype=np.int64), lohi], axis=1)
     buffers = {
-        "ref_bias_index": torch.from_numpy(neurons - n_in),
         "ref_edge_perm": torch.from_numpy(eperm.astype(np.int64)),
         "ref_src_pos": torch.from_numpy(src_pos),
         "ref_dst_local": torch.from_numpy(dst_local),
+        "ref_bias_index": torch.from_numpy(neurons - n_in),
         "ref_out_pos": torch.from_numpy(pos[dag.outputs.astype(np.int64)]),
+        "ref_levels": torch.tensor(levels, dtype=torch.int64).reshape(-1, 6),
+        "ref_segments": torch.tensor(segments, dtype=torch.int64).reshape(-1, 3),
+        "ref_act": torch.from_numpy(np.ascontiguousarray(act)),
     }
-    meta = {"n_inputs": n_in, "n_neurons": n, "levels": tuple(levels), "activations": tuple(dag.activations)}
-    return buffers, meta
+    return buffers, _ref_meta(buffers, n_in, n)
+
+
+def _ref_meta(buffers: Dict[str, torch.Tensor], n_in: int, n: int) -> Dict:
+    segs = [tuple(r) for r in buffers["ref_segments"].tolist()]
+    levels = tuple((v0, v1, e0, e1, tuple(segs[g0:g1])) for v0, v1, e0, e1, g0, g1 in buffers["ref_levels"].tolist())
+    act = buffers["ref_act"].cpu()
+    lohi = act[:, 1:].contiguous().view(torch.float64).tolist()
+    table = tuple(Activation(acts.KINDS[int(c)], lo, hi) for c, (lo, hi) in zip(act[:, 0].tolist(), lohi))
+    return {"n_inputs": n_in, "n_neurons": n, "levels": levels, "activations": table}
 
 
 def reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffers: Dict[str, torch.Tensor],
@@ -158,6 +180,105 @@ def reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         for s0, s1, k in segs:
             vals[s0:s1] = table[k].apply(acc[s0 - v0:s1 - v0])
     return vals[buffers["ref_out_pos"]].t()
+
+
+# The reference as an opaque custom op: torch.compile / torch.export see one node with a fake kernel (no
+# graph breaks, no Inductor codegen of the scatter loop) on devices that have no native kernel.
+@torch.library.custom_op("iosparse_module::reference_forward", mutates_args=())
+def reference_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ref: List[torch.Tensor],
+                 n_neurons: int) -> torch.Tensor:
+    bufs = dict(zip(_REF_KEYS, ref))
+    return reference_forward(x, weight, bias, bufs, _ref_meta(bufs, x.shape[1], n_neurons)).contiguous()
+
+
+@reference_op.register_fake
+def _(x, weight, bias, ref, n_neurons):
+    return x.new_empty(x.shape[0], ref[_REF_KEYS.index("ref_out_pos")].shape[0])
+
+
+def _activation_backward(a: Activation, grad: torch.Tensor, pre: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """d act(pre) / d pre · grad, with the same conventions as autograd for :meth:`Activation.apply`."""
+    k = a.kind
+    if k == "identity":
+        return grad
+    if k == "relu":
+        return torch.ops.aten.threshold_backward(grad, out, 0)
+    if k == "hardtanh":  # torch.clamp passes the gradient on the closed interval [lo, hi]
+        return grad * ((pre >= a.lo) & (pre <= a.hi)).to(grad.dtype)
+    if k in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu_backward(grad, pre, approximate="tanh" if k == "gelu_tanh" else "none")
+    if k == "tanh":
+        return torch.ops.aten.tanh_backward(grad, out)
+    if k == "sigmoid":
+        return torch.ops.aten.sigmoid_backward(grad, out)
+    raise AssertionError(k)
+
+
+def reference_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                       buffers: Dict[str, torch.Tensor], meta: Dict):
+    """Gradients of :func:`reference_forward` w.r.t. ``(x, weight, bias)``: one forward pass that keeps
+    the pre-activations, then the transposed DAG level by level in reverse."""
+    n_in, n = meta["n_inputs"], meta["n_neurons"]
+    B = x.shape[0]
+    dt = x.dtype
+    w = weight.to(dt)[buffers["ref_edge_perm"]].unsqueeze(1)
+    b = bias.to(dt)[buffers["ref_bias_index"]]
+    src_pos, dst_local = buffers["ref_src_pos"], buffers["ref_dst_local"]
+    table: Tuple[Activation, ...] = meta["activations"]
+    vals = x.new_zeros(n, B)
+    pre = x.new_zeros(n, B)
+    vals[:n_in] = x.t()
+    for v0, v1, e0, e1, segs in meta["levels"]:
+        acc = b[v0 - n_in:v1 - n_in].unsqueeze(1).expand(v1 - v0, B)
+        if e1 > e0:
+            acc = acc.index_add(0, dst_local[e0:e1], vals[src_pos[e0:e1]] * w[e0:e1])
+        pre[v0:v1] = acc
+        for s0, s1, k in segs:
+            vals[s0:s1] = table[k].apply(acc[s0 - v0:s1 - v0])
+    gvals = x.new_zeros(n, B)
+    gvals.index_add_(0, buffers["ref_out_pos"], grad.to(dt).t())
+    gw_sorted = x.new_zeros(w.shape[0])
+    gb_sorted = x.new_zeros(b.shape[0])
+    for v0, v1, e0, e1, segs in reversed(meta["levels"]):
+        gacc = torch.empty_like(gvals[v0:v1])
+        for s0, s1, k in segs:
+            gacc[s0 - v0:s1 - v0] = _activation_backward(table[k], gvals[s0:s1], pre[s0:s1], vals[s0:s1])
+        gb_sorted[v0 - n_in:v1 - n_in] = gacc.sum(1)
+        if e1 > e0:
+            g_e = gacc[dst_local[e0:e1]]  # [edges, B]
+            gw_sorted[e0:e1] = (g_e * vals[src_pos[e0:e1]]).sum(1)
+            gvals.index_add_(0, src_pos[e0:e1], g_e * w[e0:e1])
+    gx = gvals[:n_in].t().contiguous()
+    gw = torch.zeros_like(weight).index_put_((buffers["ref_edge_perm"],), gw_sorted.to(weight.dtype))
+    gb = torch.zeros_like(bias).index_put_((buffers["ref_bias_index"],), gb_sorted.to(bias.dtype))
+    return gx, gw, gb
+
+
+@torch.library.custom_op("iosparse_module::reference_backward", mutates_args=())
+def reference_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                          ref: List[torch.Tensor], n_neurons: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    bufs = dict(zip(_REF_KEYS, ref))
+    return reference_backward(grad, x, weight, bias, bufs, _ref_meta(bufs, x.shape[1], n_neurons))
+
+
+@reference_backward_op.register_fake
+def _(grad, x, weight, bias, ref, n_neurons):
+    return torch.empty_like(x), torch.empty_like(weight), torch.empty_like(bias)
+
+
+def _ref_setup_context(ctx, inputs, output):
+    x, weight, bias, ref, n_neurons = inputs
+    ctx.save_for_backward(x, weight, bias, *ref)
+    ctx.n_neurons = n_neurons
+
+
+def _ref_backward(ctx, grad):
+    x, weight, bias, *ref = ctx.saved_tensors
+    gx, gw, gb = reference_backward_op(grad.contiguous(), x, weight, bias, ref, ctx.n_neurons)
+    return gx, gw, gb, [None] * len(ref), None
+
+
+reference_op.register_autograd(_ref_backward, setup_context=_ref_setup_context)
 
 
 # ---------------------------------------------------------------------- the module
@@ -424,9 +545,8 @@ class IOSparseNetwork(nn.Module):
             from . import ops
             y = ops.dag_forward(x2.contiguous(), self.weight, bias_full, bufs, self._op_meta)
         else:
-            bufs = {k: getattr(self, k) for k in ("ref_bias_index", "ref_edge_perm", "ref_src_pos", "ref_dst_local",
-                                                  "ref_out_pos")}
-            y = reference_forward(x2, self.weight, self.bias, bufs, self._ref_meta)
+            ref = [getattr(self, k) for k in _REF_KEYS]
+            y = reference_op(x2.contiguous(), self.weight, self.bias, ref, self._summary["n_neurons"])
         return y.reshape(*lead, self._summary["n_outputs"])
 
 
