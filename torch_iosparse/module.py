@@ -34,32 +34,39 @@ DEFAULT_BATCH_TILE = 64
 
 # ---------------------------------------------------------------------- native op discovery
 def _ops_module():
-    """``torch_iosparse.ops`` when it exists and the native library loads, else None."""
+    """``torch_iosparse.ops`` when it exists and its native op loads, else None (then the reference op
+    below runs everywhere)."""
     try:
-        from . import ops  # noqa: F401
+        from . import ops
+        from . import _native
+        _native.ops()
+        if not hasattr(torch.ops.iosparse, "dag_forward"):
+            return None
         return ops
-    except ImportError:
+    except (ImportError, AttributeError, RuntimeError):
         return None
 
 
 _KERNEL_CACHE: Dict[str, bool] = {}
+OP_NAME = "iosparse::dag_forward"
 
 
 def _has_kernel(device_type: str) -> bool:
-    """Whether the custom op has a kernel for ``device_type`` (checked once per device type)."""
-    if device_type not in _KERNEL_CACHE:
-        ops = _ops_module()
+    """Whether the native op has a kernel for ``device_type`` (checked once per device type; the GPU
+    backend registers its CUDA kernel for the same op from Python)."""
+    if not _KERNEL_CACHE.get(device_type, False):  # only positive answers are final
         ok = False
-        if ops is not None:
-            if device_type == "cpu":
-                ok = True
-            else:
-                name = getattr(ops, "OP_NAME", "iosparse::dag_forward")
-                key = {"cuda": "CUDA", "xpu": "XPU", "mps": "MPS"}.get(device_type, device_type.upper())
-                try:
-                    ok = torch._C._dispatch_has_kernel_for_dispatch_key(name, key)
-                except Exception:
-                    ok = False
+        if device_type == "cuda":
+            try:  # the GPU backend registers its kernel when imported
+                from . import gpu  # noqa: F401
+            except Exception:
+                pass
+        if _ops_module() is not None:
+            key = {"cpu": "CPU", "cuda": "CUDA", "xpu": "XPU", "mps": "MPS"}.get(device_type, device_type.upper())
+            try:
+                ok = bool(torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME, key))
+            except Exception:
+                ok = device_type == "cpu"
         _KERNEL_CACHE[device_type] = ok
     return _KERNEL_CACHE[device_type]
 
@@ -75,20 +82,30 @@ def _l2_bytes() -> int:
         return 1024 ** 2
 
 
+def resolve_batch_tile(batch_tile: Optional[int], dtype: torch.dtype = torch.float32) -> int:
+    """BT: the given value, else the CPU backend's choice for this machine, else 64."""
+    if batch_tile is not None:
+        if int(batch_tile) < 1:
+            raise ValueError(f"batch_tile must be >= 1, got {batch_tile}")
+        return int(batch_tile)
+    try:
+        from . import hardware
+        return int(hardware.batch_tile(dtype))
+    except (ImportError, AttributeError):
+        return DEFAULT_BATCH_TILE
+
+
 def resolve_memory(memory, dtype: torch.dtype = torch.float32, batch_tile: Optional[int] = None) -> Optional[int]:
-    """Turn ``memory`` into slots. ``"auto"``: the per-core L2 share divided by one slot's bytes
-    (``batch_tile`` columns of ``dtype``), as in the cost model's hardware mapping."""
+    """Turn ``memory`` into slots. ``"auto"``: the slots of ``batch_tile`` columns of ``dtype`` that fit in
+    this core's cache share (cost-model.md, "Mapping to real hardware")."""
     if isinstance(memory, str) and memory.lower() == "auto":
+        bt = resolve_batch_tile(batch_tile, dtype)
         try:
-            from . import hardware  # the CPU backend's model of this machine, when present
-            fn = getattr(hardware, "auto_memory", None)
-            if fn is not None:
-                return int(fn(dtype=dtype, batch_tile=batch_tile))
-        except ImportError:
-            pass
-        bt = batch_tile or DEFAULT_BATCH_TILE
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        return max(2, _l2_bytes() // (bt * itemsize))
+            from . import hardware
+            return int(hardware.fast_memory_slots(bt, dtype))
+        except (ImportError, AttributeError):
+            itemsize = torch.empty(0, dtype=dtype).element_size()
+            return max(2, (_l2_bytes() // 2) // (bt * itemsize))
     return normalize_memory(memory)
 
 
@@ -348,6 +365,8 @@ class IOSparseNetwork(nn.Module):
         plan: a ready :class:`Plan` for this network (skips planning and the cache).
         seed, time_budget, **plan_kwargs: passed to the planner.
         batch_tile: batch columns per tile (BT) for the kernel; default chosen by the backend.
+        strategy: native kernel strategy (``"auto"`` picks per batch size; ``"program"`` always streams
+            the planned schedule; ``"level"``/``"dense"``), see torch_iosparse/strategy.py.
         cache: look up / store the plan in the on-disk plan cache (:mod:`torch_iosparse.cache`).
         cache_dir: cache directory (default ``$TORCH_IOSPARSE_CACHE`` or ``~/.cache/torch_iosparse``).
 
@@ -356,7 +375,8 @@ class IOSparseNetwork(nn.Module):
 
     def __init__(self, dag_or_module: Union[SparseDAG, nn.Module], memory="auto", method: str = "two_optimal", *,
                  plan: Optional[Plan] = None, seed: int = 0, time_budget: Optional[float] = None,
-                 batch_tile: Optional[int] = None, cache: bool = True, cache_dir: Optional[str] = None,
+                 batch_tile: Optional[int] = None, strategy: str = "auto", cache: bool = True,
+                 cache_dir: Optional[str] = None,
                  dtype: Optional[torch.dtype] = None, **plan_kwargs):
         super().__init__()
         if isinstance(dag_or_module, SparseDAG):
@@ -366,6 +386,7 @@ class IOSparseNetwork(nn.Module):
         else:
             raise TypeError(f"IOSparseNetwork takes a SparseDAG or an nn.Module, got {type(dag_or_module).__name__}")
         self.batch_tile = batch_tile
+        self.strategy = strategy
         self.cache_hit = False
         if plan is None:
             if method not in _planning_methods():
@@ -415,12 +436,18 @@ class IOSparseNetwork(nn.Module):
         self._op_keys: Tuple[str, ...] = ()
         self._op_meta: Optional[Dict] = None
         ops = _ops_module()
+        strategy = "reference"
         if ops is not None:
-            net = ops.prepare(dag, plan, memory=plan.memory, batch_tile=self.batch_tile)
+            net = ops.prepare(dag, plan, batch_tile=resolve_batch_tile(self.batch_tile, self.weight.dtype),
+                              strategy=self.strategy, dtype=self.weight.dtype)
             self._op_keys = tuple(net.buffers)
             for k, v in net.buffers.items():
                 self.register_buffer("op_" + k, v.to(dev), persistent=False)
             self._op_meta = dict(net.meta)
+            for d in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+                _has_kernel(d)
+            names = {v: k for k, v in getattr(ops, "STRATEGIES", {}).items()}
+            strategy = names.get(self._op_meta.get("strategy"), str(self._op_meta.get("strategy", "native")))
         M = plan.memory
         io = plan.io
         sizes = dag.layer_sizes
@@ -429,8 +456,9 @@ class IOSparseNetwork(nn.Module):
             "n_inputs": dag.n_inputs, "n_outputs": dag.n_outputs, "n_neurons": dag.n_neurons,
             "n_edges": dag.n_edges, "layer_sizes": list(sizes) if sizes else None, "dense_weights": dense,
             "memory": M, "method": plan.method, "io": io, "lb": lower_bound(dag, M), "ub": upper_bound(dag, M),
-            "batch_tile": (self._op_meta or {}).get("batch_tile", self.batch_tile or DEFAULT_BATCH_TILE),
-            "strategy": (self._op_meta or {}).get("strategy", "native" if self._op_meta else "reference"),
+            "batch_tile": int((self._op_meta or {}).get("batch_tile", resolve_batch_tile(self.batch_tile,
+                                                                                          self.weight.dtype))),
+            "strategy": strategy,
         }
         self._fingerprint = self._structure_fingerprint()
 
@@ -527,7 +555,7 @@ class IOSparseNetwork(nn.Module):
         if self._op_meta is None:
             return False
         if torch.compiler.is_compiling():
-            return True  # the custom op traces through its fake kernel on every device
+            return _KERNEL_CACHE.get(x.device.type, False)  # filled eagerly (dynamo guards on the dict)
         return _has_kernel(x.device.type)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
