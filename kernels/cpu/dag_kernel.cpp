@@ -1,0 +1,546 @@
+// CPU kernels of the differentiable op iosparse::dag_forward / dag_backward (torch_iosparse/ops.py).
+//
+// Three forward strategies share one op (chosen per call from the batch size, thresholds in `config`):
+//   program : executes the compiled plan (torch_iosparse/program.py, docs/program-format.md) per batch
+//             tile of BT columns: partial sums in vector registers, M slots of BT values in a
+//             thread-private buffer sized for the per-core cache, spills in a per-thread slow buffer.
+//             Parallel over batch tiles. Vector width chosen at run time (AVX-512 / AVX2 / SSE2).
+//   level   : level by level (feature-major values), parallel over the neurons of a level: uses every
+//             core even at batch 1.
+//   dense   : layered networks only: per layer a dense matrix is scattered from the edge weights and
+//             multiplied with at::addmm (MKL/oneDNN GEMM): wins at low sparsity and large batch.
+// The backward pass recomputes pre-activations level by level and walks the transposed DAG.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <memory>
+#include <vector>
+
+#include "cpu/activation.h"
+
+namespace iosparse {
+namespace {
+
+// Order of the Tensor[] `net` argument (torch_iosparse/ops.py::NET_KEYS; docs/program-format.md).
+enum NetIndex {
+  NET_IN_PTR = 0,        // int64 [n+1]
+  NET_IN_SRC,            // int32 [m]
+  NET_ACT_CODE,          // int8  [n]
+  NET_ACT_PARAM,         // float64 [n, 2]  (lo, hi)
+  NET_OUTPUTS,           // int64 [n_out]
+  NET_LEVEL_PTR,         // int64 [L+1]    into level_neuron
+  NET_LEVEL_NEURON,      // int64 [n_computed]  computed neurons grouped by level, ascending
+  NET_PROG_NEURON,       // int64 [n_computed]
+  NET_PROG_OP_PTR,       // int64 [n_computed+1]
+  NET_PROG_OPS,          // int32 [K, 3]
+  NET_PROG_OUTPUT_ROWS,  // int64 [n_out]
+  NET_DENSE_INDEX,       // int64 [m]   flat index of edge e in its layer's dense matrix (layered only)
+  NET_DENSE_EDGE,        // int64 [m]   edges sorted by layer (layered only)
+  NET_DENSE_EDGE_PTR,    // int64 [L+1] per layer range in dense_edge (layered only)
+  NET_DENSE_OUT_POS,     // int64 [n_out] column of each output in the last layer (layered only)
+  NET_COUNT
+};
+
+// Order of the int[] `config` argument (torch_iosparse/ops.py::CONFIG_KEYS).
+enum ConfigIndex {
+  CFG_N_INPUTS = 0, CFG_N_NEURONS, CFG_N_OUTPUTS, CFG_MEMORY, CFG_N_SLOW, CFG_BATCH_TILE, CFG_STRATEGY,
+  CFG_LEVEL_MAX_BATCH, CFG_DENSE_MIN_BATCH, CFG_LAYERED, CFG_COUNT
+};
+enum Strategy { STRAT_AUTO = 0, STRAT_PROGRAM = 1, STRAT_LEVEL = 2, STRAT_DENSE = 3 };
+enum Opcode : int32_t { OP_LOAD = 1, OP_FMA = 2, OP_FINISH = 3, OP_STORE = 4 };
+
+struct Net {
+  int64_t n_inputs, n_neurons, n_outputs, n_computed, n_edges, memory, n_slow, batch_tile, strategy;
+  int64_t level_max_batch, dense_min_batch, n_levels, n_ops;
+  bool layered;
+  const int64_t* in_ptr;
+  const int32_t* in_src;
+  const int8_t* act_code;
+  const double* act_param;
+  const int64_t* outputs;
+  const int64_t* level_ptr;
+  const int64_t* level_neuron;
+  const int64_t* prog_neuron;
+  const int64_t* prog_op_ptr;
+  const int32_t* prog_ops;
+  const int64_t* prog_output_rows;
+};
+
+void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "iosparse: network buffer '", name, "' must be on the CPU like the "
+                    "input, got ", t.device());
+  TORCH_CHECK_VALUE(t.scalar_type() == dtype, "iosparse: network buffer '", name, "' must be ", dtype, ", got ",
+                    t.scalar_type(), " (was it built by torch_iosparse.ops.prepare?)");
+  TORCH_CHECK_VALUE(t.is_contiguous(), "iosparse: network buffer '", name, "' must be contiguous");
+  TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "iosparse: network buffer '", name, "' has ", t.numel(),
+                    " elements, expected ", numel, " (buffers and config of different networks?)");
+}
+
+Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList net_t,
+           at::IntArrayRef config) {
+  TORCH_CHECK_VALUE(config.size() == CFG_COUNT, "iosparse: config must have ", int(CFG_COUNT), " entries, got ",
+                    config.size());
+  TORCH_CHECK_VALUE(net_t.size() == NET_COUNT, "iosparse: net must have ", int(NET_COUNT), " tensors, got ",
+                    net_t.size());
+  Net n{};
+  n.n_inputs = config[CFG_N_INPUTS];
+  n.n_neurons = config[CFG_N_NEURONS];
+  n.n_outputs = config[CFG_N_OUTPUTS];
+  n.memory = config[CFG_MEMORY];
+  n.n_slow = config[CFG_N_SLOW];
+  n.batch_tile = config[CFG_BATCH_TILE];
+  n.strategy = config[CFG_STRATEGY];
+  n.level_max_batch = config[CFG_LEVEL_MAX_BATCH];
+  n.dense_min_batch = config[CFG_DENSE_MIN_BATCH];
+  n.layered = config[CFG_LAYERED] != 0;
+  n.n_computed = n.n_neurons - n.n_inputs;
+  TORCH_CHECK_VALUE(n.n_inputs >= 1 && n.n_computed >= 1 && n.n_outputs >= 1, "iosparse: bad network sizes");
+  TORCH_CHECK_TYPE(x.is_floating_point(), "iosparse: input must be a floating-point tensor, got ", x.scalar_type());
+  TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
+                   "iosparse: the CPU kernel supports float32 and float64, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == n.n_inputs, "iosparse: input must have shape [batch, ",
+                    n.n_inputs, "], got ", x.sizes());
+  TORCH_CHECK_VALUE(x.device().is_cpu(), "iosparse: CPU kernel got an input on ", x.device());
+  const int64_t m = net_t[NET_IN_SRC].numel();
+  n.n_edges = m;
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(),
+                   "iosparse: weight (", weight.scalar_type(), ") and bias (", bias.scalar_type(),
+                   ") must have the input's dtype ", x.scalar_type());
+  TORCH_CHECK_VALUE(weight.dim() == 1 && weight.numel() == m, "iosparse: weight must be 1-D with one entry per "
+                    "edge (", m, "), got shape ", weight.sizes());
+  TORCH_CHECK_VALUE(bias.dim() == 1 && bias.numel() == n.n_neurons, "iosparse: bias must be 1-D with one entry "
+                    "per neuron (", n.n_neurons, "), got shape ", bias.sizes());
+  TORCH_CHECK_VALUE(weight.device().is_cpu() && bias.device().is_cpu(), "iosparse: weight and bias must be on "
+                    "the CPU like the input");
+  check_buffer(net_t[NET_IN_PTR], "in_ptr", at::kLong, n.n_neurons + 1);
+  check_buffer(net_t[NET_IN_SRC], "in_src", at::kInt, m);
+  check_buffer(net_t[NET_ACT_CODE], "act_code", at::kChar, n.n_neurons);
+  check_buffer(net_t[NET_ACT_PARAM], "act_param", at::kDouble, 2 * n.n_neurons);
+  check_buffer(net_t[NET_OUTPUTS], "outputs", at::kLong, n.n_outputs);
+  check_buffer(net_t[NET_LEVEL_PTR], "level_ptr", at::kLong, -1);
+  check_buffer(net_t[NET_LEVEL_NEURON], "level_neuron", at::kLong, n.n_computed);
+  check_buffer(net_t[NET_PROG_NEURON], "prog_neuron", at::kLong, n.n_computed);
+  check_buffer(net_t[NET_PROG_OP_PTR], "prog_op_ptr", at::kLong, n.n_computed + 1);
+  check_buffer(net_t[NET_PROG_OPS], "prog_ops", at::kInt, -1);
+  check_buffer(net_t[NET_PROG_OUTPUT_ROWS], "prog_output_rows", at::kLong, n.n_outputs);
+  n.n_levels = net_t[NET_LEVEL_PTR].numel() - 1;
+  n.n_ops = net_t[NET_PROG_OPS].numel() / 3;
+  n.in_ptr = net_t[NET_IN_PTR].data_ptr<int64_t>();
+  n.in_src = net_t[NET_IN_SRC].data_ptr<int32_t>();
+  n.act_code = net_t[NET_ACT_CODE].data_ptr<int8_t>();
+  n.act_param = net_t[NET_ACT_PARAM].data_ptr<double>();
+  n.outputs = net_t[NET_OUTPUTS].data_ptr<int64_t>();
+  n.level_ptr = net_t[NET_LEVEL_PTR].data_ptr<int64_t>();
+  n.level_neuron = net_t[NET_LEVEL_NEURON].data_ptr<int64_t>();
+  n.prog_neuron = net_t[NET_PROG_NEURON].data_ptr<int64_t>();
+  n.prog_op_ptr = net_t[NET_PROG_OP_PTR].data_ptr<int64_t>();
+  n.prog_ops = net_t[NET_PROG_OPS].data_ptr<int32_t>();
+  n.prog_output_rows = net_t[NET_PROG_OUTPUT_ROWS].data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(n.in_ptr[n.n_neurons] == m && n.prog_op_ptr[n.n_computed] == n.n_ops &&
+                    n.level_ptr[n.n_levels] == n.n_computed,
+                    "iosparse: network buffers are inconsistent (in_ptr, prog_op_ptr or level_ptr)");
+  TORCH_CHECK_VALUE(n.memory >= 1 && n.n_slow >= n.n_inputs, "iosparse: bad memory / n_slow in config");
+  return n;
+}
+
+struct AlignedFree {
+  void operator()(void* p) const { std::free(p); }
+};
+template <typename T>
+std::unique_ptr<T, AlignedFree> aligned_buffer(int64_t count) {
+  const size_t bytes = ((size_t(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64) * 64;
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  TORCH_CHECK(p != nullptr, "iosparse: out of memory allocating ", bytes, " bytes");
+  return std::unique_ptr<T, AlignedFree>(p);
+}
+
+// ------------------------------------------------------------------------------------------ program
+// One batch tile: NV vectors of 64 bytes per value (BT = NV * 64 / sizeof(T) columns).
+template <typename T>
+struct Vec64;
+template <>
+struct Vec64<float> {
+  typedef float type __attribute__((vector_size(64)));
+};
+template <>
+struct Vec64<double> {
+  typedef double type __attribute__((vector_size(64)));
+};
+
+template <typename T, int NV>
+__attribute__((always_inline)) inline void program_tile_body(const Net& net, const T* __restrict w,
+                                                             const T* __restrict b, T* __restrict slots,
+                                                             T* __restrict slow) {
+  using V = typename Vec64<T>::type;
+  constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
+  const int32_t* ops = net.prog_ops;
+  for (int64_t i = 0; i < net.n_computed; ++i) {
+    const int64_t v = net.prog_neuron[i];
+    V acc[NV];
+    const T bv = b[v];
+    for (int j = 0; j < NV; ++j) acc[j] = V{} + bv;
+    for (int64_t k = net.prog_op_ptr[i], end = net.prog_op_ptr[i + 1]; k < end; ++k) {
+      const int32_t* o = ops + 3 * k;
+      const int32_t code = o[0];
+      if (__builtin_expect(code == OP_FMA, 1)) {
+        const V* s = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
+        const T wv = w[o[2]];
+        for (int j = 0; j < NV; ++j) acc[j] += wv * s[j];
+      } else if (code == OP_LOAD) {
+        V* dst = reinterpret_cast<V*>(slots + int64_t(o[2]) * BT);
+        const V* src = reinterpret_cast<const V*>(slow + int64_t(o[1]) * BT);
+        for (int j = 0; j < NV; ++j) dst[j] = src[j];
+      } else if (code == OP_FINISH) {
+        V* dst = reinterpret_cast<V*>(slots + int64_t(o[1]) * BT);
+        for (int j = 0; j < NV; ++j) dst[j] = acc[j];
+        const int8_t ac = net.act_code[v];
+        if (ac != ACT_IDENTITY)
+          act_inplace<T>(ac, reinterpret_cast<T*>(dst), BT, T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]));
+      } else {  // OP_STORE
+        V* dst = reinterpret_cast<V*>(slow + int64_t(o[2]) * BT);
+        const V* src = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
+        for (int j = 0; j < NV; ++j) dst[j] = src[j];
+      }
+    }
+  }
+}
+
+template <typename T, int NV>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma,avx2"))) void program_tile_avx512(
+    const Net& net, const T* w, const T* b, T* slots, T* slow) {
+  program_tile_body<T, NV>(net, w, b, slots, slow);
+}
+template <typename T, int NV>
+__attribute__((target("avx2,fma"))) void program_tile_avx2(const Net& net, const T* w, const T* b, T* slots,
+                                                           T* slow) {
+  program_tile_body<T, NV>(net, w, b, slots, slow);
+}
+template <typename T, int NV>
+void program_tile_generic(const Net& net, const T* w, const T* b, T* slots, T* slow) {
+  program_tile_body<T, NV>(net, w, b, slots, slow);
+}
+
+enum Isa { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+Isa detect_isa() {
+  static const Isa isa = [] {
+    const char* force = std::getenv("IOSPARSE_ISA");  // "generic" / "avx2": test the fallbacks
+    __builtin_cpu_init();
+    Isa best = ISA_GENERIC;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = ISA_AVX2;
+    if (best == ISA_AVX2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+      best = ISA_AVX512;
+    if (force && std::strcmp(force, "generic") == 0) best = ISA_GENERIC;
+    if (force && std::strcmp(force, "avx2") == 0 && best >= ISA_AVX2) best = ISA_AVX2;
+    return best;
+  }();
+  return isa;
+}
+
+template <typename T>
+using TileFn = void (*)(const Net&, const T*, const T*, T*, T*);
+
+template <typename T, int NV>
+TileFn<T> pick_tile_fn() {
+  switch (detect_isa()) {
+    case ISA_AVX512: return &program_tile_avx512<T, NV>;
+    case ISA_AVX2: return &program_tile_avx2<T, NV>;
+    default: return &program_tile_generic<T, NV>;
+  }
+}
+
+// Debug aid for the tests: IOSPARSE_POISON=1 fills every output and scratch buffer with NaN before a
+// kernel runs, so an element that is read before it is written (or never written) shows up as NaN.
+bool poison_enabled() {
+  const char* p = std::getenv("IOSPARSE_POISON");
+  return p && p[0] == '1';
+}
+template <typename T>
+void poison(T* p, int64_t n) {
+  std::fill(p, p + n, std::numeric_limits<T>::quiet_NaN());
+}
+
+template <typename T>
+void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y) {
+  // NV vectors of 64 bytes per tile: the batch_tile in columns rounded to a supported width.
+  const int64_t want = std::max<int64_t>(1, net.batch_tile * int64_t(sizeof(T)) / 64);
+  int nv = want >= 8 ? 8 : want >= 4 ? 4 : want >= 2 ? 2 : 1;
+  TileFn<T> fn = nv == 8 ? pick_tile_fn<T, 8>() : nv == 4 ? pick_tile_fn<T, 4>()
+               : nv == 2 ? pick_tile_fn<T, 2>() : pick_tile_fn<T, 1>();
+  const int64_t BT = nv * int64_t(64 / sizeof(T));
+  const int64_t n_tiles = (B + BT - 1) / BT;
+  const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    auto slots = aligned_buffer<T>(net.memory * BT);
+    auto slow = aligned_buffer<T>(net.n_slow * BT);
+    T* sl = slow.get();
+    if (poison_enabled()) {
+      poison(slots.get(), net.memory * BT);
+      poison(sl, net.n_slow * BT);
+    }
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b0 = t * BT, nb = std::min(BT, B - b0);
+      // Transposed input tile: slow row i = feature i of the tile's columns (zero padded).
+      if (nb < BT)
+        for (int64_t i = 0; i < n_in; ++i) std::fill(sl + i * BT + nb, sl + (i + 1) * BT, T(0));
+      for (int64_t c = 0; c < nb; ++c) {
+        const T* xr = x + (b0 + c) * n_in;
+        for (int64_t i = 0; i < n_in; ++i) sl[i * BT + c] = xr[i];
+      }
+      fn(net, w, b, slots.get(), sl);
+      for (int64_t c = 0; c < nb; ++c) {
+        T* yr = y + (b0 + c) * n_out;
+        for (int64_t j = 0; j < n_out; ++j) yr[j] = sl[net.prog_output_rows[j] * BT + c];
+      }
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ level
+// vals: [n_neurons, B] feature-major. Optionally keeps the pre-activations in `pre` (same layout).
+template <typename T>
+inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, const T* b, T* vals, T* pre) {
+  constexpr int64_t CB = 64;
+  const int64_t e0 = net.in_ptr[v], e1 = net.in_ptr[v + 1];
+  const int8_t ac = net.act_code[v];
+  const T lo = T(net.act_param[2 * v]), hi = T(net.act_param[2 * v + 1]);
+  T* out = vals + v * B;
+  if (B == 1) {
+    T acc = b[v];
+    for (int64_t e = e0; e < e1; ++e) acc += w[e] * vals[net.in_src[e]];
+    if (pre) pre[v] = acc;
+    out[0] = act_scalar<T>(ac, acc, lo, hi);
+    return;
+  }
+  for (int64_t c0 = 0; c0 < B; c0 += CB) {
+    const int64_t nc = std::min(CB, B - c0);
+    T acc[CB];
+    for (int64_t c = 0; c < nc; ++c) acc[c] = b[v];
+    for (int64_t e = e0; e < e1; ++e) {
+      const T wv = w[e];
+      const T* src = vals + int64_t(net.in_src[e]) * B + c0;
+      for (int64_t c = 0; c < nc; ++c) acc[c] += wv * src[c];
+    }
+    if (pre) std::memcpy(pre + v * B + c0, acc, nc * sizeof(T));
+    act_inplace<T>(ac, acc, nc, lo, hi);
+    std::memcpy(out + c0, acc, nc * sizeof(T));
+  }
+}
+
+template <typename T>
+void level_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* vals, T* pre) {
+  const int64_t n_in = net.n_inputs;
+  for (int64_t c = 0; c < B; ++c)
+    for (int64_t i = 0; i < n_in; ++i) vals[i * B + c] = x[c * n_in + i];
+  for (int64_t l = 0; l < net.n_levels; ++l) {
+    const int64_t p0 = net.level_ptr[l], p1 = net.level_ptr[l + 1];
+    if (p1 == p0) continue;
+    // Grain: enough neurons per task for ~32k multiply-adds, so tiny levels stay on one thread.
+    const int64_t per_neuron = std::max<int64_t>(1, (net.n_edges / net.n_computed + 1) * B);
+    const int64_t grain = std::max<int64_t>(1, 32768 / per_neuron);
+    at::parallel_for(p0, p1, grain, [&](int64_t s, int64_t e) {
+      for (int64_t p = s; p < e; ++p) level_neuron_row<T>(net, net.level_neuron[p], B, w, b, vals, pre);
+    });
+  }
+}
+
+// ------------------------------------------------------------------------------------------ dense
+at::Tensor dense_forward(const Net& net, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                         at::TensorList net_t) {
+  const at::Tensor& dense_index = net_t[NET_DENSE_INDEX];
+  const at::Tensor& dense_edge = net_t[NET_DENSE_EDGE];
+  const int64_t* dptr = net_t[NET_DENSE_EDGE_PTR].data_ptr<int64_t>();
+  const at::Tensor level_neuron = net_t[NET_LEVEL_NEURON];
+  at::Tensor h = x;
+  int64_t cols = net.n_inputs;
+  for (int64_t l = 0; l < net.n_levels; ++l) {
+    const int64_t p0 = net.level_ptr[l], p1 = net.level_ptr[l + 1], rows = p1 - p0;
+    at::Tensor W = at::zeros({rows * cols}, x.options());
+    at::Tensor idx = dense_index.slice(0, dptr[l], dptr[l + 1]);
+    at::Tensor wl = weight.index_select(0, dense_edge.slice(0, dptr[l], dptr[l + 1]));
+    W.index_put_({idx}, wl);
+    at::Tensor neurons = level_neuron.slice(0, p0, p1);
+    at::Tensor bl = bias.index_select(0, neurons);
+    h = at::addmm(bl, h, W.view({rows, cols}).t());
+    // Activation: one loop per neuron kind; uniform layers take the contiguous fast path.
+    const int64_t* nv = neurons.data_ptr<int64_t>();
+    bool uniform = true;
+    for (int64_t r = 1; r < rows && uniform; ++r)
+      uniform = net.act_code[nv[r]] == net.act_code[nv[0]] &&
+                net.act_param[2 * nv[r]] == net.act_param[2 * nv[0]] &&
+                net.act_param[2 * nv[r] + 1] == net.act_param[2 * nv[0] + 1];
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "iosparse_dense_act", [&] {
+      scalar_t* hp = h.data_ptr<scalar_t>();
+      const int64_t Bn = h.size(0);
+      if (uniform) {
+        const int64_t v0 = nv[0];
+        const int64_t total = Bn * rows;
+        at::parallel_for(0, total, 1 << 14, [&](int64_t s, int64_t e) {
+          act_inplace<scalar_t>(net.act_code[v0], hp + s, e - s, scalar_t(net.act_param[2 * v0]),
+                                scalar_t(net.act_param[2 * v0 + 1]));
+        });
+      } else {
+        for (int64_t bi = 0; bi < Bn; ++bi)
+          for (int64_t r = 0; r < rows; ++r) {
+            const int64_t v = nv[r];
+            hp[bi * rows + r] = act_scalar<scalar_t>(net.act_code[v], hp[bi * rows + r],
+                                                     scalar_t(net.act_param[2 * v]), scalar_t(net.act_param[2 * v + 1]));
+          }
+      }
+    });
+    cols = rows;
+  }
+  return h.index_select(1, net_t[NET_DENSE_OUT_POS]);
+}
+
+int64_t choose_strategy(const Net& net, int64_t B) {
+  if (net.strategy != STRAT_AUTO) {
+    TORCH_CHECK_VALUE(net.strategy != STRAT_DENSE || net.layered,
+                      "iosparse: the dense strategy needs a layered network (edges only between consecutive levels)");
+    return net.strategy;
+  }
+  if (net.layered && B >= net.dense_min_batch) return STRAT_DENSE;
+  if (B <= net.level_max_batch) return STRAT_LEVEL;
+  return STRAT_PROGRAM;
+}
+
+at::Tensor dag_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
+                           at::TensorList net_t, at::IntArrayRef config) {
+  Net net = unpack(x_in, weight_in, bias_in, net_t, config);
+  TORCH_CHECK_VALUE(net_t[NET_DENSE_INDEX].numel() == 0 || !net.layered ||
+                        net_t[NET_DENSE_INDEX].numel() == net.n_edges, "iosparse: bad dense_index buffer");
+  const int64_t B = x_in.size(0);
+  at::Tensor y = at::empty({B, net.n_outputs}, x_in.options());
+  if (B == 0) return y;
+  if (poison_enabled()) AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "poison", [&] { poison(y.data_ptr<scalar_t>(), y.numel()); });
+  const int64_t strategy = choose_strategy(net, B);
+  if (strategy == STRAT_DENSE) return dense_forward(net, x_in, weight_in, bias_in, net_t);
+  at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "iosparse_dag_forward", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    const scalar_t* wp = weight.data_ptr<scalar_t>();
+    const scalar_t* bp = bias.data_ptr<scalar_t>();
+    scalar_t* yp = y.data_ptr<scalar_t>();
+    if (strategy == STRAT_PROGRAM) {
+      program_forward<scalar_t>(net, xp, B, wp, bp, yp);
+    } else {
+      auto vals = aligned_buffer<scalar_t>(net.n_neurons * B);
+      if (poison_enabled()) poison(vals.get(), net.n_neurons * B);
+      level_forward<scalar_t>(net, xp, B, wp, bp, vals.get(), nullptr);
+      for (int64_t c = 0; c < B; ++c)
+        for (int64_t j = 0; j < net.n_outputs; ++j) yp[c * net.n_outputs + j] = vals.get()[net.outputs[j] * B + c];
+    }
+  });
+  return y;
+}
+
+// ------------------------------------------------------------------------------------------ backward
+// Per batch chunk (parallel): recompute pre-activations level by level, then walk the neurons in
+// reverse level order: dz = g_v * act'(z_v); grad_bias[v] += sum dz; grad_w[e] += <dz, a_u>;
+// g_u += w_e dz. Chunks accumulate grad_w / grad_bias privately and are summed at the end.
+template <typename T>
+void backward_chunk(const Net& net, const T* x, const T* gy, int64_t B, const T* w, const T* b, T* gx, T* gw,
+                    T* gb) {
+  const int64_t n = net.n_neurons, n_in = net.n_inputs;
+  auto vals = aligned_buffer<T>(n * B);
+  auto pre = aligned_buffer<T>(n * B);
+  auto g = aligned_buffer<T>(n * B);
+  T* A = vals.get();
+  T* Z = pre.get();
+  T* G = g.get();
+  level_forward<T>(net, x, B, w, b, A, Z);
+  std::fill(G, G + n * B, T(0));
+  for (int64_t c = 0; c < B; ++c)
+    for (int64_t j = 0; j < net.n_outputs; ++j) G[net.outputs[j] * B + c] += gy[c * net.n_outputs + j];
+  std::vector<T> dz(B);
+  for (int64_t p = net.n_computed - 1; p >= 0; --p) {
+    const int64_t v = net.level_neuron[p];
+    const int8_t ac = net.act_code[v];
+    const T lo = T(net.act_param[2 * v]), hi = T(net.act_param[2 * v + 1]);
+    T sum = 0;
+    for (int64_t c = 0; c < B; ++c) {
+      dz[c] = G[v * B + c] * act_grad_scalar<T>(ac, Z[v * B + c], lo, hi);
+      sum += dz[c];
+    }
+    gb[v] += sum;
+    for (int64_t e = net.in_ptr[v]; e < net.in_ptr[v + 1]; ++e) {
+      const int64_t u = net.in_src[e];
+      const T we = w[e];
+      T* gu = G + u * B;
+      const T* au = A + u * B;
+      T dot = 0;
+      for (int64_t c = 0; c < B; ++c) {
+        dot += dz[c] * au[c];
+        gu[c] += we * dz[c];
+      }
+      gw[e] += dot;
+    }
+  }
+  for (int64_t c = 0; c < B; ++c)
+    for (int64_t i = 0; i < n_in; ++i) gx[c * n_in + i] = G[i * B + c];
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dag_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in,
+                                                                const at::Tensor& weight_in, const at::Tensor& bias_in,
+                                                                at::TensorList net_t, at::IntArrayRef config) {
+  Net net = unpack(x_in, weight_in, bias_in, net_t, config);
+  const int64_t B = x_in.size(0);
+  TORCH_CHECK_VALUE(grad_y_in.dim() == 2 && grad_y_in.size(0) == B && grad_y_in.size(1) == net.n_outputs,
+                    "iosparse: grad_output must have shape [", B, ", ", net.n_outputs, "], got ", grad_y_in.sizes());
+  TORCH_CHECK_TYPE(grad_y_in.scalar_type() == x_in.scalar_type(), "iosparse: grad_output dtype ",
+                   grad_y_in.scalar_type(), " differs from the input's ", x_in.scalar_type());
+  at::Tensor x = x_in.contiguous(), gy = grad_y_in.contiguous();
+  at::Tensor weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  at::Tensor gx = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor gw = at::zeros_like(weight);
+  at::Tensor gb = at::zeros_like(bias);
+  if (B == 0) return {gx, gw, gb};
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, B / 8));
+  const int64_t per = (B + chunks - 1) / chunks;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "iosparse_dag_backward", [&] {
+    std::vector<at::Tensor> gw_part(chunks), gb_part(chunks);
+    for (int64_t k = 0; k < chunks; ++k) {
+      gw_part[k] = k == 0 ? gw : at::zeros_like(weight);
+      gb_part[k] = k == 0 ? gb : at::zeros_like(bias);
+    }
+    at::parallel_for(0, chunks, 1, [&](int64_t s, int64_t e) {
+      for (int64_t k = s; k < e; ++k) {
+        const int64_t c0 = k * per, nb = std::max<int64_t>(0, std::min(per, B - c0));
+        if (nb == 0) continue;
+        backward_chunk<scalar_t>(net, x.data_ptr<scalar_t>() + c0 * net.n_inputs,
+                                 gy.data_ptr<scalar_t>() + c0 * net.n_outputs, nb, weight.data_ptr<scalar_t>(),
+                                 bias.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>() + c0 * net.n_inputs,
+                                 gw_part[k].data_ptr<scalar_t>(), gb_part[k].data_ptr<scalar_t>());
+      }
+    });
+    for (int64_t k = 1; k < chunks; ++k) {
+      gw.add_(gw_part[k]);
+      gb.add_(gb_part[k]);
+    }
+  });
+  // Inputs are not neurons with a bias: their bias gradient is zero by definition.
+  gb.slice(0, 0, net.n_inputs).zero_();
+  return {gx, gw, gb};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(iosparse, m) {
+  m.def("dag_forward(Tensor x, Tensor weight, Tensor bias, Tensor[] net, int[] config) -> Tensor");
+  m.def("dag_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor[] net, int[] config) -> "
+        "(Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(iosparse, CPU, m) {
+  m.impl("dag_forward", &dag_forward_cpu);
+  m.impl("dag_backward", &dag_backward_cpu);
+}
+
+}  // namespace iosparse

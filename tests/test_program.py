@@ -1,0 +1,150 @@
+"""Program compiler (torch_iosparse/program.py): the reference interpreter of a compiled plan equals
+dag.forward_reference, and the op stream's LOAD/STORE/FMA counts equal the plan's I/O."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from torch_iosparse import SparseDAG, plan
+from torch_iosparse.activations import Activation
+from torch_iosparse.planning import Plan, PlanError
+from torch_iosparse import program as P
+
+ALL_ACTIVATIONS = [Activation("identity"), Activation("relu"), Activation("hardtanh", -0.5, 0.7),
+                   Activation("gelu"), Activation("gelu_tanh"), Activation("tanh"), Activation("sigmoid")]
+
+
+@st.composite
+def random_dags(draw, max_inputs=5, max_computed=12, mixed_activations=True):
+    """A random DAG (skip edges, bias-only neurons, unread non-outputs allowed) with random weights."""
+    n_in = draw(st.integers(1, max_inputs))
+    n_comp = draw(st.integers(1, max_computed))
+    n = n_in + n_comp
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    density = draw(st.floats(0.1, 0.9))
+    src, dst = [], []
+    for v in range(n_in, n):
+        for u in range(v):
+            if rng.random() < density:
+                src.append(u)
+                dst.append(v)
+    # A random relabelling keeps the numbering from always being topological.
+    perm_comp = rng.permutation(n_comp) + n_in if draw(st.booleans()) else np.arange(n_in, n)
+    relabel = np.concatenate([np.arange(n_in), perm_comp])
+    src = relabel[np.array(src, dtype=np.int64)] if src else np.zeros(0, np.int64)
+    dst = relabel[np.array(dst, dtype=np.int64)] if dst else np.zeros(0, np.int64)
+    w = rng.standard_normal(len(src))
+    b = rng.standard_normal(n)
+    if mixed_activations:
+        acts = [ALL_ACTIVATIONS[i] for i in rng.integers(0, len(ALL_ACTIVATIONS), n)]
+    else:
+        acts = draw(st.sampled_from(ALL_ACTIVATIONS))
+    outputs = None
+    if draw(st.booleans()):  # outputs: a random nonempty subset of the computed neurons, random order
+        k = int(rng.integers(1, n_comp + 1))
+        outputs = rng.choice(np.arange(n_in, n), size=k, replace=False)
+    return SparseDAG.from_edges(n_in, src, dst, w, b, n_neurons=n, outputs=outputs, activation=acts,
+                                dtype=torch.float64)
+
+
+def random_topological_order(dag, seed):
+    """Kahn's algorithm with a random choice among the ready neurons."""
+    rng = np.random.default_rng(seed)
+    indeg = dag.in_degree().copy()
+    for u in range(dag.n_inputs):
+        for v in dag.out_dst[dag.out_ptr[u]:dag.out_ptr[u + 1]]:
+            indeg[v] -= 1
+    ready = [v for v in range(dag.n_inputs, dag.n_neurons) if indeg[v] == 0]
+    order = []
+    while ready:
+        v = ready.pop(int(rng.integers(len(ready))))
+        order.append(v)
+        for w in dag.out_dst[dag.out_ptr[v]:dag.out_ptr[v + 1]]:
+            indeg[w] -= 1
+            if indeg[w] == 0:
+                ready.append(int(w))
+    return np.array(order, dtype=np.int64)
+
+
+def plan_with_order(dag, order, memory):
+    from torch_iosparse.iomodel import count_io
+    return Plan(order, memory, count_io(dag, order, memory), "test", dag.structure_hash())
+
+
+memories = st.sampled_from([2, 3, 4, 6, 10, None])
+
+
+@given(dag=random_dags(), memory=memories, seed=st.integers(0, 1000), batch=st.sampled_from([0, 1, 3, 5]))
+def test_interpreter_matches_reference_and_io(dag, memory, seed, batch):
+    order = random_topological_order(dag, seed)
+    pl = plan_with_order(dag, order, memory)
+    prog = P.compile_plan(dag, pl)
+    counts = prog.op_counts()
+    assert counts["LOAD"] == pl.io.loads
+    assert counts["STORE"] == pl.io.stores
+    assert counts["FMA"] == pl.io.weights == dag.n_edges
+    assert counts["FINISH"] == dag.n_computed
+    assert prog.op_ptr[-1] == prog.n_ops and np.all(np.diff(prog.op_ptr) >= 1)  # every position FINISHes
+    if memory is not None:
+        assert prog.memory == memory
+    slots = np.concatenate([prog.ops[prog.ops[:, 0] == c, 2 if c == P.LOAD else 1] for c in (1, 2, 3, 4)])
+    assert slots.size == 0 or (slots.min() >= 0 and slots.max() < prog.memory)
+    # every edge exactly once, and each neuron's edges inside its own position
+    edges = prog.fma_edges()
+    assert np.array_equal(np.sort(edges), np.arange(dag.n_edges))
+    src, dst = dag.edges()
+    pos_of_op = np.repeat(np.arange(prog.n_computed), np.diff(prog.op_ptr))
+    fma_pos = pos_of_op[prog.ops[:, 0] == P.FMA]
+    assert np.array_equal(prog.neuron[fma_pos], dst[edges])
+    x = torch.randn(batch, dag.n_inputs, dtype=torch.float64)
+    got = P.interpret(prog, x, dag.weight, dag.bias)  # slots start as NaN: a stale read shows
+    want = dag.forward_reference(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_worked_example_listing():
+    dag = SparseDAG.from_edges(2, [0, 1, 2, 2, 3], [2, 2, 3, 4, 4], weight=[1.0, 2, 3, 4, 5])
+    prog = P.compile_plan(dag, plan(dag, 2))
+    assert prog.io.loads == 3 and prog.io.stores == 2
+    # the spilled neuron 3 is stored once and reloaded once; output 4 lands in its own slow row
+    assert prog.n_slow == 4
+    assert prog.output_rows.tolist() == [3]
+    text = prog.describe()
+    assert "STORE  slow[2] = slot[1]" in text and "LOAD   slot[0] = slow[2]" in text
+
+
+def test_unbounded_plan_uses_peak_slots():
+    dag = SparseDAG.from_edges(3, [0, 1, 2, 3, 4], [3, 4, 5, 6, 6])
+    prog = P.compile_plan(dag, plan(dag, None))
+    assert prog.io.stores == dag.n_outputs and prog.io.loads == 3
+    used = prog.ops[np.isin(prog.ops[:, 0], [P.FMA, P.FINISH]), 1]
+    assert prog.memory == used.max() + 1
+
+
+def test_plan_of_other_network_is_rejected():
+    a = SparseDAG.from_edges(2, [0, 1], [2, 2])
+    b = SparseDAG.from_edges(2, [0, 1, 0], [2, 2, 3])
+    with pytest.raises(PlanError, match="another network"):
+        P.compile_plan(b, plan(a, 2))
+    with pytest.raises(TypeError):
+        P.compile_plan(a, "not a plan")
+
+
+def test_compile_large_layered_net():
+    # 200k edges through the vectorised compiler (timing belongs in benchmarks, not here).
+    rng = np.random.default_rng(0)
+    widths = [512] * 5
+    src, dst = [], []
+    off = np.cumsum([0] + widths)
+    for k in range(len(widths) - 1):
+        for v in range(widths[k + 1]):
+            src.append(rng.choice(widths[k], size=100, replace=False) + off[k])
+            dst.append(np.full(100, v + off[k + 1]))
+    dag = SparseDAG.from_edges(512, np.concatenate(src), np.concatenate(dst))
+    pl = plan(dag, 64)
+    prog = P.compile_plan(dag, pl)
+    c = prog.op_counts()
+    assert c["FMA"] == dag.n_edges and c["LOAD"] == pl.io.loads and c["STORE"] == pl.io.stores
+    assert np.array_equal(np.sort(prog.fma_edges()), np.arange(dag.n_edges))

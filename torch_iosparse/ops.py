@@ -1,0 +1,335 @@
+"""The differentiable op: ``ops.prepare(dag, plan)`` compiles a network once; ``ops.dag_forward(x, weight,
+bias, net.buffers, net.meta)`` evaluates it. See docs/program-format.md ("The op") and docs/cpu-kernel.md.
+
+The op is ``torch.ops.iosparse.dag_forward(x, weight, bias, net: Tensor[], config: int[])`` with a C++
+CPU kernel (kernels/cpu/dag_kernel.cpp), a fake kernel (torch.compile / export), autograd through
+``torch.ops.iosparse.dag_backward`` and pure-PyTorch reference kernels for every other device
+(``CompositeExplicitAutograd``): a GPU backend overrides them with
+``torch.library.register_kernel("iosparse::dag_forward", "cuda", fn)``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from . import _native, hardware
+from . import program as program_mod
+from .dag import SparseDAG
+from .planning import Plan, plan as make_plan
+
+# Order of the Tensor[] argument of the op (kernels/cpu/dag_kernel.cpp NetIndex).
+NET_KEYS = ("in_ptr", "in_src", "act_code", "act_param", "outputs", "level_ptr", "level_neuron",
+            "prog_neuron", "prog_op_ptr", "prog_ops", "prog_output_rows",
+            "dense_index", "dense_edge", "dense_edge_ptr", "dense_out_pos")
+# Order of the int[] argument (kernels/cpu/dag_kernel.cpp ConfigIndex).
+CONFIG_KEYS = ("n_inputs", "n_neurons", "n_outputs", "memory", "n_slow", "batch_tile", "strategy",
+               "level_max_batch", "dense_min_batch", "layered")
+STRATEGIES = {"auto": 0, "program": 1, "level": 2, "dense": 3}
+NEVER = 2**62  # a batch threshold that is never reached
+
+
+@dataclass
+class CompiledNetwork:
+    """What :func:`prepare` returns. ``buffers`` (tensors) and ``meta`` (plain ints/floats) are all
+    :func:`dag_forward` needs; ``plan`` and ``program`` are kept for inspection."""
+
+    buffers: Dict[str, torch.Tensor]
+    meta: Dict[str, Union[int, float]]
+    plan: Optional[Plan] = None
+    program: Optional[program_mod.Program] = None
+    info: Dict = field(default_factory=dict)
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        return dag_forward(x, weight, bias, self.buffers, self.meta)
+
+
+def _t64(a) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))
+
+
+def _layer_structure(dag: SparseDAG, levels: np.ndarray, level_neuron: np.ndarray, level_ptr: np.ndarray):
+    """Dense-path tensors when every edge joins consecutive levels and all outputs sit on the last
+    level; else None."""
+    src, dst = dag.edges()
+    src = src.astype(np.int64)
+    dst = dst.astype(np.int64)
+    L = int(levels.max())
+    if src.size and not np.all(levels[src] + 1 == levels[dst]):
+        return None
+    if not np.all(levels[dag.outputs] == L):
+        return None
+    pos = np.zeros(dag.n_neurons, dtype=np.int64)  # position of a neuron inside its level
+    pos[: dag.n_inputs] = np.arange(dag.n_inputs)
+    pos[level_neuron] = np.arange(level_neuron.size) - np.repeat(level_ptr[:-1], np.diff(level_ptr))
+    width = np.concatenate([[dag.n_inputs], np.diff(level_ptr)])  # width of level 0..L
+    dense_index = pos[dst] * width[levels[dst] - 1] + pos[src]
+    dense_edge = np.argsort(levels[dst], kind="stable")
+    dense_edge_ptr = np.zeros(L + 1, dtype=np.int64)
+    dense_edge_ptr[1:] = np.cumsum(np.bincount(levels[dst] - 1, minlength=L))
+    return {"dense_index": _t64(dense_index), "dense_edge": _t64(dense_edge),
+            "dense_edge_ptr": _t64(dense_edge_ptr), "dense_out_pos": _t64(pos[np.asarray(dag.outputs, np.int64)])}
+
+
+def structure_buffers(dag: SparseDAG) -> Dict[str, torch.Tensor]:
+    """The network-structure tensors of the op (everything but the compiled program)."""
+    n_in = dag.n_inputs
+    levels = dag.levels().astype(np.int64)
+    comp_levels = levels[n_in:]
+    level_neuron = np.argsort(comp_levels, kind="stable") + n_in
+    L = int(levels.max())
+    level_ptr = np.zeros(L + 1, dtype=np.int64)
+    level_ptr[1:] = np.cumsum(np.bincount(comp_levels - 1, minlength=L))
+    act_code = np.array([a.code for a in dag.activations], dtype=np.int8)[dag.act_index.astype(np.int64)]
+    act_param = np.array([[a.lo, a.hi] for a in dag.activations], dtype=np.float64)[dag.act_index.astype(np.int64)]
+    act_code[:n_in] = 0
+    buffers = {
+        "in_ptr": _t64(dag.in_ptr),
+        "in_src": torch.from_numpy(np.ascontiguousarray(dag.in_src, dtype=np.int32)),
+        "act_code": torch.from_numpy(act_code),
+        "act_param": torch.from_numpy(np.ascontiguousarray(act_param)),
+        "outputs": _t64(dag.outputs),
+        "level_ptr": _t64(level_ptr),
+        "level_neuron": _t64(level_neuron),
+    }
+    dense = _layer_structure(dag, levels, level_neuron, level_ptr)
+    if dense is None:
+        empty = torch.zeros(0, dtype=torch.int64)
+        dense = {"dense_index": empty, "dense_edge": empty.clone(), "dense_edge_ptr": torch.zeros(L + 1, dtype=torch.int64),
+                 "dense_out_pos": empty.clone()}
+    buffers.update(dense)
+    return buffers
+
+
+def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, str, None] = "auto",
+            batch_tile: Optional[int] = None, strategy: str = "auto", dtype: torch.dtype = torch.float32,
+            calibrate: bool = False) -> CompiledNetwork:
+    """Compile ``dag`` for :func:`dag_forward`.
+
+    Args:
+        plan: a Plan of ``dag`` (checked: a plan of another network raises PlanError). Default: the
+            2-optimal (numbering / layer) order planned for ``memory`` slots.
+        memory: fast-memory slots M when ``plan`` is None: ``"auto"`` sizes M to the per-core cache
+            (hardware.fast_memory_slots), an int >= 2, or None (unbounded).
+        batch_tile: BT columns per kernel pass (default: from the vector registers, hardware.batch_tile).
+        strategy: ``"auto"`` (pick per batch size, see strategy.py), ``"program"``, ``"level"`` or
+            ``"dense"`` (layered networks only).
+        dtype: the dtype the network will mostly run in (sizes BT and M; any float dtype still works).
+        calibrate: with ``strategy="auto"``, time the strategies once on this machine instead of using
+            the cost model (strategy.calibrate; cached per network structure).
+    """
+    if not isinstance(dag, SparseDAG):
+        raise TypeError(f"prepare() takes a SparseDAG, got {type(dag).__name__}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    bt = int(batch_tile) if batch_tile is not None else hardware.batch_tile(dtype)
+    if bt < 1:
+        raise ValueError(f"batch_tile must be >= 1, got {bt}")
+    if plan is None:
+        M = hardware.fast_memory_slots(bt, dtype) if memory == "auto" else memory
+        plan = make_plan(dag, M)
+    elif not isinstance(plan, Plan):
+        raise TypeError(f"plan must be a torch_iosparse Plan or None, got {type(plan).__name__}")
+    prog = program_mod.compile_plan(dag, plan)  # raises PlanError for a plan of another network
+    buffers = structure_buffers(dag)
+    buffers.update(program_mod.program_tensors(prog))
+    layered = int(buffers["dense_index"].numel() == dag.n_edges and dag.n_edges > 0)
+    meta = {
+        "n_inputs": dag.n_inputs, "n_neurons": dag.n_neurons, "n_outputs": dag.n_outputs,
+        "memory": prog.memory, "n_slow": prog.n_slow, "batch_tile": bt, "strategy": STRATEGIES[strategy],
+        "level_max_batch": 0, "dense_min_batch": NEVER, "layered": layered,
+        "n_edges": dag.n_edges, "n_levels": int(buffers["level_ptr"].numel() - 1),
+        "loads": prog.io.loads, "stores": prog.io.stores,
+    }
+    net = CompiledNetwork(buffers, meta, plan, prog)
+    if strategy == "auto":
+        from . import strategy as strategy_mod
+        strategy_mod.configure(net, dag, calibrate=calibrate)
+    return net
+
+
+def _op_args(buffers: Dict[str, torch.Tensor], meta: Dict[str, Union[int, float]]):
+    try:
+        net = [buffers[k] for k in NET_KEYS]
+    except KeyError as e:
+        raise KeyError(f"network buffers lack {e.args[0]!r}; build them with torch_iosparse.ops.prepare") from None
+    try:
+        config = [int(meta[k]) for k in CONFIG_KEYS]
+    except KeyError as e:
+        raise KeyError(f"network meta lacks {e.args[0]!r}; build it with torch_iosparse.ops.prepare") from None
+    return net, config
+
+
+def dag_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffers: Dict[str, torch.Tensor],
+                meta: Dict[str, Union[int, float]]) -> torch.Tensor:
+    """Evaluate the prepared network: ``x`` [B, n_inputs] -> [B, n_outputs] (differentiable w.r.t. x,
+    weight (edge weights in dag in-edge order) and bias (one per neuron))."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+    net, config = _op_args(buffers, meta)
+    for name, t in (("weight", weight), ("bias", bias), ("network buffers", net[0])):
+        if isinstance(t, torch.Tensor) and t.device != x.device:
+            raise ValueError(f"iosparse: input is on device {x.device} but {name} are on {t.device}; move the "
+                             "network (module.to(device)) or the input")
+    _native.ops()
+    return torch.ops.iosparse.dag_forward(x, weight, bias, net, config)
+
+
+# ---------------------------------------------------------------------- pure-PyTorch reference kernels
+def _act_apply(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Activation per row of ``z`` [k, B] with per-row code [k] and (lo, hi) [k, 2]."""
+    import torch.nn.functional as F
+    out = z.clone()
+    for c in torch.unique(code).tolist():
+        rows = (code == c).nonzero(as_tuple=True)[0]
+        zr = z[rows]
+        if c == 0:
+            r = zr
+        elif c == 1:
+            r = torch.relu(zr)
+        elif c == 2:
+            p = param[rows].to(z.dtype)
+            r = torch.clamp(zr, p[:, :1], p[:, 1:])
+        elif c == 3:
+            r = F.gelu(zr)
+        elif c == 4:
+            r = F.gelu(zr, approximate="tanh")
+        elif c == 5:
+            r = torch.tanh(zr)
+        else:
+            r = torch.sigmoid(zr)
+        out[rows] = r
+    return out
+
+
+def _act_grad(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    d = torch.ones_like(z)
+    for c in torch.unique(code).tolist():
+        rows = (code == c).nonzero(as_tuple=True)[0]
+        zr = z[rows]
+        if c == 0:
+            r = torch.ones_like(zr)
+        elif c == 1:
+            r = (zr > 0).to(z.dtype)
+        elif c == 2:
+            p = param[rows].to(z.dtype)
+            r = ((zr > p[:, :1]) & (zr < p[:, 1:])).to(z.dtype)
+        elif c == 3:
+            r = 0.5 * (1 + torch.erf(zr * math.sqrt(0.5))) + zr * torch.exp(-0.5 * zr * zr) / math.sqrt(2 * math.pi)
+        elif c == 4:
+            k, a = math.sqrt(2 / math.pi), 0.044715
+            t = torch.tanh(k * (zr + a * zr ** 3))
+            r = 0.5 * (1 + t) + 0.5 * zr * (1 - t * t) * k * (1 + 3 * a * zr * zr)
+        elif c == 5:
+            r = 1 - torch.tanh(zr) ** 2
+        else:
+            s = torch.sigmoid(zr)
+            r = s * (1 - s)
+        d[rows] = r
+    return d
+
+
+def _level_edges(in_ptr: torch.Tensor, neurons: torch.Tensor):
+    starts, ends = in_ptr[neurons], in_ptr[neurons + 1]
+    counts = ends - starts
+    local = torch.repeat_interleave(torch.arange(neurons.numel(), device=neurons.device), counts)
+    offs = torch.cumsum(counts, 0) - counts
+    edges = torch.repeat_interleave(starts - offs, counts) + torch.arange(int(counts.sum()), device=neurons.device)
+    return edges, local
+
+
+def _reference_levels(x, weight, bias, net: Sequence[torch.Tensor], config: Sequence[int], keep_pre: bool):
+    n_in, n = config[0], config[1]
+    in_ptr, in_src, act_code, act_param, outputs, level_ptr, level_neuron = net[:7]
+    B = x.shape[0]
+    dev, dt = x.device, x.dtype
+    vals = torch.zeros(n, B, dtype=dt, device=dev)
+    pre = torch.zeros(n, B, dtype=dt, device=dev) if keep_pre else None
+    vals[:n_in] = x.t()
+    src_all = in_src.to(torch.int64)
+    per_level = []
+    lp = level_ptr.tolist()
+    for l in range(len(lp) - 1):
+        neurons = level_neuron[lp[l]:lp[l + 1]]
+        edges, local = _level_edges(in_ptr, neurons)
+        src = src_all[edges]
+        acc = bias[neurons].unsqueeze(1).expand(-1, B).clone()
+        if edges.numel():
+            acc.index_add_(0, local, vals[src] * weight[edges].unsqueeze(1))
+        if keep_pre:
+            pre[neurons] = acc
+        vals[neurons] = _act_apply(acc, act_code[neurons], act_param.view(-1, 2)[neurons])
+        per_level.append((neurons, edges, local, src))
+    return vals, pre, per_level
+
+
+def reference_forward(x, weight, bias, net: List[torch.Tensor], config: List[int]) -> torch.Tensor:
+    """Pure-PyTorch kernel of ``iosparse::dag_forward`` (level by level); any device."""
+    vals, _, _ = _reference_levels(x, weight, bias, net, config, keep_pre=False)
+    return vals[net[4]].t().contiguous()
+
+
+def reference_backward(grad_y, x, weight, bias, net: List[torch.Tensor], config: List[int]):
+    """Pure-PyTorch kernel of ``iosparse::dag_backward``: (grad_x, grad_weight, grad_bias)."""
+    n_in = config[0]
+    vals, pre, per_level = _reference_levels(x, weight, bias, net, config, keep_pre=True)
+    act_code, act_param, outputs = net[2], net[3].view(-1, 2), net[4]
+    G = torch.zeros_like(vals)
+    G.index_add_(0, outputs, grad_y.t().to(vals.dtype))
+    gw = torch.zeros_like(weight)
+    gb = torch.zeros_like(bias)
+    for neurons, edges, local, src in reversed(per_level):
+        dz = G[neurons] * _act_grad(pre[neurons], act_code[neurons], act_param[neurons])
+        gb[neurons] = dz.sum(1)
+        if edges.numel():
+            gw[edges] = (dz[local] * vals[src]).sum(1)
+            G.index_add_(0, src, weight[edges].unsqueeze(1) * dz[local])
+    return G[:n_in].t().contiguous(), gw, gb
+
+
+# ---------------------------------------------------------------------- registration
+_registered = False
+
+
+def _register():
+    global _registered
+    if _registered:
+        return
+    _native.ops()  # defines the schemas (C++)
+
+    @torch.library.register_fake("iosparse::dag_forward")
+    def _fake_forward(x, weight, bias, net, config):
+        torch._check(x.dim() == 2, lambda: f"iosparse: input must be 2-D [batch, n_inputs], got {x.dim()}-D")
+        return x.new_empty((x.shape[0], config[2]))
+
+    @torch.library.register_fake("iosparse::dag_backward")
+    def _fake_backward(grad_y, x, weight, bias, net, config):
+        return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+                torch.empty_like(bias))
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, net, config = inputs
+        ctx.save_for_backward(x, weight, bias, *net)
+        ctx.config = config
+
+    def _backward(ctx, grad_y):
+        x, weight, bias, *net = ctx.saved_tensors
+        gx, gw, gb = torch.ops.iosparse.dag_backward(grad_y.contiguous(), x, weight, bias, net, ctx.config)
+        return gx, gw, gb, [None] * len(net), None
+
+    torch.library.register_autograd("iosparse::dag_forward", _backward, setup_context=_setup_context)
+
+    # Every device without its own kernel runs the pure-PyTorch reference (a GPU backend replaces it with
+    # torch.library.register_kernel("iosparse::dag_forward", "cuda", fn)).
+    global _lib
+    _lib = torch.library.Library("iosparse", "FRAGMENT")
+    _lib.impl("dag_forward", reference_forward, "CompositeExplicitAutograd")
+    _lib.impl("dag_backward", reference_backward, "CompositeExplicitAutograd")
+    _registered = True
+
+
+_lib = None
+_register()

@@ -1,0 +1,231 @@
+"""Compile a :class:`~torch_iosparse.planning.Plan` into a *Program*: the flat op stream a kernel executes.
+
+The program is derived from the exact event trace of the I/O simulator (``iomodel.simulate(...,
+record=True)``), so the memory traffic a kernel performs when it runs the program IS the plan's I/O count:
+one ``LOAD`` per simulated load, one ``STORE`` per simulated store, one ``FMA`` per edge. The format is
+specified in docs/program-format.md; :func:`interpret` is the pure-PyTorch reference executor.
+
+Compilation is vectorised numpy over the event array (no Python loop per edge or event), so networks
+with 10^7 edges compile in seconds.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from . import iomodel
+from .dag import SparseDAG
+from .iomodel import IOCount
+from .planning import Plan
+
+# Opcodes of Program.ops (part of the native ABI: kernels/cpu/*.cpp and the GPU kernels read them).
+LOAD = 1    # (slow_row, slot):  slots[slot] = slow[slow_row]
+FMA = 2     # (slot, edge):      acc += weight[edge] * slots[slot]
+FINISH = 3  # (slot, -1):        slots[slot] = act(acc)
+STORE = 4   # (slot, slow_row):  slow[slow_row] = slots[slot]
+OPCODE_NAMES = {LOAD: "LOAD", FMA: "FMA", FINISH: "FINISH", STORE: "STORE"}
+
+# Event codes of iomodel.OPS
+_EV = {name: i for i, name in enumerate(iomodel.OPS)}
+
+
+@dataclass
+class Program:
+    """A compiled plan (see docs/program-format.md).
+
+    Attributes:
+        n_inputs, n_outputs, n_computed: sizes of the network.
+        memory: M, the number of fast-memory slots the op stream uses (for an unbounded plan, the
+            peak number of slots the schedule occupies).
+        n_slow: rows of the slow buffer: inputs (rows ``0..n_inputs-1``), then every value the
+            schedule stores (spilled intermediates and outputs), in order of their first store.
+        neuron: int64 [n_computed], the neuron computed at plan position ``i``.
+        act_code: int8 [n_computed] activation code (``activations.KINDS`` index) of that neuron;
+            act_lo / act_hi: float64 [n_computed] its clamp bounds (hardtanh only; float64 so that
+            float64 runs clamp exactly where the reference does).
+        op_ptr: int64 [n_computed + 1]; the ops of position ``i`` are ``ops[op_ptr[i]:op_ptr[i+1]]``.
+        ops: int32 [K, 3] rows ``(opcode, a, b)``, opcodes LOAD/FMA/FINISH/STORE above. Every position
+            starts with the implicit ``acc = bias[neuron[i]]``.
+        output_rows: int64 [n_outputs], the slow row of each output, in ``dag.outputs`` order.
+        io: the IOCount of the plan (== the op counts, checked at compile time).
+        dag_hash: structure hash of the network it was compiled for.
+    """
+
+    n_inputs: int
+    n_outputs: int
+    n_computed: int
+    memory: int
+    n_slow: int
+    neuron: np.ndarray
+    act_code: np.ndarray
+    act_lo: np.ndarray
+    act_hi: np.ndarray
+    op_ptr: np.ndarray
+    ops: np.ndarray
+    output_rows: np.ndarray
+    io: IOCount
+    dag_hash: str
+
+    @property
+    def n_ops(self) -> int:
+        return int(self.ops.shape[0])
+
+    def op_counts(self) -> dict:
+        """``{"LOAD": k, "FMA": k, "FINISH": k, "STORE": k}`` counted from the op stream."""
+        c = np.bincount(self.ops[:, 0], minlength=5) if self.n_ops else np.zeros(5, dtype=np.int64)
+        return {name: int(c[code]) for code, name in OPCODE_NAMES.items()}
+
+    def fma_edges(self) -> np.ndarray:
+        """The edge index (into ``dag.weight``) of every FMA, in stream order (int64)."""
+        return self.ops[self.ops[:, 0] == FMA, 2].astype(np.int64)
+
+    def describe(self, limit: int = 40) -> str:
+        """Human-readable listing of the first ``limit`` positions (for docs and debugging)."""
+        lines = [f"Program: {self.n_computed} positions, M={self.memory} slots, {self.n_slow} slow rows, "
+                 f"{self.n_ops} ops, io={self.io}"]
+        for i in range(min(self.n_computed, limit)):
+            lines.append(f"position {i}: neuron {int(self.neuron[i])}  acc = bias")
+            for code, a, b in self.ops[self.op_ptr[i]:self.op_ptr[i + 1]].tolist():
+                if code == LOAD:
+                    lines.append(f"    LOAD   slot[{b}] = slow[{a}]")
+                elif code == FMA:
+                    lines.append(f"    FMA    acc += w[{b}] * slot[{a}]")
+                elif code == FINISH:
+                    lines.append(f"    FINISH slot[{a}] = act(acc)")
+                else:
+                    lines.append(f"    STORE  slow[{b}] = slot[{a}]")
+        return "\n".join(lines)
+
+
+def compile_plan(dag: SparseDAG, plan: Plan) -> Program:
+    """Turn ``plan`` (made for ``dag``) into a :class:`Program` whose LOAD/STORE counts equal ``plan.io``.
+
+    Raises :class:`~torch_iosparse.planning.PlanError` when the plan belongs to another network.
+    """
+    if not isinstance(dag, SparseDAG):
+        raise TypeError(f"compile_plan takes a SparseDAG, got {type(dag).__name__}")
+    if not isinstance(plan, Plan):
+        raise TypeError(f"compile_plan takes a Plan, got {type(plan).__name__}")
+    plan.check_dag(dag)
+    io, events_t = iomodel.simulate(dag, plan.order, plan.memory, record=True)
+    if io != plan.io:
+        raise ValueError(f"the plan's recorded I/O {plan.io} differs from a fresh simulation {io}; "
+                         "the plan is stale or corrupt")
+    ev = events_t.numpy()
+    op, a, b, slot = ev[:, 0], ev[:, 1].astype(np.int64), ev[:, 2].astype(np.int64), ev[:, 3]
+    n_in, n_comp = dag.n_inputs, dag.n_computed
+
+    # Plan position of each event: the number of INITs at or before it, minus one (stores of an
+    # eviction that happen before an INIT belong to the previous position, after its FINISH).
+    is_init = op == _EV["init"]
+    position = np.cumsum(is_init) - 1
+    neuron = a[is_init]
+    if neuron.size != n_comp:
+        raise AssertionError("simulator trace has the wrong number of INIT events")
+
+    # Slow rows: inputs are 0..n_in-1; every stored neuron gets the next row at its (only) store.
+    is_store = op == _EV["store"]
+    stored = a[is_store]
+    if np.unique(stored).size != stored.size:
+        raise AssertionError("a value was stored twice; the simulator contract says at most once")
+    slow_row = np.full(dag.n_neurons, -1, dtype=np.int64)
+    slow_row[:n_in] = np.arange(n_in)
+    slow_row[stored] = n_in + np.arange(stored.size)
+    n_slow = n_in + stored.size
+
+    keep = (op == _EV["load"]) | (op == _EV["fma"]) | (op == _EV["finish"]) | is_store
+    k_op, k_a, k_b, k_slot, k_pos = op[keep], a[keep], b[keep], slot[keep], position[keep]
+    ops = np.empty((k_op.size, 3), dtype=np.int64)
+    # LOAD (slow_row, slot)
+    sel = k_op == _EV["load"]
+    ops[sel, 0], ops[sel, 1], ops[sel, 2] = LOAD, slow_row[k_a[sel]], k_slot[sel]
+    if (slow_row[k_a[sel]] < 0).any():
+        raise AssertionError("a value is loaded before it was ever stored")
+    # FMA (slot, edge): the simulator walks each neuron's in-edges in CSR order, so the FMAs of the
+    # whole trace are the concatenation of the in-edge ranges of the neurons in plan order.
+    sel = k_op == _EV["fma"]
+    starts = dag.in_ptr[neuron]
+    counts = dag.in_ptr[neuron + 1] - starts
+    edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
+    if edges.size != int(sel.sum()):
+        raise AssertionError("simulator trace has the wrong number of FMA events")
+    if edges.size and not np.array_equal(np.asarray(dag.in_src, dtype=np.int64)[edges], k_a[sel]):
+        raise AssertionError("FMA events do not follow the in-edge CSR order")
+    ops[sel, 0], ops[sel, 1], ops[sel, 2] = FMA, k_slot[sel], edges
+    sel = k_op == _EV["finish"]
+    ops[sel, 0], ops[sel, 1], ops[sel, 2] = FINISH, k_slot[sel], -1
+    sel = k_op == _EV["store"]
+    ops[sel, 0], ops[sel, 1], ops[sel, 2] = STORE, k_slot[sel], slow_row[k_a[sel]]
+
+    op_ptr = np.zeros(n_comp + 1, dtype=np.int64)
+    op_ptr[1:] = np.cumsum(np.bincount(k_pos, minlength=n_comp))
+    memory = plan.memory if plan.memory is not None else int(slot.max()) + 1 if slot.size else 1
+
+    out_rows = slow_row[np.asarray(dag.outputs, dtype=np.int64)]
+    if (out_rows < 0).any():
+        raise AssertionError("an output never reached slow memory")
+    act_table_code = np.array([act.code for act in dag.activations], dtype=np.int8)
+    act_table_lo = np.array([act.lo for act in dag.activations], dtype=np.float64)
+    act_table_hi = np.array([act.hi for act in dag.activations], dtype=np.float64)
+    ai = np.asarray(dag.act_index, dtype=np.int64)[neuron]
+
+    prog = Program(
+        n_inputs=n_in, n_outputs=dag.n_outputs, n_computed=n_comp, memory=int(memory), n_slow=int(n_slow),
+        neuron=neuron.astype(np.int64), act_code=act_table_code[ai], act_lo=act_table_lo[ai],
+        act_hi=act_table_hi[ai], op_ptr=op_ptr, ops=ops.astype(np.int32), output_rows=out_rows, io=io,
+        dag_hash=dag.structure_hash())
+    counts_ = prog.op_counts()
+    if counts_["LOAD"] != io.loads or counts_["STORE"] != io.stores or counts_["FMA"] != io.weights:
+        raise AssertionError(f"compiled op counts {counts_} disagree with the plan's I/O {io}")
+    return prog
+
+
+# ---------------------------------------------------------------------- reference interpreter
+def _activation(code: int, lo: float, hi: float, x: torch.Tensor) -> torch.Tensor:
+    from .activations import KINDS, Activation
+    return Activation(KINDS[code], float(lo), float(hi)).apply(x)
+
+
+def interpret(program: Program, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+              *, poison: float = float("nan")) -> torch.Tensor:
+    """Pure-PyTorch executor of ``program`` (one Python step per op; small networks only).
+
+    ``x``: [batch, n_inputs]; ``weight``: edge weights in in-edge order; ``bias``: per neuron.
+    Slots and slow rows start filled with ``poison`` so reading a value that was never written shows up
+    as NaN in the result. Returns [batch, n_outputs] in ``x.dtype``.
+    """
+    dt = x.dtype
+    batch = x.shape[0]
+    slots = torch.full((program.memory, batch), poison, dtype=dt)
+    slow = torch.full((program.n_slow, batch), poison, dtype=dt)
+    slow[: program.n_inputs] = x.t()
+    w = weight.to(dt)
+    bvec = bias.to(dt)
+    for i in range(program.n_computed):
+        acc = bvec[int(program.neuron[i])].expand(batch).clone()
+        for code, a, b in program.ops[program.op_ptr[i]:program.op_ptr[i + 1]].tolist():
+            if code == LOAD:
+                slots[b] = slow[a]
+            elif code == FMA:
+                acc = acc + w[b] * slots[a]
+            elif code == FINISH:
+                slots[a] = _activation(int(program.act_code[i]), program.act_lo[i], program.act_hi[i], acc)
+            elif code == STORE:
+                slow[b] = slots[a]
+            else:
+                raise ValueError(f"bad opcode {code} at position {i}")
+    return slow[torch.from_numpy(program.output_rows)].t().contiguous()
+
+
+def program_tensors(program: Program) -> dict:
+    """The program's arrays as torch tensors (the names ops.prepare uses as buffers)."""
+    return {
+        "prog_neuron": torch.from_numpy(np.ascontiguousarray(program.neuron, dtype=np.int64)),
+        "prog_op_ptr": torch.from_numpy(np.ascontiguousarray(program.op_ptr, dtype=np.int64)),
+        "prog_ops": torch.from_numpy(np.ascontiguousarray(program.ops, dtype=np.int32)),
+        "prog_output_rows": torch.from_numpy(np.ascontiguousarray(program.output_rows, dtype=np.int64)),
+    }
+
