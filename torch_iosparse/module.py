@@ -446,8 +446,7 @@ class IOSparseNetwork(nn.Module):
             self._op_meta = dict(net.meta)
             for d in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
                 _has_kernel(d)
-            names = {v: k for k, v in getattr(ops, "STRATEGIES", {}).items()}
-            strategy = names.get(self._op_meta.get("strategy"), str(self._op_meta.get("strategy", "native")))
+            strategy = _describe_strategy(ops, self._op_meta)
         M = plan.memory
         io = plan.io
         sizes = dag.layer_sizes
@@ -576,6 +575,21 @@ class IOSparseNetwork(nn.Module):
             ref = [getattr(self, k) for k in _REF_KEYS]
             y = reference_op(x2.contiguous(), self.weight, self.bias, ref, self._summary["n_neurons"])
         return y.reshape(*lead, self._summary["n_outputs"])
+
+
+def _describe_strategy(ops, meta: Dict) -> str:
+    """The native kernel's strategy in words, e.g. ``auto(B<=32:level, else program)``."""
+    names = {v: k for k, v in getattr(ops, "STRATEGIES", {}).items()}
+    name = names.get(meta.get("strategy"), str(meta.get("strategy", "native")))
+    if name != "auto":
+        return name
+    rules = []
+    if int(meta.get("level_max_batch", 0)) > 0:
+        rules.append(f"B<={int(meta['level_max_batch'])}:level")
+    never = getattr(ops, "NEVER", 2**62)
+    if int(meta.get("dense_min_batch", never)) < never:
+        rules.append(f"B>={int(meta['dense_min_batch'])}:dense")
+    return f"auto({', '.join(rules + ['else program'])})" if rules else "auto(program)"
 
 
 def _planning_methods() -> List[str]:
