@@ -110,9 +110,11 @@ def test_deepcopy_pickle_and_to():
     assert rel_err(n64(x.double()), seq.double()(x.double())) <= 1e-10
 
 
-def test_dtype_mismatch_follows_weights():
+def test_dtype_argument_and_mismatch_error():
     net = IOSparseNetwork(pruned_mlp(), dtype=torch.float64)
     assert net.weight.dtype == torch.float64
+    with pytest.raises(TypeError, match="float64 weights but the input is torch.float32"):
+        net(torch.randn(2, 12))
 
 
 @st.composite
