@@ -188,3 +188,20 @@ def test_native_and_reference_paths_agree(dag, memory, batch):
     y = net(x)
     expect = dag.forward_reference(x.double()).float()
     torch.testing.assert_close(y, expect, rtol=1e-4, atol=1e-5)
+
+
+def test_dtype_conversions_keep_structure_exact():
+    torch.manual_seed(4)
+    seq = nn.Sequential(nn.Linear(12, 20), nn.Hardtanh(-0.3, 0.7), nn.Linear(20, 6))
+    for m in seq:
+        if type(m) is nn.Linear:
+            prune.l1_unstructured(m, "weight", 0.7)
+    x = torch.randn(5, 12)
+    back = IOSparseNetwork(seq).double().float()  # kernel buffers keep their own dtype
+    assert rel_err(back(x), seq(x)) <= 1e-5
+    assert back.to_dag().activations[0] == ("hardtanh", -0.3, 0.7)  # bounds never rounded
+    for dt in (torch.float16, torch.bfloat16):  # no CPU kernel for these: the reference op runs
+        low = IOSparseNetwork(seq).to(dt)
+        assert low(x.to(dt)).dtype == dt
+        assert rel_err(low(x.to(dt)).float(), seq(x)) <= 3e-2
+        assert low.to_dag().activations[0] == ("hardtanh", -0.3, 0.7)

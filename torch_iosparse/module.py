@@ -25,7 +25,9 @@ from .iomodel import IOCount, lower_bound, normalize_memory, upper_bound
 from .planning import Plan
 
 # Structure + plan: persistent buffers (what a state_dict must carry to rebuild the network).
-_STRUCTURE = ("in_ptr", "in_src", "outputs", "act_index", "act_code", "act_lo", "act_hi", "layer_sizes",
+# act_bounds holds each activation's (lo, hi) as float64 bit patterns in int64, so module.to(dtype) can
+# never round them.
+_STRUCTURE = ("in_ptr", "in_src", "outputs", "act_index", "act_code", "act_bounds", "layer_sizes",
               "plan_order", "plan_memory", "plan_method")
 _METHOD_BYTES = 32  # fixed width, so states planned by different methods load into each other
 
@@ -48,6 +50,7 @@ def _ops_module():
 
 
 _KERNEL_CACHE: Dict[str, bool] = {}
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)  # what kernels/cpu accepts
 OP_NAME = "iosparse::dag_forward"
 
 
@@ -305,8 +308,7 @@ def _structure_tensors(dag: SparseDAG, plan: Plan) -> Dict[str, torch.Tensor]:
         "in_ptr": i64(dag.in_ptr), "in_src": i64(dag.in_src), "outputs": i64(dag.outputs),
         "act_index": i64(dag.act_index),
         "act_code": torch.tensor([a.code for a in dag.activations], dtype=torch.int64),
-        "act_lo": torch.tensor([a.lo for a in dag.activations], dtype=torch.float64),
-        "act_hi": torch.tensor([a.hi for a in dag.activations], dtype=torch.float64),
+        "act_bounds": torch.tensor([[a.lo, a.hi] for a in dag.activations], dtype=torch.float64).view(torch.int64),
         "layer_sizes": i64(dag.layer_sizes if dag.layer_sizes is not None else []),
         "plan_order": i64(plan.order),
         "plan_memory": torch.tensor(-1 if plan.memory is None else plan.memory, dtype=torch.int64),
@@ -331,7 +333,8 @@ def _dag_from_tensors(t: Dict[str, torch.Tensor], weight: torch.Tensor, bias_com
         outputs = t["outputs"].cpu().numpy().astype(np.int64)
         act_index = t["act_index"].cpu().numpy().astype(np.int16)
         codes = t["act_code"].cpu().tolist()
-        lo, hi = t["act_lo"].cpu().double().tolist(), t["act_hi"].cpu().double().tolist()
+        bounds = t["act_bounds"].cpu().contiguous().view(torch.float64).reshape(-1, 2)
+        lo, hi = bounds[:, 0].tolist(), bounds[:, 1].tolist()
         sizes = t["layer_sizes"].cpu().tolist()
     except KeyError as e:
         raise KeyError(f"state_dict lacks the IOSparseNetwork structure entry {e}") from None
@@ -435,6 +438,7 @@ class IOSparseNetwork(nn.Module):
             self.register_buffer(k, v.to(dev), persistent=False)
         self._op_keys: Tuple[str, ...] = ()
         self._op_meta: Optional[Dict] = None
+        self._op_fixed: Dict[str, torch.Tensor] = {}
         ops = _ops_module()
         strategy = "reference"
         if ops is not None:
@@ -443,6 +447,9 @@ class IOSparseNetwork(nn.Module):
             self._op_keys = tuple(net.buffers)
             for k, v in net.buffers.items():
                 self.register_buffer("op_" + k, v.to(dev), persistent=False)
+            # The kernel fixes the dtype of its float buffers (e.g. float64 activation bounds); keep the
+            # originals so module.to(dtype) / .half() cannot change (or round) them, see _apply.
+            self._op_fixed = {"op_" + k: v.clone() for k, v in net.buffers.items() if v.is_floating_point()}
             self._op_meta = dict(net.meta)
             for d in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
                 _has_kernel(d)
@@ -460,6 +467,14 @@ class IOSparseNetwork(nn.Module):
             "strategy": strategy,
         }
         self._fingerprint = self._structure_fingerprint()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for k, orig in getattr(self, "_op_fixed", {}).items():
+            cur = self._buffers.get(k)
+            if cur is not None and cur.dtype != orig.dtype:
+                self._buffers[k] = orig.to(cur.device)
+        return self
 
     def _structure_fingerprint(self) -> str:
         h = hashlib.sha256()
@@ -553,6 +568,8 @@ class IOSparseNetwork(nn.Module):
     def _use_op(self, x: torch.Tensor) -> bool:
         if self._op_meta is None:
             return False
+        if x.device.type == "cpu" and x.dtype not in _CPU_KERNEL_DTYPES:
+            return False  # e.g. bfloat16 / float16 on CPU: the reference op computes them
         if torch.compiler.is_compiling():
             return _KERNEL_CACHE.get(x.device.type, False)  # filled eagerly (dynamo guards on the dict)
         return _has_kernel(x.device.type)
