@@ -143,3 +143,33 @@ def test_cache_location_and_disable(tmp_path, monkeypatch):
     a = cache.cache_key(IOSparseNetwork(pruned(), memory=5, cache=False).to_dag(), 5, "two_optimal", 0, None)
     b = cache.cache_key(IOSparseNetwork(pruned(), memory=5, cache=False).to_dag(), 5, "two_optimal", 1, None)
     assert a != b
+
+
+def test_planning_method_is_used_cached_and_persisted(cache_dir, tmp_path):
+    calls = []
+
+    @planning.register_method("test_last_first")
+    def _last_first(dag, memory, seed=0, time_budget=None, **kw):
+        # a legal order different from the numbering: each layer's neurons in reverse
+        calls.append(seed)
+        lv = dag.levels()
+        comp = np.arange(dag.n_inputs, dag.n_neurons)
+        return comp[np.lexsort((-comp, lv[comp]))]
+
+    try:
+        seq = pruned()
+        net = IOSparseNetwork(seq, memory=4, method="test_last_first", seed=3)
+        assert calls == [3] and net.method == "test_last_first" and "method=test_last_first" in repr(net)
+        assert net.plan_order[0] > net.plan_order[1]
+        x = torch.randn(3, 10)
+        torch.testing.assert_close(net(x), seq(x))
+        again = IOSparseNetwork(seq, memory=4, method="test_last_first", seed=3)
+        assert again.cache_hit and calls == [3]
+        IOSparseNetwork(seq, memory=4, method="test_last_first", seed=4)  # another seed: another entry
+        assert calls == [3, 4]
+        torch.save(net.state_dict(), tmp_path / "s.pt")
+        rebuilt = IOSparseNetwork.from_state_dict(torch.load(tmp_path / "s.pt", weights_only=True))
+        assert rebuilt.method == "test_last_first" and torch.equal(rebuilt.plan_order, net.plan_order)
+        assert rebuilt.io == net.io
+    finally:
+        planning._METHODS.pop("test_last_first", None)
