@@ -143,3 +143,22 @@ def test_bad_input():
     assert isinstance(net, IOSparseNetwork)
     with pytest.raises(TypeError, match="root module"):
         sparsify_(lin)
+
+
+def test_sequential_subclass_with_own_forward_gets_no_chains():
+    class Residual(nn.Sequential):
+        def forward(self, x):
+            return x + super().forward(x)
+
+    torch.manual_seed(4)
+    block = Residual(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    for m in block:
+        if type(m) is nn.Linear:
+            prune.l1_unstructured(m, "weight", 0.8)
+    model = nn.Sequential(block, nn.ModuleList([nn.Linear(8, 8)]))
+    conv = sparsify(model, min_sparsity=0.5)
+    # converted one Linear at a time (each is a drop-in for a Linear), never merged across the override
+    assert [type(m).__name__ for m in conv[0]] == ["IOSparseNetwork", "ReLU", "IOSparseNetwork"]
+    assert type(conv[1][0]) is nn.Linear  # dense
+    x = torch.randn(3, 8)
+    assert rel_err(conv[0](x), block(x)) <= 1e-5

@@ -89,7 +89,8 @@ def _find(parent: nn.Module, prefix: str, scan: _Scan):
         return out
     children = list(parent.named_children())
     full = lambda n: f"{prefix}.{n}" if prefix else n  # noqa: E731
-    if isinstance(parent, nn.Sequential):
+    # Chains only inside a Sequential that runs its children in order (a subclass may override forward).
+    if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
         i = 0
         while i < len(children):
             name, m = children[i]
