@@ -205,3 +205,23 @@ def test_dtype_conversions_keep_structure_exact():
         assert low(x.to(dt)).dtype == dt
         assert rel_err(low(x.to(dt)).float(), seq(x)) <= 3e-2
         assert low.to_dag().activations[0] == ("hardtanh", -0.3, 0.7)
+
+
+def test_linears_without_bias_keep_no_trainable_bias():
+    torch.manual_seed(5)
+    seq = nn.Sequential(nn.Linear(12, 20, bias=False), nn.GELU(), nn.Linear(20, 6, bias=False))
+    for m in seq:
+        if type(m) is nn.Linear:
+            prune.l1_unstructured(m, "weight", 0.7)
+    net = IOSparseNetwork(seq)
+    assert [n for n, _ in net.named_parameters()] == ["weight"]
+    assert "bias" in net.state_dict() and not net.bias.any()
+    x = torch.randn(4, 12)
+    assert rel_err(net(x), seq(x)) <= 1e-5
+    net(x).sum().backward()
+    assert net.weight.grad is not None
+    dense = net.to_dense()
+    assert all(m.bias is None for m in dense if isinstance(m, nn.Linear))
+    fresh = IOSparseNetwork(seq)
+    fresh.load_state_dict(net.state_dict(), strict=True)
+    assert [n for n, _ in IOSparseNetwork(seq, train_bias=True).named_parameters()] == ["weight", "bias"]

@@ -372,6 +372,8 @@ class IOSparseNetwork(nn.Module):
             the planned schedule; ``"level"``/``"dense"``), see torch_iosparse/strategy.py.
         cache: look up / store the plan in the on-disk plan cache (:mod:`torch_iosparse.cache`).
         cache_dir: cache directory (default ``$TORCH_IOSPARSE_CACHE`` or ``~/.cache/torch_iosparse``).
+        train_bias: make the biases a Parameter (default: yes, unless built from Linear layers that all
+            have ``bias=False``; then they stay a zero buffer, as in the source model).
 
     Input: ``[..., n_inputs]`` (any leading dims); output ``[..., n_outputs]``.
     """
@@ -379,7 +381,7 @@ class IOSparseNetwork(nn.Module):
     def __init__(self, dag_or_module: Union[SparseDAG, nn.Module], memory="auto", method: str = "two_optimal", *,
                  plan: Optional[Plan] = None, seed: int = 0, time_budget: Optional[float] = None,
                  batch_tile: Optional[int] = None, strategy: str = "auto", cache: bool = True,
-                 cache_dir: Optional[str] = None,
+                 cache_dir: Optional[str] = None, train_bias: Optional[bool] = None,
                  dtype: Optional[torch.dtype] = None, **plan_kwargs):
         super().__init__()
         if isinstance(dag_or_module, SparseDAG):
@@ -403,7 +405,13 @@ class IOSparseNetwork(nn.Module):
         self.method = plan.method
         wdt = dtype or dag.weight.dtype
         self.weight = nn.Parameter(dag.weight.detach().to(wdt).clone())
-        self.bias = nn.Parameter(dag.bias[dag.n_inputs:].detach().to(wdt).clone())
+        b = dag.bias[dag.n_inputs:].detach().to(wdt).clone()
+        if train_bias is None:  # like the source: layers built with bias=False keep no trainable bias
+            train_bias = not (isinstance(dag_or_module, nn.Module) and _all_linears_without_bias(dag_or_module))
+        if train_bias:
+            self.bias = nn.Parameter(b)
+        else:
+            self.register_buffer("bias", b)  # zeros, same state_dict key, not trained
         for k, v in _structure_tensors(dag, plan).items():
             self.register_buffer(k, v)
         self._build_derived(dag, plan)
@@ -545,11 +553,13 @@ class IOSparseNetwork(nn.Module):
                              "general DAG — use to_dag().forward_reference instead")
         layers: List[nn.Module] = []
         dev, dt = self.weight.device, self.weight.dtype
+        with_bias = "bias" in self._parameters or bool(self.bias.any())
         for W, b, a in self.to_dag().to_dense_layers():
-            lin = nn.Linear(W.shape[1], W.shape[0], device=dev, dtype=dt)
+            lin = nn.Linear(W.shape[1], W.shape[0], bias=with_bias, device=dev, dtype=dt)
             with torch.no_grad():
                 lin.weight.copy_(W)
-                lin.bias.copy_(b)
+                if with_bias:
+                    lin.bias.copy_(b)
             layers.append(lin)
             if a.kind != "identity":
                 layers.append(a.to_module())
@@ -595,6 +605,11 @@ class IOSparseNetwork(nn.Module):
             ref = [getattr(self, k) for k in _REF_KEYS]
             y = reference_op(x2.contiguous(), self.weight, self.bias, ref, self._summary["n_neurons"])
         return y.reshape(*lead, self._summary["n_outputs"])
+
+
+def _all_linears_without_bias(module: nn.Module) -> bool:
+    lins = [m for m in module.modules() if isinstance(m, nn.Linear)]
+    return bool(lins) and all(m.bias is None for m in lins)
 
 
 def _describe_strategy(ops, meta: Dict) -> str:
