@@ -58,6 +58,7 @@ def test_export_round_trip(tmp_path):
     x = torch.randn(6, 12)
     batch = torch.export.Dim("batch", min=1, max=4096)
     ep = torch.export.export(net, (x,), dynamic_shapes={"x": {0: batch}})
+    assert any("iosparse.dag_forward" in str(n.target) for n in ep.graph.nodes)  # the native op, one node
     path = tmp_path / "net.pt2"
     torch.export.save(ep, path)
     loaded = torch.export.load(path)
@@ -77,3 +78,23 @@ def test_reference_ops_pass_opcheck():
     torch.library.opcheck(reference_backward_op, (g, x.detach(), w.detach(), b.detach(), ref,
                                                   net.summary()["n_neurons"]))
     torch.autograd.gradcheck(lambda x, w, b: reference_op(x, w, b, ref, net.summary()["n_neurons"]), (x, w, b))
+
+
+def test_reference_path_compiles_and_exports_too(tmp_path):
+    """Devices/dtypes without a native kernel run the reference custom op: same guarantees."""
+    torch._dynamo.reset()
+    counters.clear()
+    net = IOSparseNetwork(pruned(4))
+    net._op_meta = None  # as on a device without a registered kernel
+    compiled = torch.compile(net, fullgraph=True, dynamic=True)
+    for batch in (2, 7):
+        x = torch.randn(batch, 12, requires_grad=True)
+        y = compiled(x)
+        torch.testing.assert_close(y, net(x), rtol=1e-5, atol=1e-6)
+        y.sum().backward()
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    ep = torch.export.export(net.eval(), (torch.randn(3, 12),), dynamic_shapes={"x": {0: torch.export.Dim("b")}})
+    assert any("iosparse_module.reference_forward" in str(n.target) for n in ep.graph.nodes)
+    torch.export.save(ep, tmp_path / "ref.pt2")
+    xb = torch.randn(5, 12)
+    torch.testing.assert_close(torch.export.load(tmp_path / "ref.pt2").module()(xb), net(xb))
