@@ -61,7 +61,7 @@ def test_commands_in_process(files, capsys, tmp_path):
     assert "(was)" in out and "(now)" in out and list((tmp_path / "plans").glob("*.plan.npz"))
     assert main(["bench", str(p["whole"]), "--full-model", "--batch", "8", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "dense/sparse" in out and out.count("\n") >= 4
+    assert "dense/sparse" in out and "reference ms" in out and out.count("\n") >= 4
 
 
 def test_module_entry_point(files):
@@ -74,3 +74,12 @@ def test_module_entry_point(files):
     r = subprocess.run([sys.executable, "-m", "torch_iosparse", "bogus"], capture_output=True, text=True, env=env,
                        timeout=120)
     assert r.returncode != 0 and "invalid choice" in r.stderr
+
+
+def test_incomplete_state_is_a_clean_error(files, tmp_path):
+    conv, _ = files
+    sd = conv.state_dict()
+    del sd["0.act_bounds"]
+    torch.save(sd, tmp_path / "broken.pt")
+    with pytest.raises(SystemExit, match="cannot be rebuilt.*act_bounds"):
+        load_model_file(str(tmp_path / "broken.pt"))

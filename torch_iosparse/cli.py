@@ -44,7 +44,10 @@ def _from_state_dict(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
     holder = nn.ModuleDict()
     for p in prefixes:
         name = p.rstrip(".") or "(root)"
-        holder[name.replace(".", "/")] = IOSparseNetwork.from_state_dict(sd, prefix=p, cache=False)
+        try:
+            holder[name.replace(".", "/")] = IOSparseNetwork.from_state_dict(sd, prefix=p, cache=False)
+        except (KeyError, ValueError) as e:  # GraphError / PlanError are ValueErrors
+            raise SystemExit(f"{path}: the IOSparseNetwork state {name!r} cannot be rebuilt: {e}") from None
     if prefixes == [""]:
         return holder["(root)"]
     return holder
@@ -91,19 +94,23 @@ def _time(fn, x, repeats: int) -> float:
 
 
 def cmd_bench(model: nn.Module, args) -> None:
-    """Time each network against its dense nn.Sequential twin on random inputs (best of --repeats)."""
+    """Time each network (native op), its pure-PyTorch reference op and its dense nn.Sequential twin on
+    random inputs (best of --repeats, side by side in one process)."""
+    import copy
     nets = networks(model) or networks(_converted(model))
     print(f"batch={args.batch}, threads={torch.get_num_threads()}, best of {args.repeats}")
-    print(f"{'network':24s} {'sparse ms':>10s} {'dense ms':>10s} {'dense/sparse':>12s}")
+    print(f"{'network':24s} {'sparse ms':>10s} {'reference ms':>12s} {'dense ms':>10s} {'dense/sparse':>12s}")
     for name, net in nets:
         x = torch.randn(args.batch, net.n_inputs, dtype=net.weight.dtype)
         ts = _time(net, x, args.repeats)
+        ref = copy.deepcopy(net)
+        ref._op_meta = None  # the reference custom op
+        tr = _time(ref, x, args.repeats)
         try:
-            dense = net.to_dense()
-            td = _time(dense, x, args.repeats)
-            print(f"{name:24s} {ts * 1e3:10.3f} {td * 1e3:10.3f} {td / ts:12.2f}")
+            td = _time(net.to_dense(), x, args.repeats)
+            print(f"{name:24s} {ts * 1e3:10.3f} {tr * 1e3:12.3f} {td * 1e3:10.3f} {td / ts:12.2f}")
         except ValueError:  # a general DAG has no dense twin
-            print(f"{name:24s} {ts * 1e3:10.3f} {'-':>10s} {'-':>12s}")
+            print(f"{name:24s} {ts * 1e3:10.3f} {tr * 1e3:12.3f} {'-':>10s} {'-':>12s}")
 
 
 def main(argv: List[str] = None) -> int:
@@ -123,7 +130,7 @@ def main(argv: List[str] = None) -> int:
     p.add_argument("--time-budget", type=float, default=None)
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--save-dir", help="write each new plan as a .plan.npz file here")
-    p = sub.add_parser("bench", parents=[common], help="time each network against its dense twin")
+    p = sub.add_parser("bench", parents=[common], help="time each network against its reference and dense twins")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
     args = ap.parse_args(argv)
