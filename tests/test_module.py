@@ -225,3 +225,38 @@ def test_linears_without_bias_keep_no_trainable_bias():
     fresh = IOSparseNetwork(seq)
     fresh.load_state_dict(net.state_dict(), strict=True)
     assert [n for n, _ in IOSparseNetwork(seq, train_bias=True).named_parameters()] == ["weight", "bias"]
+
+
+@pytest.mark.parametrize("min_work", [0, 1 << 62])
+def test_reference_op_sparse_mm_and_gather_levels_agree(min_work, monkeypatch):
+    """The reference op runs big levels as CSR matmuls and small ones as gathers: check both."""
+    from torch_iosparse import module as mod
+    monkeypatch.setattr(mod, "SPARSE_MM_MIN_WORK", min_work)
+    torch.manual_seed(6)
+    seq = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 4))
+    for m in seq:
+        if type(m) is nn.Linear:
+            prune.l1_unstructured(m, "weight", 0.6)
+    seq = seq.double()
+    net = IOSparseNetwork(seq, cache=False)
+    ref = [getattr(net, k) for k in _REF_KEYS]
+    x = torch.randn(5, 10, dtype=torch.float64, requires_grad=True)
+    w = net.weight.detach().clone().requires_grad_()
+    b = net.bias.detach().clone().requires_grad_()
+    fn = lambda x, w, b: reference_op(x, w, b, ref, net.summary()["n_neurons"])  # noqa: E731
+    torch.testing.assert_close(fn(x, w, b), seq(x), rtol=1e-10, atol=1e-10)
+    torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
+    for dt in (torch.bfloat16, torch.float32):  # low precision accumulates in float32
+        y = reference_op(x.detach().to(dt), w.detach().to(dt), b.detach().to(dt), ref, net.summary()["n_neurons"])
+        assert y.dtype == dt and rel_err(y.double(), seq(x)) <= 2e-2
+
+
+def test_stale_pruned_weight_attribute_is_refreshed():
+    seq = pruned_mlp()
+    with torch.no_grad():
+        seq[0].weight_orig.mul_(3.0)  # prune's `weight` attribute is stale until the next forward
+    seq = seq.double()
+    net = IOSparseNetwork(seq)
+    assert net.weight.dtype == torch.float64
+    x = torch.randn(3, 12, dtype=torch.float64)
+    assert rel_err(net(x), seq(x)) <= 1e-12

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -23,6 +24,8 @@ from .activations import Activation
 from .dag import GraphError, SparseDAG
 from .iomodel import IOCount, lower_bound, normalize_memory, upper_bound
 from .planning import Plan
+
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state", category=UserWarning)
 
 # Structure + plan: persistent buffers (what a state_dict must carry to rebuild the network).
 # act_bounds holds each activation's (lo, hi) as float64 bit patterns in int64, so module.to(dtype) can
@@ -114,7 +117,7 @@ def resolve_memory(memory, dtype: torch.dtype = torch.float32, batch_tile: Optio
 
 # ---------------------------------------------------------------------- pure-PyTorch reference
 _REF_KEYS = ("ref_edge_perm", "ref_src_pos", "ref_dst_local", "ref_bias_index", "ref_out_pos", "ref_levels",
-             "ref_segments", "ref_act")
+             "ref_segments", "ref_act", "ref_crow")
 
 
 def reference_prepare(dag: SparseDAG) -> Tuple[Dict[str, torch.Tensor], Dict]:
@@ -133,7 +136,7 @@ def reference_prepare(dag: SparseDAG) -> Tuple[Dict[str, torch.Tensor], Dict]:
     pos[:n_in] = np.arange(n_in)
     pos[neurons] = n_in + np.arange(neurons.size)
     src, dst = dag.edges()
-    eperm = np.lexsort((src, pos[dst]))
+    eperm = np.lexsort((pos[src], pos[dst]))  # by destination, then source position: CSR rows, sorted columns
     dst_pos, src_pos = pos[dst[eperm]], pos[src[eperm]]
     lvs = lv[neurons]
     levels, segments = [], []
@@ -151,8 +154,12 @@ def reference_prepare(dag: SparseDAG) -> Tuple[Dict[str, torch.Tensor], Dict]:
         segments += [(v0 + bounds[i], v0 + bounds[i + 1], int(seg_act[bounds[i]])) for i in range(len(bounds) - 1)]
         levels.append((v0, v1, e0, e1, g0, len(segments)))
     dst_local = dst_pos.copy()
+    crows = []  # per level, the CSR row pointer of its [v1-v0, v0] weight matrix (relative to e0)
     for v0, v1, e0, e1, _, _ in levels:
         dst_local[e0:e1] -= v0
+        crow = np.zeros(v1 - v0 + 1, dtype=np.int64)
+        np.cumsum(np.bincount(dst_local[e0:e1], minlength=v1 - v0), out=crow[1:])
+        crows.append(crow)
     lohi = np.array([[a.lo, a.hi] for a in dag.activations], dtype=np.float64).view(np.int64)
     act = np.concatenate([np.array([[a.code] for a in dag.activations], dtype=np.int64), lohi], axis=1)
     buffers = {
@@ -164,6 +171,7 @@ def reference_prepare(dag: SparseDAG) -> Tuple[Dict[str, torch.Tensor], Dict]:
         "ref_levels": torch.tensor(levels, dtype=torch.int64).reshape(-1, 6),
         "ref_segments": torch.tensor(segments, dtype=torch.int64).reshape(-1, 3),
         "ref_act": torch.from_numpy(np.ascontiguousarray(act)),
+        "ref_crow": torch.from_numpy(np.concatenate(crows) if crows else np.zeros(0, dtype=np.int64)),
     }
     return buffers, _ref_meta(buffers, n_in, n)
 
@@ -174,7 +182,12 @@ def _ref_meta(buffers: Dict[str, torch.Tensor], n_in: int, n: int) -> Dict:
     act = buffers["ref_act"].cpu()
     lohi = act[:, 1:].contiguous().view(torch.float64).tolist()
     table = tuple(Activation(acts.KINDS[int(c)], lo, hi) for c, (lo, hi) in zip(act[:, 0].tolist(), lohi))
-    return {"n_inputs": n_in, "n_neurons": n, "levels": levels, "activations": table}
+    crow_offsets, c = [], 0
+    for v0, v1, *_ in levels:
+        crow_offsets.append(c)
+        c += v1 - v0 + 1
+    return {"n_inputs": n_in, "n_neurons": n, "levels": levels, "activations": table,
+            "crow_offsets": tuple(crow_offsets)}
 
 
 def reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffers: Dict[str, torch.Tensor],
@@ -204,11 +217,95 @@ def reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
 
 # The reference as an opaque custom op: torch.compile / torch.export see one node with a fake kernel (no
 # graph breaks, no Inductor codegen of the scatter loop) on devices that have no native kernel.
+def _compute_dtype(dt: torch.dtype) -> torch.dtype:
+    # torch's sparse CSR kernels lack float16/bfloat16 on CPU; accumulate those in float32 (more exact too)
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+
+
+def _level_matrix(bufs, meta, i: int, values: torch.Tensor) -> torch.Tensor:
+    """Level i's weights as a CSR matrix [its neurons, all earlier positions]."""
+    v0, v1, e0, e1, _ = meta["levels"][i]
+    c0 = meta["crow_offsets"][i]
+    return torch.sparse_csr_tensor(bufs["ref_crow"][c0:c0 + v1 - v0 + 1], bufs["ref_src_pos"][e0:e1], values,
+                                   size=(v1 - v0, v0), check_invariants=False)  # built valid by reference_prepare
+
+
+# Below this many multiply-adds per level (edges x batch) a gather + index_add beats building a CSR matrix
+# (tensor construction and library-call overhead dominate small levels).
+SPARSE_MM_MIN_WORK = 1 << 18
+
+
+def _use_sparse_mm(edges: int, batch: int) -> bool:
+    return edges * batch >= SPARSE_MM_MIN_WORK
+
+
+def _sparse_eval(x, weight, bias, bufs, meta, keep_pre: bool):
+    """The reference as one sparse-dense matmul per level (same values as :func:`reference_forward`,
+    without its [edges, batch] intermediate). Returns (y, vals, pre) in the compute dtype."""
+    n_in, n = meta["n_inputs"], meta["n_neurons"]
+    B = x.shape[0]
+    cdt = _compute_dtype(x.dtype)
+    w = weight.to(cdt)[bufs["ref_edge_perm"]]
+    b = bias.to(cdt)[bufs["ref_bias_index"]]
+    vals = x.new_zeros(n, B, dtype=cdt)
+    pre = x.new_zeros(n, B, dtype=cdt) if keep_pre else None
+    vals[:n_in] = x.t().to(cdt)
+    table = meta["activations"]
+    for i, (v0, v1, e0, e1, segs) in enumerate(meta["levels"]):
+        acc = b[v0 - n_in:v1 - n_in].unsqueeze(1).expand(v1 - v0, B)
+        if e1 > e0 and _use_sparse_mm(e1 - e0, B):
+            acc = acc + torch.sparse.mm(_level_matrix(bufs, meta, i, w[e0:e1]), vals[:v0])
+        elif e1 > e0:
+            contrib = vals[bufs["ref_src_pos"][e0:e1]] * w[e0:e1].unsqueeze(1)
+            acc = acc.index_add(0, bufs["ref_dst_local"][e0:e1], contrib)
+        if keep_pre:
+            pre[v0:v1] = acc
+        for s0, s1, k in segs:
+            vals[s0:s1] = table[k].apply(acc[s0 - v0:s1 - v0])
+    return vals[bufs["ref_out_pos"]].t(), vals, pre
+
+
+def _sparse_grad(grad, x, weight, bias, bufs, meta):
+    """Gradients w.r.t. (x, weight, bias): recompute the forward keeping pre-activations, then walk the
+    transposed DAG level by level (W^T·g for the inputs, a sampled product g·x^T for the weights)."""
+    n_in, n = meta["n_inputs"], meta["n_neurons"]
+    cdt = _compute_dtype(x.dtype)
+    _, vals, pre = _sparse_eval(x, weight, bias, bufs, meta, keep_pre=True)
+    w = weight.to(cdt)[bufs["ref_edge_perm"]]
+    B = x.shape[0]
+    gvals = x.new_zeros(n, B, dtype=cdt)
+    gvals.index_add_(0, bufs["ref_out_pos"], grad.to(cdt).t())
+    gw_sorted = x.new_zeros(w.shape[0], dtype=cdt)
+    gb_sorted = x.new_zeros(n - n_in, dtype=cdt)
+    table = meta["activations"]
+    for i in reversed(range(len(meta["levels"]))):
+        v0, v1, e0, e1, segs = meta["levels"][i]
+        gacc = torch.empty_like(gvals[v0:v1])
+        for s0, s1, k in segs:
+            gacc[s0 - v0:s1 - v0] = _activation_backward(table[k], gvals[s0:s1], pre[s0:s1], vals[s0:s1])
+        gb_sorted[v0 - n_in:v1 - n_in] = gacc.sum(1)
+        if e1 > e0 and _use_sparse_mm(e1 - e0, B):
+            A = _level_matrix(bufs, meta, i, w[e0:e1])
+            gvals[:v0] += torch.sparse.mm(A.t(), gacc)
+            pattern = _level_matrix(bufs, meta, i, torch.ones_like(w[e0:e1]))
+            gw_sorted[e0:e1] = torch.sparse.sampled_addmm(pattern, gacc, vals[:v0].t(), beta=0.0).values()
+        elif e1 > e0:
+            src = bufs["ref_src_pos"][e0:e1]
+            g_e = gacc[bufs["ref_dst_local"][e0:e1]]  # [edges, B]
+            gw_sorted[e0:e1] = (g_e * vals[src]).sum(1)
+            gvals.index_add_(0, src, g_e * w[e0:e1].unsqueeze(1))
+    gx = gvals[:n_in].t().to(x.dtype).contiguous()
+    gw = torch.zeros_like(weight).index_put_((bufs["ref_edge_perm"],), gw_sorted.to(weight.dtype))
+    gb = torch.zeros_like(bias).index_put_((bufs["ref_bias_index"],), gb_sorted.to(bias.dtype))
+    return gx, gw, gb
+
+
 @torch.library.custom_op("iosparse_module::reference_forward", mutates_args=())
 def reference_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, ref: List[torch.Tensor],
                  n_neurons: int) -> torch.Tensor:
     bufs = dict(zip(_REF_KEYS, ref))
-    return reference_forward(x, weight, bias, bufs, _ref_meta(bufs, x.shape[1], n_neurons)).contiguous()
+    y, _, _ = _sparse_eval(x, weight, bias, bufs, _ref_meta(bufs, x.shape[1], n_neurons), keep_pre=False)
+    return y.to(x.dtype).contiguous()
 
 
 @reference_op.register_fake
@@ -234,51 +331,11 @@ def _activation_backward(a: Activation, grad: torch.Tensor, pre: torch.Tensor, o
     raise AssertionError(k)
 
 
-def reference_backward(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                       buffers: Dict[str, torch.Tensor], meta: Dict):
-    """Gradients of :func:`reference_forward` w.r.t. ``(x, weight, bias)``: one forward pass that keeps
-    the pre-activations, then the transposed DAG level by level in reverse."""
-    n_in, n = meta["n_inputs"], meta["n_neurons"]
-    B = x.shape[0]
-    dt = x.dtype
-    w = weight.to(dt)[buffers["ref_edge_perm"]].unsqueeze(1)
-    b = bias.to(dt)[buffers["ref_bias_index"]]
-    src_pos, dst_local = buffers["ref_src_pos"], buffers["ref_dst_local"]
-    table: Tuple[Activation, ...] = meta["activations"]
-    vals = x.new_zeros(n, B)
-    pre = x.new_zeros(n, B)
-    vals[:n_in] = x.t()
-    for v0, v1, e0, e1, segs in meta["levels"]:
-        acc = b[v0 - n_in:v1 - n_in].unsqueeze(1).expand(v1 - v0, B)
-        if e1 > e0:
-            acc = acc.index_add(0, dst_local[e0:e1], vals[src_pos[e0:e1]] * w[e0:e1])
-        pre[v0:v1] = acc
-        for s0, s1, k in segs:
-            vals[s0:s1] = table[k].apply(acc[s0 - v0:s1 - v0])
-    gvals = x.new_zeros(n, B)
-    gvals.index_add_(0, buffers["ref_out_pos"], grad.to(dt).t())
-    gw_sorted = x.new_zeros(w.shape[0])
-    gb_sorted = x.new_zeros(b.shape[0])
-    for v0, v1, e0, e1, segs in reversed(meta["levels"]):
-        gacc = torch.empty_like(gvals[v0:v1])
-        for s0, s1, k in segs:
-            gacc[s0 - v0:s1 - v0] = _activation_backward(table[k], gvals[s0:s1], pre[s0:s1], vals[s0:s1])
-        gb_sorted[v0 - n_in:v1 - n_in] = gacc.sum(1)
-        if e1 > e0:
-            g_e = gacc[dst_local[e0:e1]]  # [edges, B]
-            gw_sorted[e0:e1] = (g_e * vals[src_pos[e0:e1]]).sum(1)
-            gvals.index_add_(0, src_pos[e0:e1], g_e * w[e0:e1])
-    gx = gvals[:n_in].t().contiguous()
-    gw = torch.zeros_like(weight).index_put_((buffers["ref_edge_perm"],), gw_sorted.to(weight.dtype))
-    gb = torch.zeros_like(bias).index_put_((buffers["ref_bias_index"],), gb_sorted.to(bias.dtype))
-    return gx, gw, gb
-
-
 @torch.library.custom_op("iosparse_module::reference_backward", mutates_args=())
 def reference_backward_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                           ref: List[torch.Tensor], n_neurons: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     bufs = dict(zip(_REF_KEYS, ref))
-    return reference_backward(grad, x, weight, bias, bufs, _ref_meta(bufs, x.shape[1], n_neurons))
+    return _sparse_grad(grad, x, weight, bias, bufs, _ref_meta(bufs, x.shape[1], n_neurons))
 
 
 @reference_backward_op.register_fake
@@ -387,6 +444,7 @@ class IOSparseNetwork(nn.Module):
         if isinstance(dag_or_module, SparseDAG):
             dag = dag_or_module
         elif isinstance(dag_or_module, nn.Module):
+            _refresh_pruned_weights(dag_or_module)
             dag = SparseDAG.from_module(dag_or_module, dtype=dtype)
         else:
             raise TypeError(f"IOSparseNetwork takes a SparseDAG or an nn.Module, got {type(dag_or_module).__name__}")
@@ -605,6 +663,16 @@ class IOSparseNetwork(nn.Module):
             ref = [getattr(self, k) for k in _REF_KEYS]
             y = reference_op(x2.contiguous(), self.weight, self.bias, ref, self._summary["n_neurons"])
         return y.reshape(*lead, self._summary["n_outputs"])
+
+
+def _refresh_pruned_weights(module: nn.Module) -> None:
+    """torch.nn.utils.prune recomputes ``weight = weight_orig * weight_mask`` only in the next forward, so
+    after ``.double()``, ``.to()`` or an optimizer step the attribute is stale; recompute it now."""
+    from torch.nn.utils import prune
+    for m in module.modules():  # exactly what the prune hook does at the start of a forward
+        for hook in m._forward_pre_hooks.values():
+            if isinstance(hook, prune.BasePruningMethod):
+                setattr(m, hook._tensor_name, hook.apply_mask(m))
 
 
 def _all_linears_without_bias(module: nn.Module) -> bool:
