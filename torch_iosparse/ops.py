@@ -24,7 +24,7 @@ from .planning import Plan, plan as make_plan
 # Order of the Tensor[] argument of the op (kernels/cpu/dag_kernel.cpp NetIndex).
 NET_KEYS = ("in_ptr", "in_src", "act_code", "act_param", "outputs", "level_ptr", "level_neuron",
             "prog_neuron", "prog_op_ptr", "prog_ops", "prog_output_rows",
-            "dense_index", "dense_edge", "dense_edge_ptr", "dense_out_pos")
+            "dense_index", "dense_edge", "dense_edge_ptr", "dense_out_pos", "prog_group_ptr")
 # Order of the int[] argument (kernels/cpu/dag_kernel.cpp ConfigIndex).
 CONFIG_KEYS = ("n_inputs", "n_neurons", "n_outputs", "memory", "n_slow", "batch_tile", "strategy",
                "level_max_batch", "dense_min_batch", "layered")
@@ -106,7 +106,7 @@ def structure_buffers(dag: SparseDAG) -> Dict[str, torch.Tensor]:
 
 def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, str, None] = "auto",
             batch_tile: Optional[int] = None, strategy: str = "auto", dtype: torch.dtype = torch.float32,
-            calibrate: bool = False) -> CompiledNetwork:
+            calibrate: bool = False, group_size: int = 4) -> CompiledNetwork:
     """Compile ``dag`` for :func:`dag_forward`.
 
     Args:
@@ -118,6 +118,8 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         strategy: ``"auto"`` (pick per batch size, see strategy.py), ``"program"``, ``"level"`` or
             ``"dense"`` (layered networks only).
         dtype: the dtype the network will mostly run in (sizes BT and M; any float dtype still works).
+        group_size: up to this many consecutive neurons with identical inputs are computed together
+            (1..4; 1 disables grouping).
         calibrate: with ``strategy="auto"``, time the strategies once on this machine instead of using
             the cost model (strategy.calibrate; cached per network structure).
     """
@@ -133,9 +135,12 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         plan = make_plan(dag, M)
     elif not isinstance(plan, Plan):
         raise TypeError(f"plan must be a torch_iosparse Plan or None, got {type(plan).__name__}")
+    if not 1 <= int(group_size) <= 4:
+        raise ValueError(f"group_size must be in 1..4, got {group_size}")
     prog = program_mod.compile_plan(dag, plan)  # raises PlanError for a plan of another network
     buffers = structure_buffers(dag)
     buffers.update(program_mod.program_tensors(prog))
+    buffers["prog_group_ptr"] = _t64(program_mod.group_positions(prog, dag, max_group=group_size))
     layered = int(buffers["dense_index"].numel() == dag.n_edges and dag.n_edges > 0)
     meta = {
         "n_inputs": dag.n_inputs, "n_neurons": dag.n_neurons, "n_outputs": dag.n_outputs,

@@ -229,3 +229,91 @@ def program_tensors(program: Program) -> dict:
         "prog_output_rows": torch.from_numpy(np.ascontiguousarray(program.output_rows, dtype=np.int64)),
     }
 
+
+
+# ---------------------------------------------------------------------- neuron groups (register reuse)
+def group_positions(program: Program, dag: SparseDAG, max_group: int = 4) -> np.ndarray:
+    """Partition the plan positions into groups of up to ``max_group`` consecutive positions that the
+    kernel computes together, reading each source slot once for the whole group.
+
+    A position j joins the group of the position before it when it reads exactly the same sources from
+    exactly the same slots in the same order, performs no LOAD (its sources are all resident) and has
+    nothing but FMAs before its FINISH. Then
+    every FMA of j can run at the moment the first position of the group runs its FMA with the same
+    index, and j's FINISH/STOREs afterwards, in order: the I/O is unchanged (the op stream is the same,
+    only FMAs are reordered). Returns ``group_ptr`` (int64 [n_groups + 1]) over positions.
+    """
+    n = program.n_computed
+    ops = program.ops
+    pos_of_op = np.repeat(np.arange(n), np.diff(program.op_ptr))
+    is_fma = ops[:, 0] == FMA
+    fma_pos = pos_of_op[is_fma]
+    fma_slot = ops[is_fma, 1].astype(np.int64)
+    fma_src = np.asarray(dag.in_src, dtype=np.int64)[ops[is_fma, 2]]
+    k = np.bincount(fma_pos, minlength=n)                    # FMAs per position
+    first = np.zeros(n + 1, dtype=np.int64)
+    first[1:] = np.cumsum(k)
+    # A member's ops must be exactly [FMA x k, FINISH, STORE...]: no LOAD at all and nothing but FMAs
+    # before its FINISH (the kernel jumps straight to the FINISH of a member).
+    op_index = np.arange(ops.shape[0])
+    finish_index = np.full(n, -1, dtype=np.int64)
+    finish_index[pos_of_op[ops[:, 0] == FINISH]] = op_index[ops[:, 0] == FINISH]
+    early = (ops[:, 0] != FMA) & (op_index < finish_index[pos_of_op])
+    irregular = np.bincount(pos_of_op[early | (ops[:, 0] == LOAD)], minlength=n)
+    # candidate j (>= 1): same FMA count as j-1 and a regular op list
+    cand = np.zeros(n, dtype=bool)
+    cand[1:] = (k[1:] == k[:-1]) & (irregular[1:] == 0)
+    # element-wise comparison of j's FMA t with (j-1)'s FMA t, for candidate positions only
+    t = np.arange(fma_pos.size)
+    prev_t = t - k[fma_pos]
+    ok_t = cand[fma_pos]
+    safe = np.where(ok_t, prev_t, 0)
+    ok_t &= (fma_slot == fma_slot[safe]) & (fma_src == fma_src[safe])
+    mismatch = np.bincount(fma_pos[~ok_t], minlength=n)
+    joins = cand & (mismatch == 0)
+    # Break chains into groups of at most max_group: a position starts a group unless it joins and
+    # the running group is not full.
+    starts = []
+    size = 0
+    # (loop over positions, not edges: n_computed is small next to the edge count)
+    for i, j in enumerate(joins.tolist()):
+        if j and size < max_group:
+            size += 1
+        else:
+            starts.append(i)
+            size = 1
+    return np.array(starts + [n], dtype=np.int64)
+
+
+def _source_set_hash(dag: SparseDAG) -> np.ndarray:
+    """One uint64 per neuron that is equal for neurons with equal source sets (sum of mixed ids)."""
+    src = np.asarray(dag.in_src, dtype=np.uint64)
+    mixed = (src + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    mixed ^= mixed >> np.uint64(29)
+    mixed *= np.uint64(0xBF58476D1CE4E5B9)
+    out = np.zeros(dag.n_neurons, dtype=np.uint64)
+    deg = np.diff(dag.in_ptr)
+    nz = np.flatnonzero(deg > 0)
+    if src.size:
+        out[nz] = np.add.reduceat(mixed, dag.in_ptr[nz])
+    return out
+
+
+def level_grouped_order(dag: SparseDAG) -> np.ndarray:
+    """Level by level; inside a level, neurons with the same source set next to each other (so the
+    kernel can group them), else by neuron id."""
+    lv = dag.levels().astype(np.int64)
+    comp = np.arange(dag.n_inputs, dag.n_neurons)
+    h = _source_set_hash(dag)[comp]
+    return comp[np.lexsort((comp, h, lv[comp]))]
+
+
+def _register_plan_method():
+    from .planning import register_method
+
+    @register_method("level_grouped")
+    def _level_grouped(dag, memory, seed=0, time_budget=None, **kw):
+        return level_grouped_order(dag)
+
+
+_register_plan_method()

@@ -44,6 +44,7 @@ enum NetIndex {
   NET_DENSE_EDGE,        // int64 [m]   edges sorted by layer (layered only)
   NET_DENSE_EDGE_PTR,    // int64 [L+1] per layer range in dense_edge (layered only)
   NET_DENSE_OUT_POS,     // int64 [n_out] column of each output in the last layer (layered only)
+  NET_PROG_GROUP_PTR,    // int64 [n_groups+1] positions computed together (program.group_positions)
   NET_COUNT
 };
 
@@ -70,6 +71,8 @@ struct Net {
   const int64_t* prog_op_ptr;
   const int32_t* prog_ops;
   const int64_t* prog_output_rows;
+  const int64_t* prog_group_ptr;
+  int64_t n_groups;
 };
 
 void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
@@ -129,6 +132,14 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   check_buffer(net_t[NET_PROG_OP_PTR], "prog_op_ptr", at::kLong, n.n_computed + 1);
   check_buffer(net_t[NET_PROG_OPS], "prog_ops", at::kInt, -1);
   check_buffer(net_t[NET_PROG_OUTPUT_ROWS], "prog_output_rows", at::kLong, n.n_outputs);
+  check_buffer(net_t[NET_PROG_GROUP_PTR], "prog_group_ptr", at::kLong, -1);
+  n.n_groups = net_t[NET_PROG_GROUP_PTR].numel() - 1;
+  n.prog_group_ptr = net_t[NET_PROG_GROUP_PTR].data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(n.n_groups >= 1 && n.prog_group_ptr[0] == 0 && n.prog_group_ptr[n.n_groups] == n.n_computed,
+                    "iosparse: prog_group_ptr does not cover the program");
+  for (int64_t g = 0; g < n.n_groups; ++g)
+    TORCH_CHECK_VALUE(n.prog_group_ptr[g + 1] - n.prog_group_ptr[g] >= 1 &&
+                      n.prog_group_ptr[g + 1] - n.prog_group_ptr[g] <= 4, "iosparse: bad group in prog_group_ptr");
   n.n_levels = net_t[NET_LEVEL_PTR].numel() - 1;
   n.n_ops = net_t[NET_PROG_OPS].numel() / 3;
   n.in_ptr = net_t[NET_IN_PTR].data_ptr<int64_t>();
@@ -160,6 +171,24 @@ std::unique_ptr<T, AlignedFree> aligned_buffer(int64_t count) {
   return std::unique_ptr<T, AlignedFree>(p);
 }
 
+// Per-thread scratch that survives calls: fresh multi-MiB allocations would page-fault on every call.
+template <typename T>
+T* scratch(int slot, int64_t count) {
+  struct Buf {
+    std::unique_ptr<unsigned char, AlignedFree> p;
+    size_t bytes = 0;
+  };
+  thread_local Buf bufs[4];
+  Buf& b = bufs[slot];
+  const size_t need = ((size_t(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64) * 64;
+  if (b.bytes < need) {
+    b.p.reset(static_cast<unsigned char*>(std::aligned_alloc(64, need)));
+    TORCH_CHECK(b.p != nullptr, "iosparse: out of memory allocating ", need, " bytes");
+    b.bytes = need;
+  }
+  return reinterpret_cast<T*>(b.p.get());
+}
+
 // ------------------------------------------------------------------------------------------ program
 // One batch tile: NV vectors of 64 bytes per value (BT = NV * 64 / sizeof(T) columns).
 template <typename T>
@@ -173,40 +202,107 @@ struct Vec64<double> {
   typedef double type __attribute__((vector_size(64)));
 };
 
+// dst = act(acc). The cheap kinds stay in vector registers (the comparisons keep NaN, like PyTorch);
+// the transcendental ones go through the scalar formulas.
 template <typename T, int NV>
-__attribute__((always_inline)) inline void program_tile_body(const Net& net, const T* __restrict w,
-                                                             const T* __restrict b, T* __restrict slots,
-                                                             T* __restrict slow) {
+__attribute__((always_inline)) inline void finish_vec(const Net& net, int64_t v,
+                                                      const typename Vec64<T>::type* acc,
+                                                      typename Vec64<T>::type* dst) {
+  using V = typename Vec64<T>::type;
+  constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
+  const int8_t ac = net.act_code[v];
+  if (ac == ACT_RELU) {
+    const V zero = V{};
+    for (int j = 0; j < NV; ++j) dst[j] = acc[j] < zero ? zero : acc[j];
+  } else if (ac == ACT_HARDTANH) {
+    const V lo = V{} + T(net.act_param[2 * v]), hi = V{} + T(net.act_param[2 * v + 1]);
+    for (int j = 0; j < NV; ++j) {
+      const V a = acc[j] < lo ? lo : acc[j];
+      dst[j] = a > hi ? hi : a;
+    }
+  } else {
+    for (int j = 0; j < NV; ++j) dst[j] = acc[j];
+    if (ac != ACT_IDENTITY)
+      act_inplace<T>(ac, reinterpret_cast<T*>(dst), BT, T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]));
+  }
+}
+
+// A group of G consecutive positions with identical sources read from identical slots (see
+// program.group_positions): every source vector is loaded once and multiplied into G accumulators.
+// Position i0's ops run in order (LOADs, eviction STOREs, FMAs for the whole group) up to its FINISH;
+// then each member's FINISH and STOREs run in order (the members' FMAs were done in the sweep).
+template <typename T, int NV, int G>
+__attribute__((always_inline)) inline void program_group(const Net& net, int64_t i0, const T* __restrict w,
+                                                         const T* __restrict b, T* __restrict slots,
+                                                         T* __restrict slow) {
   using V = typename Vec64<T>::type;
   constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
   const int32_t* ops = net.prog_ops;
-  for (int64_t i = 0; i < net.n_computed; ++i) {
-    const int64_t v = net.prog_neuron[i];
-    V acc[NV];
+  V acc[G][NV];
+  int64_t wofs[G];
+  const int64_t v0 = net.prog_neuron[i0];
+  for (int g = 0; g < G; ++g) {
+    const int64_t v = net.prog_neuron[i0 + g];
     const T bv = b[v];
-    for (int j = 0; j < NV; ++j) acc[j] = V{} + bv;
-    for (int64_t k = net.prog_op_ptr[i], end = net.prog_op_ptr[i + 1]; k < end; ++k) {
-      const int32_t* o = ops + 3 * k;
-      const int32_t code = o[0];
-      if (__builtin_expect(code == OP_FMA, 1)) {
-        const V* s = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
-        const T wv = w[o[2]];
-        for (int j = 0; j < NV; ++j) acc[j] += wv * s[j];
-      } else if (code == OP_LOAD) {
-        V* dst = reinterpret_cast<V*>(slots + int64_t(o[2]) * BT);
-        const V* src = reinterpret_cast<const V*>(slow + int64_t(o[1]) * BT);
-        for (int j = 0; j < NV; ++j) dst[j] = src[j];
-      } else if (code == OP_FINISH) {
+    for (int j = 0; j < NV; ++j) acc[g][j] = V{} + bv;
+    wofs[g] = net.in_ptr[v] - net.in_ptr[v0];
+  }
+  int64_t k = net.prog_op_ptr[i0];
+  const int64_t end0 = net.prog_op_ptr[i0 + 1];
+  for (; k < end0; ++k) {
+    const int32_t* o = ops + 3 * k;
+    const int32_t code = o[0];
+    if (__builtin_expect(code == OP_FMA, 1)) {
+      const V* s = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
+      const T* we = w + o[2];
+      T wv[G];
+      for (int g = 0; g < G; ++g) wv[g] = we[wofs[g]];
+      for (int j = 0; j < NV; ++j) {
+        const V sv = s[j];
+        for (int g = 0; g < G; ++g) acc[g][j] += wv[g] * sv;
+      }
+    } else if (code == OP_LOAD) {
+      V* dst = reinterpret_cast<V*>(slots + int64_t(o[2]) * BT);
+      const V* src = reinterpret_cast<const V*>(slow + int64_t(o[1]) * BT);
+      for (int j = 0; j < NV; ++j) dst[j] = src[j];
+    } else if (code == OP_STORE) {
+      V* dst = reinterpret_cast<V*>(slow + int64_t(o[2]) * BT);
+      const V* src = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
+      for (int j = 0; j < NV; ++j) dst[j] = src[j];
+    } else {
+      break;  // FINISH of i0: all FMAs of the group are done
+    }
+  }
+  for (int g = 0; g < G; ++g) {
+    const int64_t i = i0 + g, v = net.prog_neuron[i];
+    // Members' ops are [FMA x indegree, FINISH, STORE...] (program.group_positions): skip the FMAs.
+    const int64_t first = g == 0 ? k : net.prog_op_ptr[i] + (net.in_ptr[v + 1] - net.in_ptr[v]);
+    for (int64_t kk = first, e = net.prog_op_ptr[i + 1]; kk < e; ++kk) {
+      const int32_t* o = ops + 3 * kk;
+      if (o[0] == OP_FINISH) {
         V* dst = reinterpret_cast<V*>(slots + int64_t(o[1]) * BT);
-        for (int j = 0; j < NV; ++j) dst[j] = acc[j];
-        const int8_t ac = net.act_code[v];
-        if (ac != ACT_IDENTITY)
-          act_inplace<T>(ac, reinterpret_cast<T*>(dst), BT, T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]));
-      } else {  // OP_STORE
+        finish_vec<T, NV>(net, v, acc[g], dst);
+      } else if (o[0] == OP_STORE) {
         V* dst = reinterpret_cast<V*>(slow + int64_t(o[2]) * BT);
         const V* src = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
         for (int j = 0; j < NV; ++j) dst[j] = src[j];
       }
+      // FMAs of members were done in the sweep; members have no LOAD by construction.
+    }
+  }
+}
+
+template <typename T, int NV>
+__attribute__((always_inline)) inline void program_tile_body(const Net& net, const T* __restrict w,
+                                                             const T* __restrict b, T* __restrict slots,
+                                                             T* __restrict slow) {
+  for (int64_t grp = 0; grp < net.n_groups; ++grp) {
+    const int64_t i0 = net.prog_group_ptr[grp];
+    switch (net.prog_group_ptr[grp + 1] - i0) {
+      case 1: program_group<T, NV, 1>(net, i0, w, b, slots, slow); break;
+      case 2: program_group<T, NV, 2>(net, i0, w, b, slots, slow); break;
+      case 3: program_group<T, NV, 3>(net, i0, w, b, slots, slow); break;
+      default: program_group<T, NV, 4>(net, i0, w, b, slots, slow); break;
     }
   }
 }
@@ -271,17 +367,19 @@ void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T*
   // NV vectors of 64 bytes per tile: the batch_tile in columns rounded to a supported width.
   const int64_t want = std::max<int64_t>(1, net.batch_tile * int64_t(sizeof(T)) / 64);
   int nv = want >= 8 ? 8 : want >= 4 ? 4 : want >= 2 ? 2 : 1;
+  // Small batches: narrower tiles so that every thread gets one (batch 64 on 2 cores: 2 tiles of 32).
+  const int64_t threads = at::get_num_threads();
+  while (nv > 1 && (B + nv * int64_t(64 / sizeof(T)) - 1) / (nv * int64_t(64 / sizeof(T))) < threads) nv /= 2;
   TileFn<T> fn = nv == 8 ? pick_tile_fn<T, 8>() : nv == 4 ? pick_tile_fn<T, 4>()
                : nv == 2 ? pick_tile_fn<T, 2>() : pick_tile_fn<T, 1>();
   const int64_t BT = nv * int64_t(64 / sizeof(T));
   const int64_t n_tiles = (B + BT - 1) / BT;
   const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
   at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    auto slots = aligned_buffer<T>(net.memory * BT);
-    auto slow = aligned_buffer<T>(net.n_slow * BT);
-    T* sl = slow.get();
+    T* slots = scratch<T>(0, net.memory * BT);
+    T* sl = scratch<T>(1, net.n_slow * BT);
     if (poison_enabled()) {
-      poison(slots.get(), net.memory * BT);
+      poison(slots, net.memory * BT);
       poison(sl, net.n_slow * BT);
     }
     for (int64_t t = t0; t < t1; ++t) {
@@ -293,7 +391,7 @@ void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T*
         const T* xr = x + (b0 + c) * n_in;
         for (int64_t i = 0; i < n_in; ++i) sl[i * BT + c] = xr[i];
       }
-      fn(net, w, b, slots.get(), sl);
+      fn(net, w, b, slots, sl);
       for (int64_t c = 0; c < nb; ++c) {
         T* yr = y + (b0 + c) * n_out;
         for (int64_t j = 0; j < n_out; ++j) yr[j] = sl[net.prog_output_rows[j] * BT + c];

@@ -1,0 +1,592 @@
+// Simulated annealing over topological orders with exact, incremental cost evaluation.
+//
+// The cost is that of the 2-optimal strategy as kernels/sim/simulator.cpp replays it (neurons in order,
+// in-edges by ascending source, furthest-next-use eviction, lazy stores). The state of that simulator
+// between two neurons is fully described by the set of resident values and their dirty flags: slot
+// numbers do not influence the count, and the next-use key of a resident value is a function of the
+// order alone. Hence if a modified order (which differs from the baseline only inside a window [a, b])
+// reaches, at some step T > b, the same resident set and dirty flags as the baseline run at T, every
+// later step is identical and the cost difference is exactly the difference accumulated up to T.
+//
+// The annealer keeps, for the current (baseline) order: the I/O cost of each step, a 64-bit Zobrist hash
+// of the state before each step, and full state checkpoints every K steps. A move (relocate one neuron
+// inside its legal window; K=1 swaps adjacent neurons as a special case) is evaluated by restoring the
+// checkpoint at or before the window, replaying the modified order and stopping at the first step past
+// the window whose state hash equals the baseline's. Accepted moves are replayed once more to rewrite
+// the baseline data of the steps they changed. The final cost is re-checked by the caller with the
+// exact simulator (iomodel.count_io); `full_cost()` here is a from-scratch replay for tests.
+#include <ATen/ATen.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace iosparse {
+namespace {
+
+constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
+
+struct SplitMix64 {  // small, fast, platform-independent: same seed => same moves everywhere
+  uint64_t s;
+  explicit SplitMix64(uint64_t seed) : s(seed) {}
+  uint64_t next() {
+    uint64_t z = (s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
+  int64_t below(int64_t n) { return static_cast<int64_t>(next() % static_cast<uint64_t>(n)); }
+  double uniform() { return (next() >> 11) * (1.0 / 9007199254740992.0); }
+};
+
+std::vector<int64_t> to_vec(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kLong && t.dim() == 1, name,
+              " must be a 1-D int64 CPU tensor");
+  auto c = t.contiguous();
+  return std::vector<int64_t>(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + c.numel());
+}
+
+struct Annealer : torch::CustomClassHolder {
+  int64_t n = 0, n_in = 0, nc = 0, M = 0, K = 1;
+  std::vector<int64_t> in_ptr, out_ptr;
+  std::vector<int32_t> in_src, cons;  // cons: per source, consumers sorted by current position
+  std::vector<uint8_t> is_out;
+  std::vector<int32_t> order, pos, best_order_;
+  std::vector<uint64_t> Z[2];
+  // baseline data of the current order
+  std::vector<uint64_t> hash;       // [nc + 1]: state hash before step t
+  std::vector<int32_t> step_cost;   // [nc]: loads + stores during step t
+  std::vector<int32_t> ck_vals, ck_size;  // checkpoint k = state before step k*K: (u << 1 | dirty)
+  int64_t cur_cost = 0, best_cost_ = 0;
+  SplitMix64 rng{0};
+
+  // simulation scratch
+  std::vector<uint8_t> res;        // 0 absent, 1 clean, 2 dirty
+  std::vector<int64_t> curkey;     // valid heap key of a resident value
+  std::vector<int32_t> rlist, ridx;  // resident list with positions (O(1) insert / erase)
+  std::vector<std::pair<int64_t, int32_t>> heap;  // lazy max-heap of (next-use key, value)
+  std::vector<uint8_t> pred_mark;  // sources of the moved neuron
+  int64_t cnt = 0;                 // occupied slots (resident values + accumulator)
+  uint64_t h = 0;
+  int64_t io = 0;
+  // the move being evaluated: neuron mx goes from position mi to mj; window [wa, wb]
+  bool mv = false;
+  int32_t mx = -1;
+  int64_t mi = 0, mj = 0, wa = 0, wb = -1;
+  int64_t replayed_steps = 0, back_steps = 0, fwd_steps = 0;
+  // caps on the replay of one proposal (kNone = exact always); a capped proposal is rejected unseen
+  int64_t max_back = kNone, max_forward = kNone, skipped_back = 0, unresolved = 0;
+  // Eviction decisions depend on the future: one made at step s whose victim is next read at position p
+  // may change when the window around p is reordered. Both views of those records are kept.
+  bool recording = false;
+  int64_t cur_t = 0;
+  std::vector<std::vector<int32_t>> evict_targets;  // per step: next-use positions of its victims
+  // per position p: (step, runner-up position) of the evictions whose victim is next read at p
+  std::vector<std::vector<std::pair<int32_t, int32_t>>> evicted_at;
+
+  Annealer(at::Tensor in_ptr_t, at::Tensor in_src_t, at::Tensor is_output_t, int64_t n_inputs,
+           int64_t memory, at::Tensor order_t, int64_t seed, int64_t checkpoint_budget) {
+    in_ptr = to_vec(in_ptr_t, "in_ptr");
+    auto src64 = to_vec(in_src_t, "in_src");
+    auto ord64 = to_vec(order_t, "order");
+    TORCH_CHECK(is_output_t.scalar_type() == at::kBool, "is_output must be bool");
+    n = static_cast<int64_t>(in_ptr.size()) - 1;
+    n_in = n_inputs;
+    nc = n - n_in;
+    TORCH_CHECK(memory >= 2, "memory must be >= 2 slots, got ", memory);
+    TORCH_CHECK(static_cast<int64_t>(ord64.size()) == nc, "order must list the ", nc, " computed neurons");
+    TORCH_CHECK(n < (int64_t(1) << 30), "too many neurons for the annealer");
+    M = std::min<int64_t>(memory, n + 1);
+    auto io_t = is_output_t.contiguous();
+    is_out.assign(io_t.data_ptr<bool>(), io_t.data_ptr<bool>() + n);
+    in_src.assign(src64.begin(), src64.end());
+    order.assign(ord64.begin(), ord64.end());
+    pos.assign(n, -1);
+    for (int64_t t = 0; t < nc; ++t) {
+      TORCH_CHECK(order[t] >= n_in && order[t] < n && pos[order[t]] < 0, "order is not a permutation of the "
+                  "computed neurons");
+      pos[order[t]] = static_cast<int32_t>(t);
+    }
+    for (int64_t v = n_in; v < n; ++v)
+      for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e)
+        TORCH_CHECK(in_src[e] < n_in || pos[in_src[e]] < pos[v], "order is not topological");
+    out_ptr.assign(n + 1, 0);
+    for (auto u : in_src) out_ptr[u + 1]++;
+    for (int64_t u = 0; u < n; ++u) out_ptr[u + 1] += out_ptr[u];
+    cons.assign(in_src.size(), 0);
+    {
+      std::vector<int64_t> cur(out_ptr.begin(), out_ptr.end() - 1);
+      for (int64_t t = 0; t < nc; ++t) {  // consumers appended in order of position: already sorted
+        const int32_t v = order[t];
+        for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) cons[cur[in_src[e]]++] = v;
+      }
+    }
+    rng = SplitMix64(static_cast<uint64_t>(seed) * 0x2545F4914F6CDD1DULL + 12345);
+    SplitMix64 zr(0xC0FFEEULL);  // hash keys need not depend on the seed
+    Z[0].resize(n);
+    Z[1].resize(n);
+    for (int64_t u = 0; u < n; ++u) {
+      Z[0][u] = zr.next();
+      Z[1][u] = zr.next();
+    }
+    // checkpoint every K steps so that the checkpoints take at most checkpoint_budget entries
+    K = std::max<int64_t>(1, (nc * M + checkpoint_budget - 1) / std::max<int64_t>(1, checkpoint_budget));
+    hash.assign(nc + 1, 0);
+    evict_targets.assign(nc, {});
+    evicted_at.assign(nc, {});
+    step_cost.assign(nc, 0);
+    ck_size.assign(nc / K + 1, 0);
+    ck_vals.assign((nc / K + 1) * M, 0);
+    res.assign(n, 0);
+    curkey.assign(n, 0);
+    ridx.assign(n, -1);
+    pred_mark.assign(n, 0);
+    rlist.reserve(M + 1);
+    cur_cost = rebuild();
+    best_cost_ = cur_cost;
+    best_order_ = order;
+  }
+
+  // ---------------------------------------------------------------- positions under the move
+  inline int64_t tpos(int32_t w) const {
+    const int64_t p = pos[w];
+    if (!mv || p < wa || p > wb) return p;
+    if (w == mx) return mj;
+    return mi < mj ? p - 1 : p + 1;
+  }
+  inline int32_t torder(int64_t t) const {
+    if (!mv || t < wa || t > wb) return order[t];
+    if (t == mj) return mx;
+    return mi < mj ? order[t + 1] : order[t - 1];
+  }
+  // Doubled position that keeps every consumer list sorted under the move: x keeps its old place.
+  inline int64_t sort_key2(int32_t w) const {
+    if (mv && w == mx) return mi < mj ? 2 * mi - 1 : 2 * mi + 1;
+    return 2 * tpos(w);
+  }
+  // Next-use key of value u among reads at positions >= t: tpos(consumer) * n + u, or kNone.
+  int64_t next_use(int32_t u, int64_t t) const {
+    const int32_t* lo = cons.data() + out_ptr[u];
+    const int32_t* hi = cons.data() + out_ptr[u + 1];
+    const int64_t t2 = 2 * t;
+    const int32_t* it = std::lower_bound(lo, hi, t2, [&](int32_t w, int64_t key) { return sort_key2(w) < key; });
+    int64_t best = kNone;
+    while (it != hi) {
+      if (mv && *it == mx) {
+        ++it;
+        continue;
+      }
+      best = tpos(*it);
+      break;
+    }
+    if (mv && pred_mark[u] && mj >= t && mj < best) best = mj;
+    return best == kNone ? kNone : best * n + u;
+  }
+
+  // ---------------------------------------------------------------- simulation
+  inline void add_res(int32_t u, uint8_t state) {
+    res[u] = state;
+    ridx[u] = static_cast<int32_t>(rlist.size());
+    rlist.push_back(u);
+    h ^= Z[state - 1][u];
+  }
+  inline void del_res(int32_t u) {
+    h ^= Z[res[u] - 1][u];
+    res[u] = 0;
+    const int32_t last = rlist.back();
+    rlist[ridx[u]] = last;
+    ridx[last] = ridx[u];
+    rlist.pop_back();
+    ridx[u] = -1;
+  }
+  inline void push_key(int32_t u, int64_t key) {
+    curkey[u] = key;
+    heap.emplace_back(key, u);
+    std::push_heap(heap.begin(), heap.end());
+  }
+  inline void take_slot() {
+    if (cnt < M) {
+      ++cnt;
+      return;
+    }
+    for (;;) {  // evict the resident value read furthest in the future
+      TORCH_CHECK(!heap.empty(), "internal error: nothing to evict");
+      std::pop_heap(heap.begin(), heap.end());
+      const auto top = heap.back();
+      heap.pop_back();
+      const int32_t u = top.second;
+      if (!res[u] || curkey[u] != top.first) continue;  // stale entry
+      if (res[u] == 2) ++io;                            // dirty: store before dropping
+      if (recording) {
+        while (!heap.empty() && (!res[heap.front().second] || curkey[heap.front().second] != heap.front().first)) {
+          std::pop_heap(heap.begin(), heap.end());  // stale entries: drop them to see the runner-up
+          heap.pop_back();
+        }
+        const int32_t p = static_cast<int32_t>(top.first / n);
+        const int32_t r = heap.empty() ? -1 : static_cast<int32_t>(heap.front().first / n);
+        evict_targets[cur_t].push_back(p);
+        evicted_at[p].emplace_back(static_cast<int32_t>(cur_t), r);
+      }
+      del_res(u);
+      return;
+    }
+  }
+  void clear_state() {
+    for (int32_t u : rlist) {
+      res[u] = 0;
+      ridx[u] = -1;
+    }
+    rlist.clear();
+    heap.clear();
+    cnt = 0;
+    h = 0;
+  }
+  // State before step c (c a multiple of K) from its checkpoint, with keys under the current move.
+  void restore(int64_t c) {
+    clear_state();
+    const int64_t k = c / K;
+    const int32_t* vals = ck_vals.data() + k * M;
+    for (int32_t q = 0; q < ck_size[k]; ++q) {
+      const int32_t u = vals[q] >> 1;
+      add_res(u, static_cast<uint8_t>(1 + (vals[q] & 1)));
+      curkey[u] = next_use(u, c);
+      heap.emplace_back(curkey[u], u);
+    }
+    std::make_heap(heap.begin(), heap.end());
+    cnt = static_cast<int64_t>(rlist.size());
+  }
+  void save_checkpoint(int64_t t) {
+    const int64_t k = t / K;
+    int32_t* vals = ck_vals.data() + k * M;
+    ck_size[k] = static_cast<int32_t>(rlist.size());
+    for (size_t q = 0; q < rlist.size(); ++q) vals[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
+  }
+  // One step: compute neuron torder(t).
+  void forget_evictions(int64_t t) {
+    for (int32_t p : evict_targets[t]) {
+      auto& v = evicted_at[p];
+      auto it = std::find_if(v.begin(), v.end(), [&](const std::pair<int32_t, int32_t>& e) { return e.first == t; });
+      *it = v.back();
+      v.pop_back();
+    }
+    evict_targets[t].clear();
+  }
+  // The first step whose eviction decision may differ when positions [a, b] are reordered. Only the
+  // keys of values next read inside [a, b] change, and they stay inside [a, b]: a decision whose victim
+  // is next read outside [a, b] picks the same victim (all larger keys are unchanged, all smaller stay
+  // smaller). Every record with a victim position in [a, b] therefore lies in the replayed range and is
+  // rewritten when the move is accepted, which keeps this invariant for the next move.
+  int64_t first_affected(int64_t a, int64_t b) const {
+    int64_t s = a;
+    for (int64_t p = a; p <= b; ++p)
+      for (const auto& e : evicted_at[p]) s = std::min<int64_t>(s, e.first);
+    return s;
+  }
+  inline void step(int64_t t) {
+    cur_t = t;
+    const int32_t v = torder(t);
+    take_slot();  // partial sum of v
+    for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) {
+      const int32_t u = in_src[e];
+      if (!res[u]) {
+        take_slot();
+        ++io;  // load
+        add_res(u, 1);
+      }
+      const int64_t nu = next_use(u, t + 1);
+      if (nu == kNone) {  // last read: store an unstored output, then drop
+        if (res[u] == 2 && is_out[u]) ++io;
+        del_res(u);
+        --cnt;
+      } else {
+        push_key(u, nu);
+      }
+    }
+    const int64_t nu = next_use(v, t + 1);
+    if (nu == kNone) {
+      if (is_out[v]) ++io;
+      --cnt;
+    } else {
+      add_res(v, 2);
+      push_key(v, nu);
+    }
+  }
+  // Full replay of the current order, rewriting all baseline data. Returns the activation I/O.
+  int64_t rebuild() {
+    mv = false;
+    clear_state();
+    for (auto& v : evict_targets) v.clear();
+    for (auto& v : evicted_at) v.clear();
+    recording = true;
+    int64_t total = 0;
+    for (int64_t t = 0; t < nc; ++t) {
+      hash[t] = h;
+      if (t % K == 0) save_checkpoint(t);
+      io = 0;
+      step(t);
+      step_cost[t] = static_cast<int32_t>(io);
+      total += io;
+    }
+    hash[nc] = h;
+    if (nc % K == 0) save_checkpoint(nc);
+    recording = false;
+    clear_state();
+    return total;
+  }
+  // Cost difference of the move mx: mi -> mj (set up by the caller). With record, the changed steps'
+  // baseline data are rewritten (the caller then applies the move to order / pos / cons).
+  int64_t evaluate(bool record, int64_t stop_at, bool early_stop = true) {
+    // Before c every decision is the same under the move, so the checkpointed state is valid.
+    const int64_t c = (first_affected(wa, wb) / K) * K;
+    if (!record && wa - c > max_back) {
+      ++skipped_back;
+      return kNone;  // too expensive to evaluate: the caller rejects the move unseen
+    }
+    restore(c);
+    recording = record;
+    int64_t trial = 0, base = 0, t = c;
+    for (; t < nc; ++t) {
+      if (record) {
+        if (t >= stop_at) break;
+        hash[t] = h;
+        if (t % K == 0) save_checkpoint(t);
+        forget_evictions(t);
+      } else if (early_stop && t > wb && h == hash[t]) {
+        break;  // same state as the baseline at the same step: the rest is identical
+      } else if (early_stop && t - wb > max_forward) {
+        ++unresolved;  // no convergence within the horizon: reject (the delta is unknown)
+        clear_state();
+        return kNone;
+      }
+      io = 0;
+      step(t);
+      if (record) step_cost[t] = static_cast<int32_t>(io);
+      trial += io;
+      base += record ? 0 : step_cost[t];
+    }
+    replayed_steps += t - c;
+    back_steps += wa - c;
+    fwd_steps += t - wb;
+    if (record && t == nc) {
+      hash[nc] = h;
+      if (nc % K == 0) save_checkpoint(nc);
+    }
+    stop_ = t;
+    recording = false;
+    clear_state();
+    return trial - base;
+  }
+  int64_t stop_ = 0;
+
+  void set_move(int32_t x, int64_t i, int64_t j) {
+    mv = true;
+    mx = x;
+    mi = i;
+    mj = j;
+    wa = std::min(i, j);
+    wb = std::max(i, j);
+    for (int64_t e = in_ptr[x]; e < in_ptr[x + 1]; ++e) pred_mark[in_src[e]] = 1;
+  }
+  void clear_move() {
+    for (int64_t e = in_ptr[mx]; e < in_ptr[mx + 1]; ++e) pred_mark[in_src[e]] = 0;
+    mv = false;
+  }
+  void apply_move() {  // order, positions and consumer lists of the moved neuron's sources
+    const int32_t x = mx;
+    const int64_t i = mi, j = mj;
+    clear_move();
+    if (i < j) {
+      for (int64_t t = i; t < j; ++t) order[t] = order[t + 1];
+    } else {
+      for (int64_t t = i; t > j; --t) order[t] = order[t - 1];
+    }
+    order[j] = x;
+    for (int64_t t = std::min(i, j); t <= std::max(i, j); ++t) pos[order[t]] = static_cast<int32_t>(t);
+    for (int64_t e = in_ptr[x]; e < in_ptr[x + 1]; ++e) {
+      int32_t* lo = cons.data() + out_ptr[in_src[e]];
+      int32_t* hi = cons.data() + out_ptr[in_src[e] + 1];
+      int32_t* at = std::find(lo, hi, x);
+      std::copy(at + 1, hi, at);  // remove, then insert by position
+      int32_t* ins = std::lower_bound(lo, hi - 1, pos[x], [&](int32_t w, int64_t p) { return pos[w] < p; });
+      std::copy_backward(ins, hi - 1, hi);
+      *ins = x;
+    }
+  }
+
+  // Legal positions of the neuron at position i: after its last computed source, before its first reader.
+  void window(int64_t i, int64_t& lo, int64_t& hi) const {
+    const int32_t x = order[i];
+    lo = 0;
+    hi = nc - 1;
+    for (int64_t e = in_ptr[x]; e < in_ptr[x + 1]; ++e)
+      if (in_src[e] >= n_in) lo = std::max<int64_t>(lo, pos[in_src[e]] + 1);
+    for (int64_t e = out_ptr[x]; e < out_ptr[x + 1]; ++e) hi = std::min<int64_t>(hi, pos[cons[e]] - 1);
+  }
+
+  // n_moves proposals at a temperature going geometrically from t_start to t_end. back_cap /
+  // forward_cap (-1 = none) bound the replay of one proposal; proposals over a cap are rejected without
+  // a cost (they never change the order). Returns int64 [evaluated, accepted, improving,
+  // no_legal_move, current cost, best cost, replayed steps, skipped (back cap), unresolved (forward cap)].
+  at::Tensor run(int64_t n_moves, double t_start, double t_end, int64_t max_shift, int64_t back_cap,
+                 int64_t forward_cap) {
+    TORCH_CHECK(n_moves >= 0 && max_shift >= 1, "n_moves >= 0 and max_shift >= 1 required");
+    int64_t evaluated = 0, accepted = 0, improving = 0, stuck = 0;
+    replayed_steps = 0;
+    skipped_back = unresolved = 0;
+    max_back = back_cap < 0 ? kNone : back_cap;
+    max_forward = forward_cap < 0 ? kNone : forward_cap;
+    const double ratio = (t_start > 0 && t_end > 0 && n_moves > 1) ? std::pow(t_end / t_start, 1.0 / (n_moves - 1)) : 1.0;
+    double temp = t_start;
+    for (int64_t it = 0; it < n_moves && nc > 1; ++it, temp *= ratio) {
+      const int64_t i = rng.below(nc);
+      int64_t lo, hi;
+      window(i, lo, hi);
+      lo = std::max(lo, i - max_shift);
+      hi = std::min(hi, i + max_shift);
+      if (hi <= lo) {
+        ++stuck;
+        continue;
+      }
+      int64_t j = lo + rng.below(hi - lo);  // uniform over [lo, hi] without i
+      if (j >= i) ++j;
+      set_move(order[i], i, j);
+      const int64_t delta = evaluate(false, 0);
+      if (delta == kNone) {
+        clear_move();
+        continue;
+      }
+      ++evaluated;
+      bool take = delta <= 0;
+      if (!take && temp > 0) take = rng.uniform() < std::exp(-static_cast<double>(delta) / temp);
+      if (take) {
+        const int64_t stop = stop_;
+        evaluate(true, stop);
+        apply_move();
+        cur_cost += delta;
+        ++accepted;
+        if (delta < 0) ++improving;
+      } else {
+        clear_move();
+      }
+    }
+    if (cur_cost < best_cost_) {
+      best_cost_ = cur_cost;
+      best_order_ = order;
+    }
+    max_back = max_forward = kNone;
+    auto out = at::empty({9}, at::kLong);
+    auto* o = out.data_ptr<int64_t>();
+    o[0] = evaluated;
+    o[1] = accepted;
+    o[2] = improving;
+    o[3] = stuck;
+    o[4] = cur_cost;
+    o[5] = best_cost_;
+    o[6] = replayed_steps;
+    o[7] = skipped_back;
+    o[8] = unresolved;
+    return out;
+  }
+  // Cost deltas of random legal moves, without applying them (to calibrate the temperature).
+  at::Tensor sample_deltas(int64_t count, int64_t max_shift) {
+    std::vector<int64_t> d;
+    for (int64_t tries = 0; tries < 20 * count && static_cast<int64_t>(d.size()) < count && nc > 1; ++tries) {
+      const int64_t i = rng.below(nc);
+      int64_t lo, hi;
+      window(i, lo, hi);
+      lo = std::max(lo, i - max_shift);
+      hi = std::min(hi, i + max_shift);
+      if (hi <= lo) continue;
+      int64_t j = lo + rng.below(hi - lo);
+      if (j >= i) ++j;
+      set_move(order[i], i, j);
+      const int64_t delta = evaluate(false, 0);
+      if (delta != kNone) d.push_back(delta);
+      clear_move();
+    }
+    auto out = at::empty({static_cast<int64_t>(d.size())}, at::kLong);
+    std::copy(d.begin(), d.end(), out.data_ptr<int64_t>());
+    return out;
+  }
+  // Exact cost change of moving the neuron at position i to position j (must be legal); not applied.
+  int64_t delta_of(int64_t i, int64_t j, bool early_stop) {
+    TORCH_CHECK(i >= 0 && i < nc && j >= 0 && j < nc && i != j, "positions out of range");
+    int64_t lo, hi;
+    window(i, lo, hi);
+    TORCH_CHECK(j >= lo && j <= hi, "moving position ", i, " to ", j, " breaks the topological order");
+    set_move(order[i], i, j);
+    const int64_t d = evaluate(false, 0, early_stop);
+    clear_move();
+    return d;
+  }
+  // Debug: cost of replaying the current order from checkpoint c to the end (must equal the baseline).
+  int64_t replay_from(int64_t c) {
+    mv = false;
+    restore((c / K) * K);
+    int64_t total = 0;
+    for (int64_t t = 0; t < (c / K) * K; ++t) total += step_cost[t];
+    for (int64_t t = (c / K) * K; t < nc; ++t) {
+      io = 0;
+      step(t);
+      total += io;
+    }
+    clear_state();
+    return total;
+  }
+  at::Tensor debug_steps(int64_t i, int64_t j, int64_t c) {
+    if (i != j) set_move(order[i], i, j); else mv = false;
+    restore(c);
+    auto out = at::zeros({nc * 3}, at::kLong);
+    auto* o = out.data_ptr<int64_t>();
+    for (int64_t t = c; t < nc; ++t) {
+      io = 0;
+      o[3*t] = torder(t);
+      step(t);
+      o[3*t+1] = io;
+      o[3*t+2] = (int64_t)rlist.size();
+    }
+    clear_state();
+    if (mv) clear_move();
+    return out;
+  }
+  at::Tensor get_order() const { return vec_tensor(order); }
+  at::Tensor best_order() const { return vec_tensor(best_order_); }
+  int64_t cost() const { return cur_cost; }
+  int64_t best_cost() const { return best_cost_; }
+  int64_t checkpoint_interval() const { return K; }
+  at::Tensor replay_split() { auto o = at::empty({2}, at::kLong); o[0] = back_steps; o[1] = fwd_steps; back_steps = fwd_steps = 0; return o; }
+  // From-scratch replay of the current order (also resynchronises the baseline data): for tests.
+  int64_t full_cost() { return rebuild(); }
+
+  static at::Tensor vec_tensor(const std::vector<int32_t>& v) {
+    auto out = at::empty({static_cast<int64_t>(v.size())}, at::kLong);
+    auto* o = out.data_ptr<int64_t>();
+    for (size_t k = 0; k < v.size(); ++k) o[k] = v[k];
+    return out;
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(iosparse, m) {
+  m.class_<Annealer>("Annealer")
+      .def(torch::init<at::Tensor, at::Tensor, at::Tensor, int64_t, int64_t, at::Tensor, int64_t, int64_t>())
+      .def("run", &Annealer::run)
+      .def("sample_deltas", &Annealer::sample_deltas)
+      .def("delta_of", &Annealer::delta_of)
+      .def("replay_from", &Annealer::replay_from)
+      .def("debug_steps", &Annealer::debug_steps)
+      .def("order", &Annealer::get_order)
+      .def("best_order", &Annealer::best_order)
+      .def("cost", &Annealer::cost)
+      .def("best_cost", &Annealer::best_cost)
+      .def("checkpoint_interval", &Annealer::checkpoint_interval)
+      .def("replay_split", &Annealer::replay_split)
+      .def("full_cost", &Annealer::full_cost);
+}
+
+}  // namespace iosparse
