@@ -162,3 +162,63 @@ def test_sequential_subclass_with_own_forward_gets_no_chains():
     assert type(conv[1][0]) is nn.Linear  # dense
     x = torch.randn(3, 8)
     assert rel_err(conv[0](x), block(x)) <= 1e-5
+
+
+# ---------------------------------------------------------------------- random models (hypothesis)
+from hypothesis import given, strategies as st  # noqa: E402
+
+SUPPORTED = [nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.ReLU6, nn.Identity]
+UNSUPPORTED = [nn.SiLU, nn.LeakyReLU, nn.Softplus]
+
+
+@st.composite
+def random_models(draw, width=None, depth=0):
+    """A Sequential of Linears (random width and sparsity), activations, norms and nested Sequentials."""
+    width = width or draw(st.integers(2, 9))
+    mods = []
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["linear", "linear", "sup", "unsup", "norm", "nested"] if depth < 2
+                                    else ["linear", "sup", "unsup"]))
+        if kind == "linear":
+            out = draw(st.integers(1, 9))
+            lin = nn.Linear(width, out, bias=draw(st.booleans()))
+            zero = draw(st.floats(0.0, 0.95))
+            with torch.no_grad():
+                lin.weight[torch.rand_like(lin.weight) < zero] = 0
+            if draw(st.booleans()):
+                prune.random_unstructured(lin, "weight", draw(st.floats(0.0, 0.9)))
+            mods.append(lin)
+            width = out
+        elif kind == "sup":
+            mods.append(draw(st.sampled_from(SUPPORTED))())
+        elif kind == "unsup":
+            mods.append(draw(st.sampled_from(UNSUPPORTED))())
+        elif kind == "norm":
+            mods.append(nn.LayerNorm(width))
+        else:
+            inner, width = draw(random_models(width=width, depth=depth + 1))
+            mods.append(inner)
+    return nn.Sequential(*mods), width
+
+
+@st.composite
+def models_with_input_width(draw):
+    w = draw(st.integers(2, 9))
+    model, _ = draw(random_models(width=w))
+    return model, w
+
+
+@given(models_with_input_width(), st.sampled_from([0.0, 0.3, 0.6]), st.sampled_from([2, 7, None]),
+       st.integers(0, 2**16))
+def test_random_models_convert_equivalently_and_idempotently(model_width, min_sparsity, memory, seed):
+    model, n_in = model_width
+    model.eval()
+    torch.manual_seed(seed)
+    x = torch.randn(4, n_in)
+    conv = sparsify(model, min_sparsity=min_sparsity, memory=memory, cache=False)
+    assert rel_err(conv(x), model(x)) <= 1e-5
+    for mod in conv.modules():
+        if isinstance(mod, IOSparseNetwork):
+            assert mod.summary()["layer_sizes"] is not None
+    before = repr(conv)
+    assert repr(sparsify_(conv, min_sparsity=min_sparsity, memory=memory, cache=False)) == before
