@@ -222,3 +222,18 @@ def test_random_models_convert_equivalently_and_idempotently(model_width, min_sp
             assert mod.summary()["layer_sizes"] is not None
     before = repr(conv)
     assert repr(sparsify_(conv, min_sparsity=min_sparsity, memory=memory, cache=False)) == before
+
+
+def test_layers_with_user_hooks_are_kept():
+    torch.manual_seed(7)
+    m = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 6))
+    for lin in (m[0], m[2]):
+        prune.l1_unstructured(lin, "weight", 0.8)
+    seen = []
+    m[2].register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    conv = sparsify(m)
+    assert isinstance(conv[0], IOSparseNetwork) and type(conv[2]) is nn.Linear
+    conv(torch.randn(2, 6))
+    assert seen  # the user's hook still fires
+    _, skipped = find_chains(m)
+    assert ("2", "has forward hooks") in skipped

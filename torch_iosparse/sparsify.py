@@ -38,7 +38,7 @@ def linear_sparsity(lin: nn.Linear) -> float:
 
 def _has_user_hooks(m: nn.Module) -> bool:
     pre = [h for h in m._forward_pre_hooks.values() if not isinstance(h, prune.BasePruningMethod)]
-    return bool(pre or m._forward_hooks or getattr(m, "_forward_hooks_with_kwargs", None) and m._forward_hooks)
+    return bool(pre or m._forward_hooks or m._backward_hooks or getattr(m, "_backward_pre_hooks", None))
 
 
 def _is_activation(m: nn.Module) -> bool:
