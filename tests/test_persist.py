@@ -173,3 +173,11 @@ def test_planning_method_is_used_cached_and_persisted(cache_dir, tmp_path):
         assert rebuilt.io == net.io
     finally:
         planning._METHODS.pop("test_last_first", None)
+
+
+def test_cache_key_ignores_progress_flags_only():
+    dag = IOSparseNetwork(pruned(), memory=5, cache=False).to_dag()
+    base = cache.cache_key(dag, 5, "anneal", 0, 1.0)
+    assert cache.cache_key(dag, 5, "anneal", 0, 1.0, progress=False) == base
+    assert cache.cache_key(dag, 5, "anneal", 0, 1.0, chunks=7) != base
+    assert cache.cache_key(dag, 5, "anneal", 0, 2.0) != base

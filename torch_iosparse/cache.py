@@ -25,6 +25,9 @@ from .iomodel import count_io, normalize_order
 ENV_VAR = "TORCH_IOSPARSE_CACHE"
 _DISABLED = ("", "0", "off", "none", "false")
 
+# Planner keywords that only change how planning reports, not the plan it returns.
+_NOT_PLAN_AFFECTING = frozenset({"progress", "verbose"})
+
 # How many plans each call computed / found; tests read these to prove a cache hit.
 stats = {"hits": 0, "misses": 0, "corrupt": 0}
 
@@ -42,7 +45,8 @@ def cache_dir(override: Optional[str] = None) -> Optional[str]:
 def cache_key(dag: SparseDAG, memory: Optional[int], method: str, seed: int, time_budget, **kwargs) -> str:
     """SHA-256 of the structure and every argument that changes the plan."""
     args = {"dag": dag.structure_hash(), "memory": memory, "method": method, "seed": int(seed),
-            "time_budget": time_budget, "kwargs": {k: repr(v) for k, v in sorted(kwargs.items())},
+            "time_budget": time_budget,
+            "kwargs": {k: repr(v) for k, v in sorted(kwargs.items()) if k not in _NOT_PLAN_AFFECTING},
             "format": planning.PLAN_VERSION}
     return hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()
 
