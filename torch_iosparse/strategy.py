@@ -1,12 +1,136 @@
-"""Automatic choice between the three forward strategies of iosparse::dag_forward (placeholder model,
-refined below)."""
+"""Automatic choice, per network and batch size, between the three forward strategies of
+``iosparse::dag_forward``: the planned program, the level-by-level path and dense GEMMs (layered nets).
+
+The kernel decides per call from two batch thresholds stored in ``net.meta``:
+``B <= level_max_batch`` -> level path; ``B >= dense_min_batch`` (layered nets) -> dense; else program.
+:func:`configure` sets them from a small cost model (default) or from a one-off measurement on this
+machine (:func:`calibrate`, cached per network structure, dtype and thread count).
+
+Cost model (seconds; rates measured on the development machine, see docs/cpu-kernel.md):
+    program(B) = edges * ceil(B / 16) * 16 / (PROGRAM_RATE * min(threads, tiles)) + PROGRAM_OVERHEAD
+    level(B)   = edges * B / (LEVEL_RATE * threads) + levels * LEVEL_OVERHEAD + CALL_OVERHEAD
+    dense(B)   = dense_weights * B / (DENSE_RATE * threads) + dense_weights * SCATTER_COST
+"""
 from __future__ import annotations
 
+import math
+import time
+from typing import Dict, Iterable, Tuple
+
+import torch
+
 NEVER = 2**62
+PROGRAM_RATE = 12e9     # batch-column x edge multiply-adds per second per thread (16-column tiles)
+PROGRAM_OVERHEAD = 30e-6  # seconds per call (input transpose into the tile, output gather)
+LEVEL_RATE = 1.2e9      # same, level path
+LEVEL_OVERHEAD = 4e-6   # seconds per level (parallel region)
+CALL_OVERHEAD = 10e-6   # seconds per call
+DENSE_RATE = 40e9       # GEMM multiply-adds per second per thread
+SCATTER_COST = 0.4e-9   # seconds per dense weight to scatter the edge weights into a dense matrix
+
+_CACHE: Dict[Tuple, Tuple[int, int]] = {}
 
 
-def configure(net, dag, calibrate: bool = False) -> None:
-    """Set net.meta['level_max_batch'] / ['dense_min_batch'] (the batch thresholds the kernel uses)."""
-    bt = int(net.meta["batch_tile"])
-    net.meta["level_max_batch"] = max(1, bt // 2)
-    net.meta["dense_min_batch"] = NEVER
+def model_times(meta: Dict, batch: int, threads: int, dense_weights: int) -> Dict[str, float]:
+    """Predicted seconds of each strategy at ``batch`` (dense only for layered nets)."""
+    edges = max(1, int(meta["n_edges"]))
+    tiles = max(1, math.ceil(batch / 16))
+    t = {
+        "program": edges * tiles * 16 / (PROGRAM_RATE * min(threads, tiles)) + PROGRAM_OVERHEAD,
+        "level": edges * batch / (LEVEL_RATE * threads) + int(meta["n_levels"]) * LEVEL_OVERHEAD + CALL_OVERHEAD,
+    }
+    if meta.get("layered") and dense_weights:
+        t["dense"] = dense_weights * batch / (DENSE_RATE * threads) + dense_weights * SCATTER_COST
+    return t
+
+
+def _dense_weights(net) -> int:
+    if not net.meta.get("layered"):
+        return 0
+    lp = net.buffers["level_ptr"]
+    widths = [int(net.meta["n_inputs"])] + torch.diff(lp).tolist()
+    return sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+
+
+def thresholds_from(times_by_batch: Dict[int, Dict[str, float]]) -> Tuple[int, int]:
+    """(level_max_batch, dense_min_batch) from per-batch timings: the level path up to the largest
+    batch where it wins, dense from the smallest batch where it wins and keeps winning."""
+    batches = sorted(times_by_batch)
+    best = {b: min(times_by_batch[b], key=times_by_batch[b].get) for b in batches}
+    level_max = 0
+    for b in batches:
+        if best[b] == "level":
+            level_max = b
+        else:
+            break
+    dense_min = NEVER
+    for b in reversed(batches):
+        if best[b] == "dense":
+            dense_min = b
+        else:
+            break
+    if dense_min <= level_max:
+        dense_min = level_max + 1
+    return level_max, dense_min
+
+
+def configure(net, dag=None, calibrate: bool = False, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 256, 1024)):
+    """Set ``net.meta['level_max_batch']`` and ``['dense_min_batch']`` (cost model or measurement)."""
+    threads = torch.get_num_threads()
+    if calibrate:
+        level_max, dense_min = calibrate_thresholds(net, batches=batches)
+    else:
+        dw = _dense_weights(net)
+        level_max, dense_min = thresholds_from({b: model_times(net.meta, b, threads, dw) for b in batches})
+    net.meta["level_max_batch"] = int(level_max)
+    net.meta["dense_min_batch"] = int(dense_min)
+    net.info["strategy_source"] = "measured" if calibrate else "cost model"
+
+
+def calibrate_thresholds(net, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 256, 1024),
+                         dtype: torch.dtype = torch.float32, repeats: int = 3, max_seconds: float = 20.0):
+    """Time every strategy at each batch size once (best of ``repeats``) and derive the thresholds.
+    Cached per (network structure, dtype, threads). Stops growing the batch when a sweep point takes
+    longer than ``max_seconds`` overall."""
+    from . import ops
+
+    key = (tuple(int(net.meta[k]) for k in ("n_inputs", "n_neurons", "n_edges", "memory")),
+           int(net.buffers["prog_ops"].numel()), dtype, torch.get_num_threads())
+    if key in _CACHE:
+        return _CACHE[key]
+    n_in = int(net.meta["n_inputs"])
+    w = torch.randn(int(net.meta["n_edges"]), dtype=dtype) * 0.1
+    b = torch.zeros(int(net.meta["n_neurons"]), dtype=dtype)
+    strategies = ["program", "level"] + (["dense"] if net.meta.get("layered") else [])
+    times: Dict[int, Dict[str, float]] = {}
+    t_start = time.perf_counter()
+    for B in sorted(batches):
+        x = torch.randn(B, n_in, dtype=dtype)
+        times[B] = {}
+        for s in strategies:
+            meta = dict(net.meta, strategy=ops.STRATEGIES[s])
+            ops.dag_forward(x, w, b, net.buffers, meta)  # warm-up
+            best = math.inf
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                ops.dag_forward(x, w, b, net.buffers, meta)
+                best = min(best, time.perf_counter() - t0)
+            times[B][s] = best
+        if time.perf_counter() - t_start > max_seconds:
+            break
+    result = thresholds_from(times)
+    net.info["calibration"] = times
+    _CACHE[key] = result
+    return result
+
+
+def chosen(meta: Dict, batch: int) -> str:
+    """The strategy the kernel will run for ``batch`` under ``meta`` (mirrors choose_strategy in C++)."""
+    s = int(meta["strategy"])
+    if s:
+        return {1: "program", 2: "level", 3: "dense"}[s]
+    if meta.get("layered") and batch >= int(meta["dense_min_batch"]):
+        return "dense"
+    if batch <= int(meta["level_max_batch"]):
+        return "level"
+    return "program"

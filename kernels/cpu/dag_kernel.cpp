@@ -369,6 +369,7 @@ void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T*
   int nv = want >= 8 ? 8 : want >= 4 ? 4 : want >= 2 ? 2 : 1;
   // Small batches: narrower tiles so that every thread gets one (batch 64 on 2 cores: 2 tiles of 32).
   const int64_t threads = at::get_num_threads();
+  while (nv > 1 && (nv / 2) * int64_t(64 / sizeof(T)) >= B) nv /= 2;  // no tile wider than the batch
   while (nv > 1 && (B + nv * int64_t(64 / sizeof(T)) - 1) / (nv * int64_t(64 / sizeof(T))) < threads) nv /= 2;
   TileFn<T> fn = nv == 8 ? pick_tile_fn<T, 8>() : nv == 4 ? pick_tile_fn<T, 4>()
                : nv == 2 ? pick_tile_fn<T, 2>() : pick_tile_fn<T, 1>();
@@ -410,8 +411,13 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
   const T lo = T(net.act_param[2 * v]), hi = T(net.act_param[2 * v + 1]);
   T* out = vals + v * B;
   if (B == 1) {
-    T acc = b[v];
-    for (int64_t e = e0; e < e1; ++e) acc += w[e] * vals[net.in_src[e]];
+    // Eight independent partial sums: one chain would be bound by the add latency, not the loads.
+    T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int64_t e = e0;
+    for (; e + 8 <= e1; e += 8)
+      for (int q = 0; q < 8; ++q) part[q] += w[e + q] * vals[net.in_src[e + q]];
+    for (; e < e1; ++e) part[0] += w[e] * vals[net.in_src[e]];
+    T acc = b[v] + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
     if (pre) pre[v] = acc;
     out[0] = act_scalar<T>(ac, acc, lo, hi);
     return;

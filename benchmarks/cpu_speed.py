@@ -1,0 +1,312 @@
+"""CPU speed of torch_iosparse's op against the anchors, side by side in one run (issue 4).
+
+For every network and batch size: ours (ops.prepare + ops.dag_forward, automatic strategy) vs a dense
+F.linear chain (layered nets whose dense weights fit in memory) vs torch.sparse CSR level by level vs
+scipy.sparse CSR level by level. Methods are timed in interleaved rounds (best of N), so load from other
+processes hits all of them alike; ratios are ours / best anchor. Also: for one network where M matters,
+the measured time of several orders beside their simulated I/O.
+
+    python benchmarks/cpu_speed.py            # full sweep (several minutes), writes benchmarks/RESULTS.md
+    python benchmarks/cpu_speed.py --quick    # small sizes, seconds
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from torch_iosparse import SparseDAG, ops, plan  # noqa: E402
+from torch_iosparse import hardware, strategy  # noqa: E402
+from torch_iosparse.iomodel import count_io  # noqa: E402
+
+try:
+    from tqdm import tqdm
+except ImportError:  # pragma: no cover
+    def tqdm(x, **kw):
+        return x
+
+DENSE_LIMIT_BYTES = 1 << 30  # skip the dense anchor when its weights exceed this
+
+
+# ---------------------------------------------------------------------- networks
+def radix(width: int, depth: int) -> SparseDAG:
+    """The planner issue's RadiX-Net-like generator when present, else an equivalent butterfly net."""
+    try:
+        from torch_iosparse.generate import radix_net
+        return radix_net(width, depth, 32)
+    except ImportError:
+        fan = 32
+        r = max(1, int(np.floor(np.log(width) / np.log(fan))))
+        j = np.arange(width)
+        src, dst = [], []
+        for k in range(depth):
+            stride = fan ** (k % r)
+            base = j - ((j // stride) % fan) * stride
+            for s in range(fan):
+                src.append(base + s * stride + k * width)
+                dst.append(j + (k + 1) * width)
+        src, dst = np.concatenate(src), np.concatenate(dst)
+        return SparseDAG.from_edges(width, src, dst, np.full(src.size, 1 / 16, np.float32),
+                                    np.full(width * (depth + 1), -0.3, np.float32), activation="hardtanh(0,32)",
+                                    dtype=torch.float32)
+
+
+def pruned_mlp(sizes, sparsity: float, seed: int = 0) -> SparseDAG:
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for k in range(len(sizes) - 1):
+        lin = nn.Linear(sizes[k], sizes[k + 1])
+        with torch.no_grad():
+            mask = torch.rand(sizes[k + 1], sizes[k], generator=g) >= sparsity
+            lin.weight.mul_(mask).add_(mask * 1e-4)
+        layers += [lin, nn.ReLU()]
+    return SparseDAG.from_module(nn.Sequential(*layers))
+
+
+_DEEP = {}
+
+
+def deep_net(n_inputs, n_outputs, n_neurons, n_edges, memory, seed=0):
+    from torch_iosparse.generate import io_optimal
+    key = (n_inputs, n_outputs, n_neurons, n_edges, memory, seed)
+    if key not in _DEEP:
+        _DEEP[key] = io_optimal(n_inputs, n_outputs, n_neurons, n_edges, memory, seed=seed)
+    return _DEEP[key]
+
+
+# ---------------------------------------------------------------------- anchors
+class LevelCSR:
+    """torch.sparse CSR and scipy CSR executors, level by level (layer by layer for layered nets):
+    values feature-major [n_neurons, B]; level l computes act(W_l @ values + b_l) for its neurons."""
+
+    def __init__(self, dag: SparseDAG):
+        self.dag = dag
+        lv = dag.levels()
+        src, dst = dag.edges()
+        self.levels = []
+        w = dag.weight.numpy()
+        for L in range(1, int(lv.max()) + 1):
+            neurons = np.flatnonzero(lv == L)
+            sel = np.isin(dst, neurons) if neurons.size < dag.n_neurons else np.ones(dst.size, bool)
+            pos = np.full(dag.n_neurons, -1)
+            pos[neurons] = np.arange(neurons.size)
+            cols_used = np.unique(src[sel])
+            colpos = np.full(dag.n_neurons, -1)
+            colpos[cols_used] = np.arange(cols_used.size)
+            m = sp.csr_matrix((w[sel], (pos[dst[sel]], colpos[src[sel]])), shape=(neurons.size, cols_used.size))
+            t = torch.sparse_csr_tensor(torch.from_numpy(m.indptr.astype(np.int64)),
+                                        torch.from_numpy(m.indices.astype(np.int64)),
+                                        torch.from_numpy(m.data.astype(np.float32)), size=m.shape)
+            acts = {dag.act_index[v] for v in neurons[:1]}
+            self.levels.append((torch.from_numpy(neurons), torch.from_numpy(cols_used), t, m, neurons, cols_used,
+                                dag.bias[torch.from_numpy(neurons)].unsqueeze(1),
+                                dag.bias.numpy()[neurons][:, None], dag.activations[acts.pop()]))
+        self.uniform = len(dag.activations) == 1
+        self.outputs = torch.from_numpy(dag.outputs.astype(np.int64))
+
+    def torch_forward(self, x):
+        vals = torch.empty(self.dag.n_neurons, x.shape[0])
+        vals[: self.dag.n_inputs] = x.t()
+        for neurons_t, cols_t, W, _, _, _, b, _, act in self.levels:
+            vals[neurons_t] = act.apply(torch.sparse.mm(W, vals[cols_t]) + b)
+        return vals[self.outputs].t()
+
+    def scipy_forward(self, x):
+        vals = np.empty((self.dag.n_neurons, x.shape[0]), dtype=np.float32)
+        vals[: self.dag.n_inputs] = x.numpy().T
+        for _, _, _, W, neurons, cols, _, b, act in self.levels:
+            z = W @ vals[cols] + b
+            if act.kind == "relu":
+                np.maximum(z, 0, out=z)
+            elif act.kind == "hardtanh":
+                np.clip(z, act.lo, act.hi, out=z)
+            else:
+                z = act.apply(torch.from_numpy(z)).numpy()
+            vals[neurons] = z
+        return torch.from_numpy(vals[self.dag.outputs].T)
+
+
+def dense_chain(dag: SparseDAG):
+    if dag.layer_sizes is None:
+        return None
+    total = sum(a * b for a, b in zip(dag.layer_sizes[:-1], dag.layer_sizes[1:])) * 4
+    if total > DENSE_LIMIT_BYTES:
+        return None
+    layers = dag.to_dense_layers()
+
+    def run(x):
+        for W, b, act in layers:
+            x = act.apply(F.linear(x, W, b))
+        return x
+    return run
+
+
+# ---------------------------------------------------------------------- timing
+def time_side_by_side(fns: dict, x, rounds: int):
+    """Best-of-``rounds`` wall time of each function, interleaved round by round."""
+    best = {k: float("inf") for k in fns}
+    for f in fns.values():
+        f(x)  # warm-up
+    for _ in range(rounds):
+        for k, f in fns.items():
+            t0 = time.perf_counter()
+            f(x)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best
+
+
+def bench_case(name, dag, batches, rounds, memory="auto", plan_method="two_optimal", check=True):
+    rows = []
+    t0 = time.perf_counter()
+    M = hardware.fast_memory_slots(hardware.batch_tile()) if memory == "auto" else memory
+    pl = plan(dag, M, plan_method)
+    net = ops.prepare(dag, pl)
+    t_prepare = time.perf_counter() - t0
+    csr = LevelCSR(dag)
+    dense = dense_chain(dag)
+    w, b = dag.weight, dag.bias
+    for B in batches:
+        x = torch.rand(B, dag.n_inputs)
+        fns = {"ours": lambda x: ops.dag_forward(x, w, b, net.buffers, net.meta),
+               "torch_csr": csr.torch_forward, "scipy_csr": csr.scipy_forward}
+        if dense is not None:
+            fns["dense"] = dense
+        if check:
+            ref = csr.torch_forward(x)
+            torch.testing.assert_close(fns["ours"](x), ref, rtol=1e-3, atol=1e-3)
+        t = time_side_by_side(fns, x, rounds)
+        anchors = {k: v for k, v in t.items() if k != "ours"}
+        best_anchor = min(anchors, key=anchors.get)
+        rows.append(dict(name=name, B=B, edges=dag.n_edges, strategy=strategy.chosen(net.meta, B), times=t,
+                         best_anchor=best_anchor, ratio=anchors[best_anchor] / t["ours"], prepare=t_prepare,
+                         M=net.meta["memory"]))
+    return rows
+
+
+def orders_study(dag, memory, B, rounds, anneal_budget):
+    """Measured program-path time of several orders at one M, beside their simulated I/O."""
+    methods = ["two_optimal", "level_grouped", "greedy", "anneal"]
+    out = []
+    x = torch.rand(B, dag.n_inputs)
+    fns = {}
+    ios = {}
+    from torch_iosparse import planning
+    try:
+        import torch_iosparse.planner  # noqa: F401  (registers greedy / anneal when present)
+    except ImportError:
+        pass
+    for m in methods:
+        if m not in planning.methods():
+            continue
+        kw = {"time_budget": anneal_budget} if m == "anneal" else {}
+        pl = plan(dag, memory, m, **kw)
+        net = ops.prepare(dag, pl, strategy="program")
+        ios[m] = pl.io
+        fns[m] = (lambda n: (lambda x: ops.dag_forward(x, dag.weight, dag.bias, n.buffers, n.meta)))(net)
+    t = time_side_by_side(fns, x, rounds)
+    for m in fns:
+        out.append(dict(method=m, loads=ios[m].loads, stores=ios[m].stores, ms=t[m] * 1e3,
+                        gps=B * dag.n_edges / t[m] / 1e9))
+    return out
+
+
+# ---------------------------------------------------------------------- report
+def fmt_rows(rows):
+    lines = ["| network | B | edges | ours | dense | torch CSR | scipy CSR | ours G/s | best anchor G/s | ratio | "
+             "strategy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        t = r["times"]
+
+        def ms(k):
+            return f"{t[k] * 1e3:.3f}" if k in t else "n/a"
+        gps = r["B"] * r["edges"] / t["ours"] / 1e9
+        gpa = r["B"] * r["edges"] / t[r["best_anchor"]] / 1e9
+        lines.append(f"| {r['name']} | {r['B']} | {r['edges']:,} | {ms('ours')} | {ms('dense')} | {ms('torch_csr')} | "
+                     f"{ms('scipy_csr')} | {gps:.2f} | {gpa:.2f} ({r['best_anchor']}) | **{r['ratio']:.2f}x** | "
+                     f"{r['strategy']} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="small sizes (seconds)")
+    ap.add_argument("--rounds", type=int, default=None, help="timing rounds per method (best of)")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md"))
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    ap.add_argument("--only", choices=["radix", "mlp", "deep", "orders"], nargs="*")
+    args = ap.parse_args()
+    rounds = args.rounds or (3 if args.quick else 5)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    only = set(args.only or ["radix", "mlp", "deep", "orders"])
+
+    if args.quick:
+        radix_cfgs = [(1024, 4, 64), (4096, 2, 256)]
+        mlp_sizes, mlp_sparsity, mlp_batches = [1024, 1024, 1024, 256], [0.90, 0.99], [1, 16, 64]
+        deep_cfgs = [(32, 32, 3000, 30000, 32, 64)]
+        orders_cfg = (1024, 3, 64, 64, 2.0)
+    else:
+        radix_cfgs = [(1024, 30, 64), (4096, 30, 1024), (16384, 12, 256), (65536, 4, 256)]
+        mlp_sizes, mlp_sparsity, mlp_batches = [4096, 4096, 4096, 1024], [0.90, 0.95, 0.99], [1, 16, 64]
+        deep_cfgs = [(64, 64, 10000, 100000, 64, 64), (64, 64, 10000, 100000, 64, 1)]
+        orders_cfg = (4096, 4, 64, 256, 20.0)
+
+    rows = []
+    if "radix" in only:
+        for (N, L, B) in tqdm(radix_cfgs, desc="radix"):
+            rows += bench_case(f"radix N={N} L={L}", radix(N, L), [B], rounds)
+    if "mlp" in only:
+        for s in tqdm(mlp_sparsity, desc="mlp"):
+            dag = pruned_mlp(mlp_sizes, s)
+            rows += bench_case(f"MLP {'-'.join(map(str, mlp_sizes))} {int(s * 100)}%", dag, mlp_batches, rounds)
+    if "deep" in only:
+        for (ni, no, n, m, M, B) in tqdm(deep_cfgs, desc="deep"):
+            try:
+                dag = deep_net(ni, no, n, m, M)
+            except ImportError:
+                print("deep generator nets need torch_iosparse.generate (planner branch); skipped")
+                break
+            depth = int(dag.levels().max())
+            rows += bench_case(f"deep io_optimal n={n} m={m} depth={depth}", dag, [B], rounds, memory=M)
+    orders = []
+    if "orders" in only:
+        N, L, B, M, budget = orders_cfg
+        orders = orders_study(radix(N, L), M, B, rounds, budget)
+
+    info = hardware.detect()
+    head = [f"# CPU benchmark results (benchmarks/cpu_speed.py)", "",
+            f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+            f"- machine: {platform.processor() or platform.machine()}, {info}; torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads",
+            f"- command: `python benchmarks/cpu_speed.py {' '.join(sys.argv[1:])}`",
+            f"- timing: best of {rounds} interleaved rounds (wall clock); ratio = best anchor time / ours "
+            "(> 1: we are faster). G/s = batch x edges per second. The machine is shared: absolute numbers "
+            "are noisy, ratios measured side by side less so.", "", f"## Sweep ({torch.get_num_threads()} threads)", ""]
+    text = "\n".join(head) + fmt_rows(rows) + "\n"
+    if orders:
+        N, L, B, M, budget = orders_cfg
+        text += (f"\n## Orders at fixed M (radix N={N} L={L}, B={B}, M={M} slots, program path)\n\n"
+                 "| order | loads | stores | ms | G/s |\n|---|---|---|---|---|\n")
+        for o in orders:
+            text += f"| {o['method']} | {o['loads']:,} | {o['stores']:,} | {o['ms']:.3f} | {o['gps']:.2f} |\n"
+    print(text)
+    if not args.no_write:
+        with open(args.out, "w") as f:
+            f.write(text)
+        print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""torch.compile(fullgraph) without graph breaks or recompiles, torch.export round trip, opcheck.
+
+Few and small: each compile costs seconds on the shared CI machine."""
+import pytest
+import torch
+import torch._dynamo
+import torch.nn.utils.prune as prune
+from torch import nn
+from torch._dynamo.utils import counters
+
+from torch_iosparse.module import _REF_KEYS, IOSparseNetwork, reference_backward_op, reference_op
+from torch_iosparse.sparsify import sparsify
+
+
+@pytest.fixture(autouse=True)
+def _tmp_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))
+
+
+def pruned(seed=0):
+    torch.manual_seed(seed)
+    m = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
+    for x in m:
+        if type(x) is nn.Linear:
+            prune.l1_unstructured(x, "weight", 0.8)
+    return m
+
+
+def test_compile_fullgraph_dynamic_no_breaks_no_recompiles():
+    torch._dynamo.reset()
+    counters.clear()
+    model = sparsify(nn.Sequential(pruned(), nn.LayerNorm(5)))
+    compiled = torch.compile(model, fullgraph=True, dynamic=True)
+    for batch in (3, 8, 17, 64):
+        x = torch.randn(batch, 12)
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-6)
+    assert sum(counters["graph_break"].values()) == 0
+    assert counters["stats"]["unique_graphs"] == 1  # one graph for every batch size: no recompiles
+    # explain agrees: one graph, no breaks
+    ex = torch._dynamo.explain(model)(torch.randn(4, 12))
+    assert ex.graph_break_count == 0 and ex.graph_count == 1
+
+
+def test_compiled_training_step_matches_eager():
+    torch._dynamo.reset()
+    eager = IOSparseNetwork(pruned(1))
+    comp_net = IOSparseNetwork(pruned(1))
+    compiled = torch.compile(comp_net, fullgraph=True)
+    x, y = torch.randn(8, 12), torch.randint(0, 5, (8,))
+    for net, fn in ((eager, eager), (comp_net, compiled)):
+        nn.functional.cross_entropy(fn(x), y).backward()
+    torch.testing.assert_close(comp_net.weight.grad, eager.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(comp_net.bias.grad, eager.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_export_round_trip(tmp_path):
+    net = IOSparseNetwork(pruned(2)).eval()
+    x = torch.randn(6, 12)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    ep = torch.export.export(net, (x,), dynamic_shapes={"x": {0: batch}})
+    assert any("iosparse.dag_forward" in str(n.target) for n in ep.graph.nodes)  # the native op, one node
+    path = tmp_path / "net.pt2"
+    torch.export.save(ep, path)
+    loaded = torch.export.load(path)
+    for b in (6, 11):
+        xb = torch.randn(b, 12)
+        torch.testing.assert_close(loaded.module()(xb), net(xb), rtol=1e-5, atol=1e-6)
+
+
+def test_reference_ops_pass_opcheck():
+    net = IOSparseNetwork(pruned(3), cache=False).double()
+    ref = [getattr(net, k) for k in _REF_KEYS]
+    x = torch.randn(4, 12, dtype=torch.float64, requires_grad=True)
+    w = net.weight.detach().clone().requires_grad_()
+    b = net.bias.detach().clone().requires_grad_()
+    torch.library.opcheck(reference_op, (x, w, b, ref, net.summary()["n_neurons"]))
+    g = torch.randn(4, 5, dtype=torch.float64)
+    torch.library.opcheck(reference_backward_op, (g, x.detach(), w.detach(), b.detach(), ref,
+                                                  net.summary()["n_neurons"]))
+    torch.autograd.gradcheck(lambda x, w, b: reference_op(x, w, b, ref, net.summary()["n_neurons"]), (x, w, b))
+
+
+def test_reference_path_compiles_and_exports_too(tmp_path):
+    """Devices/dtypes without a native kernel run the reference custom op: same guarantees."""
+    torch._dynamo.reset()
+    counters.clear()
+    net = IOSparseNetwork(pruned(4))
+    net._op_meta = None  # as on a device without a registered kernel
+    compiled = torch.compile(net, fullgraph=True, dynamic=True)
+    for batch in (2, 7):
+        x = torch.randn(batch, 12, requires_grad=True)
+        y = compiled(x)
+        torch.testing.assert_close(y, net(x), rtol=1e-5, atol=1e-6)
+        y.sum().backward()
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    ep = torch.export.export(net.eval(), (torch.randn(3, 12),), dynamic_shapes={"x": {0: torch.export.Dim("b")}})
+    assert any("iosparse_module.reference_forward" in str(n.target) for n in ep.graph.nodes)
+    torch.export.save(ep, tmp_path / "ref.pt2")
+    xb = torch.randn(5, 12)
+    torch.testing.assert_close(torch.export.load(tmp_path / "ref.pt2").module()(xb), net(xb))

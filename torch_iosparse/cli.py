@@ -1,0 +1,145 @@
+"""Command line: ``python -m torch_iosparse explain|plan|bench MODEL_FILE``.
+
+MODEL_FILE is read with ``torch.load(weights_only=True)`` and may hold
+  * the ``state_dict()`` of an IOSparseNetwork or of any model containing them (each network is rebuilt
+    from its structure buffers with :meth:`IOSparseNetwork.from_state_dict`), or
+  * a whole model saved with ``torch.save(model, path)`` — unpickling runs code from the file, so this
+    needs ``--full-model`` (use it only for files you trust). A whole model that has not been converted
+    is explained as ``sparsify(model)`` would convert it.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Dict, List, Tuple
+
+import torch
+from torch import nn
+
+from .explain import explain, format_table, networks, rows
+from .module import IOSparseNetwork
+
+
+def load_model_file(path: str, full_model: bool = False) -> nn.Module:
+    """An nn.Module holding the networks of ``path`` (see the module docstring)."""
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+    except Exception as e:
+        if not full_model:
+            raise SystemExit(f"{path}: not loadable with weights_only=True ({type(e).__name__}). If it is a whole "
+                             "model saved with torch.save(model) and you trust it, pass --full-model.")
+        obj = torch.load(path, weights_only=False, map_location="cpu")
+    if isinstance(obj, nn.Module):
+        return obj
+    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return _from_state_dict(obj, path)
+    raise SystemExit(f"{path}: expected a state_dict or an nn.Module, got {type(obj).__name__}")
+
+
+def _from_state_dict(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
+    prefixes = sorted(k[: -len("in_ptr")] for k in sd if k == "in_ptr" or k.endswith(".in_ptr"))
+    if not prefixes:
+        raise SystemExit(f"{path}: this state_dict holds no IOSparseNetwork (no '*.in_ptr' entry)")
+    holder = nn.ModuleDict()
+    for p in prefixes:
+        name = p.rstrip(".") or "(root)"
+        try:
+            holder[name.replace(".", "/")] = IOSparseNetwork.from_state_dict(sd, prefix=p, cache=False)
+        except (KeyError, ValueError) as e:  # GraphError / PlanError are ValueErrors
+            raise SystemExit(f"{path}: the IOSparseNetwork state {name!r} cannot be rebuilt: {e}") from None
+    if prefixes == [""]:
+        return holder["(root)"]
+    return holder
+
+
+def cmd_explain(model: nn.Module, args) -> None:
+    explain(model, plot=args.plot)
+
+
+def cmd_plan(model: nn.Module, args) -> None:
+    """Re-plan every network for --memory/--method and show the I/O next to the current plan."""
+    nets = networks(model) or networks(_converted(model))
+    table = []
+    for name, net in nets:
+        replanned = IOSparseNetwork(net.to_dag(), memory=args.memory, method=args.method, seed=args.seed,
+                                    time_budget=args.time_budget, cache=not args.no_cache)
+        r_old, r_new = rows(net)[0], rows(replanned)[0]
+        r_new["name"] = f"{name} (now)"
+        r_old["name"] = f"{name} (was)"
+        table += [r_old, r_new]
+        if args.save_dir:
+            import os
+            os.makedirs(args.save_dir, exist_ok=True)
+            out = os.path.join(args.save_dir, name.replace("/", ".").replace("(root)", "root") + ".plan.npz")
+            replanned.plan().save(out)
+            print(f"saved {out}")
+    print(format_table(table))
+
+
+def _converted(model: nn.Module) -> nn.Module:
+    from .sparsify import sparsify
+    return sparsify(model)
+
+
+def _time(fn, x, repeats: int) -> float:
+    with torch.inference_mode():
+        fn(x)
+        best = float("inf")
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn(x)
+            best = min(best, time.perf_counter() - t)
+    return best
+
+
+def cmd_bench(model: nn.Module, args) -> None:
+    """Time each network (native op), its pure-PyTorch reference op and its dense nn.Sequential twin on
+    random inputs (best of --repeats, side by side in one process)."""
+    import copy
+    nets = networks(model) or networks(_converted(model))
+    print(f"batch={args.batch}, threads={torch.get_num_threads()}, best of {args.repeats}")
+    print(f"{'network':24s} {'sparse ms':>10s} {'reference ms':>12s} {'dense ms':>10s} {'dense/sparse':>12s}")
+    for name, net in nets:
+        x = torch.randn(args.batch, net.n_inputs, dtype=net.weight.dtype)
+        ts = _time(net, x, args.repeats)
+        ref = copy.deepcopy(net)
+        ref._op_meta = None  # the reference custom op
+        tr = _time(ref, x, args.repeats)
+        try:
+            td = _time(net.to_dense(), x, args.repeats)
+            print(f"{name:24s} {ts * 1e3:10.3f} {tr * 1e3:12.3f} {td * 1e3:10.3f} {td / ts:12.2f}")
+        except ValueError:  # a general DAG has no dense twin
+            print(f"{name:24s} {ts * 1e3:10.3f} {tr * 1e3:12.3f} {'-':>10s} {'-':>12s}")
+
+
+def main(argv: List[str] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m torch_iosparse", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("model_file")
+    common.add_argument("--full-model", action="store_true",
+                        help="allow unpickling a whole model (runs code from the file: trusted files only)")
+    p = sub.add_parser("explain", parents=[common], help="I/O table of every sparse network")
+    p.add_argument("--plot", metavar="PNG", help="also draw I/O versus M with the bounds into this file")
+    p = sub.add_parser("plan", parents=[common], help="re-plan every network and compare")
+    p.add_argument("--memory", default="auto", help="fast-memory slots, 'auto' or 'unbounded'")
+    p.add_argument("--method", default="two_optimal")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--time-budget", type=float, default=None)
+    p.add_argument("--no-cache", action="store_true")
+    p.add_argument("--save-dir", help="write each new plan as a .plan.npz file here")
+    p = sub.add_parser("bench", parents=[common], help="time each network against its reference and dense twins")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    if getattr(args, "memory", None) not in (None, "auto", "unbounded"):
+        args.memory = int(args.memory)
+    model = load_model_file(args.model_file, args.full_model)
+    {"explain": cmd_explain, "plan": cmd_plan, "bench": cmd_bench}[args.command](model, args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
