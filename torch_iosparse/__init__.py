@@ -3,15 +3,35 @@
 Implements the model of Gleinig, Ben-Nun & Hoefler, *A Theory of I/O-Efficient Sparse Neural Network
 Inference* (2023): a network is a DAG of neurons computed in a fast memory of M slots; we count and
 minimise the transfers (I/Os) between fast and slow memory. See docs/theory.md.
+
+Public API (shared/api.md): SparseDAG, count_io, lower_bound, upper_bound, plan / Plan, generate.*,
+IOSparseNetwork, sparsify / sparsify_, explain.
 """
+import torch as _torch
+
 from .activations import Activation
 from .dag import GraphError, SparseDAG
-from .iomodel import IOCount, count_io, lower_bound, simulate, simulate_reference, trace, upper_bound
-from .planning import Plan, PlanError, brute_force_optimum, plan
+from .iomodel import (OPS, Event, IOCount, count_io, lower_bound, normalize_memory, simulate, simulate_reference,
+                      topological_order, trace, upper_bound)
+from .planning import Plan, PlanError, all_topological_orders, brute_force_optimum, methods, plan, register_method
+from . import planner  # noqa: F401  registers plan(method="greedy" | "anneal")
+from . import generate, ops
+from .module import IOSparseNetwork
+from .sparsify import sparsify, sparsify_
+from .explain import explain, plot_io_vs_memory
+from . import cache
+
+if _torch.cuda.is_available():  # Triton kernels for iosparse::dag_forward / dag_backward on CUDA
+    try:
+        from . import gpu  # noqa: F401
+    except ImportError:  # no Triton: CUDA tensors run the op's PyTorch reference kernels
+        pass
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Activation", "GraphError", "SparseDAG", "IOCount", "count_io", "lower_bound", "upper_bound",
-    "simulate", "simulate_reference", "trace", "Plan", "PlanError", "plan", "brute_force_optimum",
+    "Activation", "GraphError", "SparseDAG", "IOCount", "Event", "OPS", "count_io", "lower_bound", "upper_bound",
+    "simulate", "simulate_reference", "trace", "topological_order", "normalize_memory",
+    "Plan", "PlanError", "plan", "methods", "register_method", "brute_force_optimum", "all_topological_orders",
+    "generate", "ops", "IOSparseNetwork", "sparsify", "sparsify_", "explain", "plot_io_vs_memory", "cache",
 ]
