@@ -252,3 +252,15 @@ def test_pickle_round_trip_drops_caches():
     assert torch.equal(back.forward_reference(x), y)
     assert back.structure_hash() == dag.structure_hash()
     assert tis.count_io(back, tis.plan(back, 3).order, 3) == tis.count_io(dag, tis.plan(dag, 3).order, 3)
+
+
+def test_forward_reference_is_differentiable_in_the_input():
+    # The reference is also the gradient oracle: autograd through it must work (no in-place clobbering).
+    seq = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3), torch.nn.GELU()).double()
+    dag = tis.SparseDAG.from_module(seq)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(dag.forward_reference, (x,))
+    x2 = x.detach().clone().requires_grad_(True)
+    seq(x2).sum().backward()
+    dag.forward_reference(x).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-12, atol=1e-12)

@@ -469,6 +469,7 @@ class SparseDAG:
         vals[: self.n_inputs] = x.t().to(dt)
         w = self.weight.to(device=dev, dtype=dt)
         b = self.bias.to(device=dev, dtype=dt)
+        track_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
             for (neurons, crow, col, edges), groups in zip(self._level_plan(), self._level_activations()):
@@ -479,7 +480,11 @@ class SparseDAG:
                                                 size=(neurons.numel(), self.n_neurons),
                                                 check_invariants=False)
                     acc = acc + A @ vals
-                vals[neurons_d] = self._apply_activation_groups(acc.contiguous(), groups)
+                new = self._apply_activation_groups(acc.contiguous(), groups)
+                if track_grad:  # `A @ vals` saved vals for backward: write out of place
+                    vals = vals.index_put((neurons_d,), new)
+                else:
+                    vals[neurons_d] = new
         out = vals[torch.from_numpy(self.outputs.astype(np.int64)).to(dev)].t().contiguous()
         return out.to(x.dtype)
 
