@@ -315,7 +315,9 @@ class SparseDAG:
             sizes.append(lin.out_features)
         offsets = np.cumsum([0] + sizes)
         n = int(offsets[-1])
-        wdtype = dtype or layers[0][0].weight.dtype
+        first = layers[0][0]
+        # with a prune mask, lin.weight keeps its old dtype after .double() until the next forward
+        wdtype = dtype or getattr(first, "weight_orig", first.weight).dtype
         srcs, dsts, ws = [], [], []
         bias = torch.zeros(n, dtype=wdtype)
         act_table, act_index = [], np.zeros(n, dtype=np.int16)
@@ -479,7 +481,11 @@ class SparseDAG:
                                                 size=(neurons.numel(), self.n_neurons),
                                                 check_invariants=False)
                     acc = acc + A @ vals
-                vals[neurons_d] = self._apply_activation_groups(acc.contiguous(), groups)
+                act = self._apply_activation_groups(acc.contiguous(), groups)
+                if torch.is_grad_enabled() and (vals.requires_grad or act.requires_grad):
+                    vals = vals.index_copy(0, neurons_d, act)  # out of place: autograd saved vals for A @ vals
+                else:
+                    vals[neurons_d] = act
         out = vals[torch.from_numpy(self.outputs.astype(np.int64)).to(dev)].t().contiguous()
         return out.to(x.dtype)
 
