@@ -1,10 +1,8 @@
 """torch.compile(fullgraph) without graph breaks or recompiles, torch.export round trip, opcheck.
 
 Few and small: each compile costs seconds on the shared CI machine."""
-import pytest
 import torch
 import torch._dynamo
-import torch.nn.utils.prune as prune
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -12,19 +10,11 @@ from torch_iosparse import ops
 from torch_iosparse.module import IOSparseNetwork
 from torch_iosparse.sparsify import sparsify
 
-
-@pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))
+from test_module import _tmp_cache, pruned_mlp  # noqa: F401 (_tmp_cache: autouse, a private plan cache)
 
 
 def pruned(seed=0):
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(12, 24), nn.GELU(), nn.Linear(24, 16), nn.ReLU(), nn.Linear(16, 5))
-    for x in m:
-        if type(x) is nn.Linear:
-            prune.l1_unstructured(x, "weight", 0.8)
-    return m
+    return pruned_mlp((12, 24, 16, 5), 0.8, (nn.GELU, nn.ReLU), seed=seed)
 
 
 def test_compile_fullgraph_dynamic_no_breaks_no_recompiles():
