@@ -50,6 +50,17 @@ def test_reference_handles_non_topological_numbering():
                                dag.forward_reference(x))
 
 
+def test_reference_level_index_cache_follows_the_buffers():
+    dag = random_dag(3, 4, 12)
+    net, config = structure(dag)
+    levels = ops._levels_of(net, dag.n_neurons)
+    assert ops._levels_of(net, dag.n_neurons) is levels  # cached per buffer
+    net[6].add_(0)  # an in-place write to level_neuron (e.g. load_state_dict) bumps its version: rebuilt
+    assert ops._levels_of(net, dag.n_neurons) is not levels
+    x = torch.randn(3, dag.n_inputs)
+    torch.testing.assert_close(ops.reference_forward(x, dag.weight, dag.bias, net, config), dag.forward_reference(x))
+
+
 # ---------------------------------------------------------------------------------------------- registration
 
 

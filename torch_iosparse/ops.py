@@ -284,22 +284,48 @@ def _level_matrix(crow: torch.Tensor, src: torch.Tensor, values: torch.Tensor, n
     return torch.sparse_csr_tensor(crow, src, values, size=(crow.numel() - 1, n), check_invariants=False)
 
 
+_LEVEL_CACHE: "WeakIdKeyDictionary" = None  # level_neuron tensor -> (key, per-level index tensors)
+
+
+def _levels_of(net: Sequence[torch.Tensor], n: int):
+    """Per level: (neurons, edges, local, src, crow) index tensors on the buffers' device. Cached per
+    ``level_neuron`` buffer (weakly; rebuilt when a structure buffer was replaced or written in place), so
+    training steps on a device without a kernel (and the CUDA backward) do not rebuild them."""
+    global _LEVEL_CACHE
+    from torch.utils.weak import WeakIdKeyDictionary
+    if _LEVEL_CACHE is None:
+        _LEVEL_CACHE = WeakIdKeyDictionary()
+    in_ptr, in_src, level_ptr, level_neuron = net[0], net[1], net[5], net[6]
+    try:
+        key = tuple((t.data_ptr(), t._version) for t in (in_ptr, in_src, level_ptr, level_neuron)) + (n,)
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        key = None
+    hit = _LEVEL_CACHE.get(level_neuron) if key is not None else None
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    lp = level_ptr.tolist()
+    levels = []
+    for l in range(len(lp) - 1):
+        neurons = level_neuron[lp[l]:lp[l + 1]].clone()  # not a view: the cache must not keep its key alive
+        levels.append((neurons, *_level_edges(in_ptr, in_src, neurons, n)))
+    if key is not None:
+        _LEVEL_CACHE[level_neuron] = (key, levels)
+    return levels
+
+
 def _reference_levels(x, weight, bias, net: Sequence[torch.Tensor], config: Sequence[int], keep_pre: bool):
     """Forward level by level in the compute dtype: (values [n, B], pre-activations or None, per-level
     index tensors, w, compute dtype). Big levels run as one CSR matmul, small ones as gathers."""
     n_in, n = config[0], config[1]
-    in_ptr, in_src, act_code, act_param, outputs, level_ptr, level_neuron = net[:7]
+    act_code, act_param = net[2], net[3]
     B = x.shape[0]
     cdt = _compute_dtype(x.dtype)
     w, b = weight.to(cdt), bias.to(cdt)
     vals = torch.zeros(n, B, dtype=cdt, device=x.device)
     pre = torch.zeros(n, B, dtype=cdt, device=x.device) if keep_pre else None
     vals[:n_in] = x.t().to(cdt)
-    per_level = []
-    lp = level_ptr.tolist()
-    for l in range(len(lp) - 1):
-        neurons = level_neuron[lp[l]:lp[l + 1]]
-        edges, local, src, crow = _level_edges(in_ptr, in_src, neurons, n)
+    per_level = _levels_of(net, n)
+    for neurons, edges, local, src, crow in per_level:
         acc = b[neurons].unsqueeze(1).expand(-1, B).clone()
         if edges.numel() and _use_sparse_mm(edges.numel(), B):
             acc += torch.sparse.mm(_level_matrix(crow, src, w[edges], n), vals)
@@ -308,7 +334,6 @@ def _reference_levels(x, weight, bias, net: Sequence[torch.Tensor], config: Sequ
         if keep_pre:
             pre[neurons] = acc
         vals[neurons] = _act_apply(acc, act_code[neurons], act_param.view(-1, 2)[neurons])
-        per_level.append((neurons, edges, local, src, crow))
     return vals, pre, per_level, w, cdt
 
 
