@@ -223,6 +223,8 @@ def test_bad_inputs_raise_clear_errors():
     x16 = torch.randn(4, 6).half()  # ops.dag_forward runs half precision through it in float32
     y16 = ops.dag_forward(x16, w.half(), b.half(), net.buffers, net.meta)
     assert y16.dtype == torch.float16
+    with pytest.raises(TypeError, match="input's dtype"):
+        ops.dag_forward(x16, w, b, net.buffers, net.meta)
     torch.testing.assert_close(y16, ops.dag_forward(x16.float(), w.half().float(), b.half().float(), net.buffers,
                                                     net.meta).half())
     with pytest.raises(TypeError, match="input's dtype"):

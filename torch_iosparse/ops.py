@@ -184,6 +184,9 @@ def dag_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffe
     if x.device.type == "cpu" and x.dtype in _CPU_UPCAST:
         # The C++ CPU kernel takes float32/float64: run float16/bfloat16 in float32 and cast back (plain
         # differentiable casts, so torch.compile(fullgraph=True) and export see no graph break).
+        if weight.dtype != x.dtype or bias.dtype != x.dtype:  # the same rule as the kernel's, before casting
+            raise TypeError(f"iosparse: weight ({weight.dtype}) and bias ({bias.dtype}) must have the input's "
+                            f"dtype {x.dtype}")
         y = torch.ops.iosparse.dag_forward(x.float(), weight.float(), bias.float(), net, config)
         return y.to(x.dtype)
     return torch.ops.iosparse.dag_forward(x, weight, bias, net, config)
