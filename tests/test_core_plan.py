@@ -2,9 +2,11 @@
 damaged files."""
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
 import json
+import warnings
 import zipfile
 
 import numpy as np
@@ -70,8 +72,12 @@ def test_truncated_and_corrupted_files_are_refused(tmp_path, net):
                                  data[:-40]]):
         bad = tmp_path / f"bad{k}.plan"
         bad.write_bytes(damaged)
-        with pytest.raises(tis.PlanError, match="not a readable torch_iosparse plan file|corrupt"):
-            tis.Plan.load(str(bad))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            with pytest.raises(tis.PlanError, match="not a readable torch_iosparse plan file|corrupt"):
+                tis.Plan.load(str(bad))
+            gc.collect()
+        assert not [w for w in caught if issubclass(w.category, ResourceWarning)], "Plan.load left a file open"
     with pytest.raises(FileNotFoundError):
         tis.Plan.load(str(tmp_path / "missing.plan"))
 

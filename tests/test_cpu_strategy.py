@@ -82,3 +82,22 @@ def test_calibration_measures_and_caches():
     again = ops.prepare(dag, calibrate=True)  # cached: same thresholds, no new measurement
     assert (again.meta["level_max_batch"], again.meta["dense_min_batch"]) == (lm, dm)
     assert "calibration" not in again.info
+
+
+def test_sysfs_cache_reader_closes_its_files(tmp_path, monkeypatch):
+    import gc
+    import warnings
+    for name, level, kind, size in (("index0", 1, "Data", "48K"), ("index1", 1, "Instruction", "32K"),
+                                    ("index2", 2, "Unified", "2048K"), ("index3", 3, "Unified", "32M")):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    monkeypatch.setattr(hardware, "_SYS_CACHE", str(tmp_path))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        sizes = hardware._from_sys()
+        gc.collect()
+    assert sizes == {1: 48 << 10, 2: 2 << 20, 3: 32 << 20}  # the instruction cache is skipped
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], "sysfs files left open"

@@ -1,7 +1,6 @@
-"""torch_iosparse.gpu without a GPU: the device-agnostic reference forward/backward (what the CUDA
-backward runs), the op adapter called directly on CPU tensors under the Triton interpreter, the CUDA
-registration, its fake kernel with device='cuda' fake tensors, and a small compile/export test."""
-import numpy as np
+"""torch_iosparse.gpu without a GPU: the op's device-agnostic reference forward/backward (ops.reference_*,
+what the CUDA backward and float64 forward run), the op adapter called directly on CPU tensors under the
+Triton interpreter, the CUDA registration, its fake kernel with device='cuda' fake tensors, and a small compile/export test."""
 import pytest
 import torch
 from hypothesis import given, settings
@@ -16,11 +15,9 @@ from test_triton import random_dag
 
 
 def structure(dag):
-    codes = torch.tensor([dag.activation_of(v).code for v in range(dag.n_neurons)], dtype=torch.int8)
-    lo = torch.tensor([dag.activation_of(v).lo for v in range(dag.n_neurons)], dtype=torch.float64)
-    hi = torch.tensor([dag.activation_of(v).hi for v in range(dag.n_neurons)], dtype=torch.float64)
-    return (torch.from_numpy(dag.in_ptr.astype(np.int64)), torch.from_numpy(dag.in_src.astype(np.int32)), codes, lo, hi,
-            torch.from_numpy(dag.outputs.astype(np.int64)), dag.n_inputs)
+    """The op's (net, config) arguments for ``dag`` (what ops.reference_forward/backward take)."""
+    net = ops.prepare(dag, memory=None, strategy="program")
+    return ops._op_args(net.buffers, net.meta)
 
 
 @given(seed=st.integers(0, 10**6), batch=st.sampled_from([1, 4, 9]))
@@ -33,10 +30,10 @@ def test_reference_forward_and_backward_match_autograd_of_forward_reference(seed
     b = dag.bias.clone().requires_grad_()
     dag.weight, dag.bias = w, b  # forward_reference reads them: autograd flows into w and b
     y_ref = dag.forward_reference(x)
-    torch.testing.assert_close(gpu.reference_forward(x.detach(), w.detach(), b.detach(), *s), y_ref.detach())
+    torch.testing.assert_close(ops.reference_forward(x.detach(), w.detach(), b.detach(), *s), y_ref.detach())
     gy = torch.randn_like(y_ref)
     gx, gw, gb = torch.autograd.grad(y_ref, [x, w, b], gy)
-    rx, rw, rb = gpu.reference_backward(gy, x.detach(), w.detach(), b.detach(), *s)
+    rx, rw, rb = gpu.reference_backward_from_buffers(gy, x.detach(), w.detach(), b.detach(), *s)
     gb = gb.clone()
     gb[: dag.n_inputs] = 0  # inputs have no bias
     for got, want in ((rx, gx), (rw, gw), (rb, gb)):
@@ -49,8 +46,19 @@ def test_reference_handles_non_topological_numbering():
                                    torch.tensor([0, 0, 0.1, 0, -0.2, 0.3]), n_neurons=6, outputs=[4],
                                    activation="tanh")
     x = torch.randn(3, 2)
-    torch.testing.assert_close(gpu.reference_forward(x, dag.weight, dag.bias, *structure(dag)),
+    torch.testing.assert_close(ops.reference_forward(x, dag.weight, dag.bias, *structure(dag)),
                                dag.forward_reference(x))
+
+
+def test_reference_level_index_cache_follows_the_buffers():
+    dag = random_dag(3, 4, 12)
+    net, config = structure(dag)
+    levels = ops._levels_of(net, dag.n_neurons)
+    assert ops._levels_of(net, dag.n_neurons) is levels  # cached per buffer
+    net[6].add_(0)  # an in-place write to level_neuron (e.g. load_state_dict) bumps its version: rebuilt
+    assert ops._levels_of(net, dag.n_neurons) is not levels
+    x = torch.randn(3, dag.n_inputs)
+    torch.testing.assert_close(ops.reference_forward(x, dag.weight, dag.bias, net, config), dag.forward_reference(x))
 
 
 # ---------------------------------------------------------------------------------------------- registration
@@ -155,6 +163,17 @@ def test_cuda_backward_adapter_equals_cpu_op(memory):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
     with pytest.raises(ValueError, match="grad_output must have shape"):
         gpu.reference_backward_from_buffers(gy[:, :1], x, dag.weight, dag.bias, net, config)
+
+
+def test_cuda_forward_adapter_float64_runs_the_op_reference():
+    """float64 (no Triton kernel) runs ops.reference_forward: equal to the C++ op in float64."""
+    dag = random_dag(6, 4, 13)
+    net, config = prepared(dag, 3)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    w, b = dag.weight.double(), dag.bias.double()
+    got = gpu.triton_forward_from_buffers(x, w, b, net, config)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, torch.ops.iosparse.dag_forward(x, w, b, net, config), rtol=1e-12, atol=1e-12)
 
 
 def _fake_cuda_args(mode, dag, memory, batch):

@@ -9,8 +9,8 @@ import torch.nn.utils.prune as prune
 from hypothesis import given, strategies as st
 from torch import nn
 
-from torch_iosparse import SparseDAG
-from torch_iosparse.module import _REF_KEYS, IOSparseNetwork, reference_forward, reference_op, reference_prepare
+from torch_iosparse import SparseDAG, ops
+from torch_iosparse.module import IOSparseNetwork
 
 
 def pruned_mlp(sizes=(12, 24, 16, 6), amount=0.8, acts=(nn.ReLU, nn.GELU), seed=0):
@@ -135,11 +135,23 @@ def random_dags(draw):
                                 torch.tensor(b, dtype=torch.float64), n_neurons=n, activation=act)
 
 
+def op_arguments(net):
+    """The (net, config, full bias) arguments the module passes to the op, for ops.reference_*."""
+    net_list, config = ops._op_args({k: getattr(net, "op_" + k) for k in net._op_keys}, net._op_meta)
+    return net_list, config, nn.functional.pad(net.bias.detach(), (net.n_inputs, 0))
+
+
+def reference_grads(fn, inputs, grad):
+    """Autograd gradients of ``fn(*inputs)`` against ``grad`` (float64 inputs)."""
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*inputs), inputs, grad, allow_unused=True, materialize_grads=True)
+
+
 @given(random_dags(), st.integers(1, 4))
 def test_reference_forward_matches_dag_reference(dag, batch):
     x = torch.randn(batch, dag.n_inputs, dtype=torch.float64)
-    bufs, meta = reference_prepare(dag)
-    y = reference_forward(x, dag.weight, dag.bias[dag.n_inputs:], bufs, meta)
+    net_list, config, bias = op_arguments(IOSparseNetwork(dag, memory=3, cache=False))
+    y = ops.reference_forward(x, dag.weight, dag.bias, net_list, config)
     torch.testing.assert_close(y, dag.forward_reference(x), rtol=1e-12, atol=1e-12)
 
 
@@ -148,36 +160,43 @@ def test_module_matches_dag_reference_and_gradcheck(dag):
     net = IOSparseNetwork(dag, memory=3, cache=False)
     x = torch.randn(3, dag.n_inputs, dtype=torch.float64, requires_grad=True)
     torch.testing.assert_close(net(x), dag.forward_reference(x), rtol=1e-10, atol=1e-10)
-    # the reference custom op's hand-written backward (transposed DAG) against finite differences
-    bufs, _ = reference_prepare(dag)
-    ref = [bufs[k] for k in _REF_KEYS]
+    # the module's gradients (the op's backward) against finite differences
     w = dag.weight.clone().requires_grad_(dag.n_edges > 0)
     b = dag.bias[dag.n_inputs:].clone().requires_grad_()
-    torch.autograd.gradcheck(lambda x, w, b: reference_op(x, w, b, ref, dag.n_neurons), (x, w, b))
+    net_list, config, _ = op_arguments(net)
+    full = lambda b: nn.functional.pad(b, (dag.n_inputs, 0))  # noqa: E731
+    torch.autograd.gradcheck(lambda x, w, b: ops.dag_forward(x, w, full(b), dict(zip(ops.NET_KEYS, net_list)),
+                                                             net._op_meta), (x, w, b))
+    # the reference's hand-written backward (transposed DAG) against autograd through the DAG's evaluator
+    g = torch.randn(3, dag.n_outputs, dtype=torch.float64)
+
+    def through_dag(x, w, b):
+        d = copy.copy(dag)
+        d.weight, d.bias = w, b
+        return d.forward_reference(x)
+
+    want = reference_grads(through_dag, (x, dag.weight, dag.bias), g)
+    got = ops.reference_backward(g, x.detach(), dag.weight, dag.bias, net_list, config)
+    for a, e in zip(got, want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
-def test_cpu_forward_dispatches_to_the_native_op_and_matches_the_reference(monkeypatch):
-    from torch_iosparse import module as mod
-    if mod._ops_module() is None:
-        pytest.fail("the native op torch.ops.iosparse.dag_forward is not built")
+def test_cpu_forward_runs_the_native_op_and_matches_the_reference():
     seq = pruned_mlp()
     net = IOSparseNetwork(seq, memory=5)
-    assert net.summary()["strategy"] != "reference"
-    calls = []
-    monkeypatch.setattr(mod, "reference_op", lambda *a: calls.append(1))  # must not be reached on CPU
+    assert net.summary()["strategy"].startswith(("auto", "program", "level", "dense"))
     x = torch.randn(7, 12, requires_grad=True)
     y = net(x)
-    assert not calls and rel_err(y, seq(x)) <= 1e-5
-    monkeypatch.undo()
-    # the same module with the native op switched off runs the reference op: same values and grads
-    ref_net = copy.deepcopy(net)
-    ref_net._op_meta = None
-    yr = ref_net(x)
-    torch.testing.assert_close(y, yr, rtol=1e-5, atol=1e-6)
+    assert rel_err(y, seq(x)) <= 1e-5
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("iosparse::dag_forward", "CPU")  # the C++ kernel
+    # the op's pure-PyTorch reference kernels on the same arguments: same values and grads
+    net_list, config, bias = op_arguments(net)
+    yr = ops.reference_forward(x.detach(), net.weight.detach(), bias, net_list, config)
+    torch.testing.assert_close(y.detach(), yr, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(y)
     gx, gw, gb = torch.autograd.grad(y, (x, net.weight, net.bias), g)
-    rx, rw, rb = torch.autograd.grad(yr, (x, ref_net.weight, ref_net.bias), g)
-    for a, b in ((gx, rx), (gw, rw), (gb, rb)):
+    rx, rw, rb = ops.reference_backward(g, x.detach(), net.weight.detach(), bias, net_list, config)
+    for a, b in ((gx, rx), (gw, rw), (gb, rb[net.n_inputs:])):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
@@ -200,7 +219,7 @@ def test_dtype_conversions_keep_structure_exact():
     back = IOSparseNetwork(seq).double().float()  # kernel buffers keep their own dtype
     assert rel_err(back(x), seq(x)) <= 1e-5
     assert back.to_dag().activations[0] == ("hardtanh", -0.3, 0.7)  # bounds never rounded
-    for dt in (torch.float16, torch.bfloat16):  # no CPU kernel for these: the reference op runs
+    for dt in (torch.float16, torch.bfloat16):  # run by the CPU kernel in float32, cast back
         low = IOSparseNetwork(seq).to(dt)
         assert low(x.to(dt)).dtype == dt
         assert rel_err(low(x.to(dt)).float(), seq(x)) <= 3e-2
@@ -228,10 +247,9 @@ def test_linears_without_bias_keep_no_trainable_bias():
 
 
 @pytest.mark.parametrize("min_work", [0, 1 << 62])
-def test_reference_op_sparse_mm_and_gather_levels_agree(min_work, monkeypatch):
-    """The reference op runs big levels as CSR matmuls and small ones as gathers: check both."""
-    from torch_iosparse import module as mod
-    monkeypatch.setattr(mod, "SPARSE_MM_MIN_WORK", min_work)
+def test_reference_sparse_mm_and_gather_levels_agree(min_work, monkeypatch):
+    """The op's reference runs big levels as CSR matmuls and small ones as gathers: check both."""
+    monkeypatch.setattr(ops, "SPARSE_MM_MIN_WORK", min_work)
     torch.manual_seed(6)
     seq = nn.Sequential(nn.Linear(10, 16), nn.Tanh(), nn.Linear(16, 12), nn.GELU(), nn.Linear(12, 4))
     for m in seq:
@@ -239,16 +257,24 @@ def test_reference_op_sparse_mm_and_gather_levels_agree(min_work, monkeypatch):
             prune.l1_unstructured(m, "weight", 0.6)
     seq = seq.double()
     net = IOSparseNetwork(seq, cache=False)
-    ref = [getattr(net, k) for k in _REF_KEYS]
-    x = torch.randn(5, 10, dtype=torch.float64, requires_grad=True)
-    w = net.weight.detach().clone().requires_grad_()
-    b = net.bias.detach().clone().requires_grad_()
-    fn = lambda x, w, b: reference_op(x, w, b, ref, net.summary()["n_neurons"])  # noqa: E731
-    torch.testing.assert_close(fn(x, w, b), seq(x), rtol=1e-10, atol=1e-10)
-    torch.autograd.gradcheck(fn, (x, w, b), fast_mode=True)
-    for dt in (torch.bfloat16, torch.float32):  # low precision accumulates in float32
-        y = reference_op(x.detach().to(dt), w.detach().to(dt), b.detach().to(dt), ref, net.summary()["n_neurons"])
+    net_list, config, bias = op_arguments(net)
+    x = torch.randn(5, 10, dtype=torch.float64)
+    w = net.weight.detach()
+    fn = lambda x, w, b: ops.reference_forward(x, w, b, net_list, config)  # noqa: E731
+    torch.testing.assert_close(fn(x, w, bias), seq(x), rtol=1e-10, atol=1e-10)
+    # hand-written backward against autograd through the module's native op (float64)
+    g = torch.randn(5, 4, dtype=torch.float64)
+    bufs = dict(zip(ops.NET_KEYS, net_list))
+    want = reference_grads(lambda x, w, b: ops.dag_forward(x, w, b, bufs, net._op_meta), (x, w, bias), g)
+    for a, e in zip(ops.reference_backward(g, x, w, bias, net_list, config), want):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+    for dt in (torch.bfloat16, torch.float16, torch.float32):  # low precision accumulates in float32
+        y = fn(x.to(dt), w.to(dt), bias.to(dt))
         assert y.dtype == dt and rel_err(y.double(), seq(x)) <= 2e-2
+        gx, gw, gb = ops.reference_backward(g.to(dt), x.to(dt), w.to(dt), bias.to(dt), net_list, config)
+        assert (gx.dtype, gw.dtype, gb.dtype) == (dt, dt, dt)
+        for a, e in zip((gx, gw, gb), want):
+            assert rel_err(a.double(), e) <= 2e-2
 
 
 def test_stale_pruned_weight_attribute_is_refreshed():

@@ -217,8 +217,16 @@ def test_bad_inputs_raise_clear_errors():
         ops.dag_forward(torch.randn(6), w, b, net.buffers, net.meta)
     with pytest.raises(TypeError, match="floating-point"):
         ops.dag_forward(torch.ones(4, 6, dtype=torch.int64), w, b, net.buffers, net.meta)
-    with pytest.raises(TypeError, match="float32 and float64"):
-        ops.dag_forward(torch.randn(4, 6).half(), w.half(), b.half(), net.buffers, net.meta)
+    net_list, config = ops._op_args(net.buffers, net.meta)
+    with pytest.raises(TypeError, match="float32 and float64"):  # the C++ kernel itself
+        torch.ops.iosparse.dag_forward(torch.randn(4, 6).half(), w.half(), b.half(), net_list, config)
+    x16 = torch.randn(4, 6).half()  # ops.dag_forward runs half precision through it in float32
+    y16 = ops.dag_forward(x16, w.half(), b.half(), net.buffers, net.meta)
+    assert y16.dtype == torch.float16
+    with pytest.raises(TypeError, match="input's dtype"):
+        ops.dag_forward(x16, w, b, net.buffers, net.meta)
+    torch.testing.assert_close(y16, ops.dag_forward(x16.float(), w.half().float(), b.half().float(), net.buffers,
+                                                    net.meta).half())
     with pytest.raises(TypeError, match="input's dtype"):
         ops.dag_forward(torch.randn(4, 6, dtype=torch.float64), w, b, net.buffers, net.meta)
     with pytest.raises(ValueError, match="one entry per edge"):

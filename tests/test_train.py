@@ -3,25 +3,16 @@ import copy
 
 import pytest
 import torch
-import torch.nn.utils.prune as prune
 from torch import nn
 
 from torch_iosparse.module import IOSparseNetwork
 from torch_iosparse.sparsify import sparsify
 
-
-@pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))
+from test_module import _tmp_cache, pruned_mlp  # noqa: F401 (_tmp_cache: autouse, a private plan cache)
 
 
 def pruned(seed=0):
-    torch.manual_seed(seed)
-    m = nn.Sequential(nn.Linear(10, 32), nn.Tanh(), nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
-    for x in m:
-        if type(x) is nn.Linear:
-            prune.l1_unstructured(x, "weight", 0.8)
-    return m
+    return pruned_mlp((10, 32, 16, 3), 0.8, (nn.Tanh, nn.ReLU), seed=seed)
 
 
 def test_gradients_equal_masked_dense_gradients():

@@ -94,18 +94,18 @@ def _time(fn, x, repeats: int) -> float:
 
 
 def cmd_bench(model: nn.Module, args) -> None:
-    """Time each network (native op), its pure-PyTorch reference op and its dense nn.Sequential twin on
-    random inputs (best of --repeats, side by side in one process)."""
-    import copy
+    """Time each network (native op), the op's pure-PyTorch reference kernel (ops.reference_forward) and
+    its dense nn.Sequential twin on random inputs (best of --repeats, side by side in one process)."""
+    from . import ops
     nets = networks(model) or networks(_converted(model))
     print(f"batch={args.batch}, threads={torch.get_num_threads()}, best of {args.repeats}")
     print(f"{'network':24s} {'sparse ms':>10s} {'reference ms':>12s} {'dense ms':>10s} {'dense/sparse':>12s}")
     for name, net in nets:
         x = torch.randn(args.batch, net.n_inputs, dtype=net.weight.dtype)
         ts = _time(net, x, args.repeats)
-        ref = copy.deepcopy(net)
-        ref._op_meta = None  # the reference custom op
-        tr = _time(ref, x, args.repeats)
+        op_net, config = ops._op_args({k: getattr(net, "op_" + k) for k in net._op_keys}, net._op_meta)
+        bias = nn.functional.pad(net.bias, (net.n_inputs, 0))
+        tr = _time(lambda x: ops.reference_forward(x, net.weight, bias, op_net, config), x, args.repeats)
         try:
             td = _time(net.to_dense(), x, args.repeats)
             print(f"{name:24s} {ts * 1e3:10.3f} {tr * 1e3:12.3f} {td * 1e3:10.3f} {td / ts:12.2f}")

@@ -315,7 +315,9 @@ class SparseDAG:
             sizes.append(lin.out_features)
         offsets = np.cumsum([0] + sizes)
         n = int(offsets[-1])
-        wdtype = dtype or layers[0][0].weight.dtype
+        first = layers[0][0]
+        # with a prune mask, lin.weight keeps its old dtype after .double() until the next forward
+        wdtype = dtype or getattr(first, "weight_orig", first.weight).dtype
         srcs, dsts, ws = [], [], []
         bias = torch.zeros(n, dtype=wdtype)
         act_table, act_index = [], np.zeros(n, dtype=np.int16)
@@ -469,7 +471,6 @@ class SparseDAG:
         vals[: self.n_inputs] = x.t().to(dt)
         w = self.weight.to(device=dev, dtype=dt)
         b = self.bias.to(device=dev, dtype=dt)
-        track_grad = torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or b.requires_grad)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*[Ss]parse CSR tensor support is in beta.*")
             for (neurons, crow, col, edges), groups in zip(self._level_plan(), self._level_activations()):
@@ -480,11 +481,11 @@ class SparseDAG:
                                                 size=(neurons.numel(), self.n_neurons),
                                                 check_invariants=False)
                     acc = acc + A @ vals
-                new = self._apply_activation_groups(acc.contiguous(), groups)
-                if track_grad:  # `A @ vals` saved vals for backward: write out of place
-                    vals = vals.index_put((neurons_d,), new)
+                act = self._apply_activation_groups(acc.contiguous(), groups)
+                if torch.is_grad_enabled() and (vals.requires_grad or act.requires_grad):
+                    vals = vals.index_copy(0, neurons_d, act)  # out of place: autograd saved vals for A @ vals
                 else:
-                    vals[neurons_d] = new
+                    vals[neurons_d] = act
         out = vals[torch.from_numpy(self.outputs.astype(np.int64)).to(dev)].t().contiguous()
         return out.to(x.dtype)
 

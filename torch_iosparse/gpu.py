@@ -3,9 +3,9 @@
 Importing this module registers (idempotently) the CUDA kernels of the ops that torch_iosparse.ops
 defines: ``iosparse::dag_forward`` runs a Triton kernel (triton_kernels.py: the plan executor, or the
 level kernel for small batches, see :func:`choose_gpu_path`) and ``iosparse::dag_backward`` runs
-:func:`reference_backward`, a device-agnostic PyTorch implementation. This file only adapts the op's
-arguments (the buffers of ``ops.prepare``) to the launchers, with caches of the re-encoded device
-programs. It also builds the optional CUDA C++ variant (kernels/cuda, slots in shared memory) on demand
+:func:`torch_iosparse.ops.reference_backward`, the op's device-agnostic PyTorch reference (float64
+forwards run ``ops.reference_forward``). This file only adapts the op's arguments (the buffers of
+``ops.prepare``) to the launchers, with caches of the re-encoded device programs. It also builds the optional CUDA C++ variant (kernels/cuda, slots in shared memory) on demand
 for the benchmark (:class:`CudaCxxForward`).
 """
 from __future__ import annotations
@@ -21,154 +21,11 @@ import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import activations as acts
+from . import ops as ops_mod
 from . import triton_kernels as tk
-from .dag import _levels
 
 __all__ = ["CudaCxxForward", "build_cuda_cxx", "choose_gpu_path", "find_nvcc", "kernel_program_from_buffers",
-           "level_program_from_buffers", "reference_backward", "reference_backward_from_buffers", "reference_forward",
-           "register", "registered", "triton_forward_from_buffers"]
-
-
-# ---------------------------------------------------------------------------------------------- reference
-_LEVEL_CACHE: WeakIdKeyDictionary = WeakIdKeyDictionary()
-
-
-def _level_structure(in_ptr: torch.Tensor, in_src: torch.Tensor, n_inputs: int):
-    """Level-order numbering of the neurons (inputs first) and, per level, the edges into it.
-    Cached per ``in_ptr`` tensor (weakly), re-built when either tensor was changed in place."""
-    key = (in_ptr._version, in_src._version, in_src.data_ptr(), in_src.numel(), int(n_inputs), str(in_ptr.device))
-    hit = _LEVEL_CACHE.get(in_ptr)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    ptr = in_ptr.detach().cpu().numpy().astype(np.int64)
-    src = in_src.detach().cpu().numpy().astype(np.int64)
-    n = ptr.size - 1
-    dst = np.repeat(np.arange(n), np.diff(ptr))
-    out_order = np.argsort(src, kind="stable")
-    out_ptr = np.zeros(n + 1, dtype=np.int64)
-    out_ptr[1:] = np.cumsum(np.bincount(src, minlength=n)) if src.size else 0
-    depth = _levels(n, int(n_inputs), ptr, out_ptr, dst[out_order])  # GraphError on a cycle
-    levels = []
-    for L in range(1, int(depth.max(initial=0)) + 1):
-        neurons = np.flatnonzero(depth == L)
-        starts, ends = ptr[neurons], ptr[neurons + 1]
-        counts = ends - starts
-        edges = np.repeat(starts - np.cumsum(counts) + counts, counts) + np.arange(int(counts.sum()))
-        local = np.repeat(np.arange(neurons.size), counts)
-        dev = in_ptr.device
-        levels.append(tuple(torch.from_numpy(a).to(dev) for a in (neurons, edges, src[edges], local)))
-    _LEVEL_CACHE[in_ptr] = (key, levels)
-    return levels
-
-
-def _apply_codes(z: torch.Tensor, code: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Activation per row of ``z`` ([n, B]) by activation code (differentiable, any device)."""
-    out = z
-    for k, kind in enumerate(acts.KINDS):
-        sel = code == k
-        if kind == "identity" or not bool(sel.any()):
-            continue
-        if kind == "hardtanh":
-            a = torch.minimum(torch.maximum(z, lo[:, None].to(z.dtype)), hi[:, None].to(z.dtype))
-        else:
-            a = acts.Activation(kind).apply(z)
-        out = torch.where(sel[:, None], a, out)
-    return out
-
-
-def reference_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, in_ptr: torch.Tensor,
-                      in_src: torch.Tensor, act_code: torch.Tensor, act_lo: torch.Tensor, act_hi: torch.Tensor,
-                      outputs: torch.Tensor, n_inputs: int) -> torch.Tensor:
-    """Pure-PyTorch evaluation from the structure tensors, level by level, on x's device (float32
-    accumulation, float64 for float64 inputs; differentiable). ``act_*`` are per neuron. The CUDA
-    forward uses it for float64 inputs; the tests check :func:`reference_backward` against autograd
-    through :meth:`SparseDAG.forward_reference`."""
-    levels = _level_structure(in_ptr, in_src, n_inputs)
-    dev, B = x.device, x.shape[0]
-    n = in_ptr.numel() - 1
-    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32  # never below float32
-    w = weight.to(acc_t)
-    b = bias.to(acc_t)
-    code = act_code.to(dev, torch.int64)
-    lo, hi = act_lo.to(dev, acc_t), act_hi.to(dev, acc_t)
-    # values of the neurons computed so far, gathered through a position map (no in-place writes)
-    pos = torch.full((n,), -1, dtype=torch.int64, device=dev)
-    pos[:n_inputs] = torch.arange(n_inputs, device=dev)
-    vals = x.to(acc_t).t()
-    count = n_inputs
-    for neurons, edges, srcs, local in levels:
-        neurons, edges, srcs, local = (t.to(dev) for t in (neurons, edges, srcs, local))
-        contrib = vals[pos[srcs]] * w[edges][:, None]
-        z = b[neurons][:, None].expand(-1, B).index_add(0, local, contrib)
-        vals = torch.cat([vals, _apply_codes(z, code[neurons], lo[neurons], hi[neurons])])
-        pos[neurons] = torch.arange(count, count + neurons.numel(), device=dev)
-        count += neurons.numel()
-    return vals[pos[outputs.to(dev, torch.int64)]].t().to(x.dtype)
-
-
-def _activation_derivative(z: torch.Tensor, code: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """d act(z) / dz per row of ``z`` ([n, B]) by activation code (the derivatives PyTorch's autograd
-    uses for Activation.apply: clamp passes the gradient on [lo, hi])."""
-    d = torch.ones_like(z)
-    for k, kind in enumerate(acts.KINDS):
-        sel = code == k
-        if kind == "identity" or not bool(sel.any()):
-            continue
-        if kind == "relu":
-            dk = (z > 0).to(z.dtype)
-        elif kind == "hardtanh":
-            dk = ((z >= lo[:, None]) & (z <= hi[:, None])).to(z.dtype)
-        elif kind == "gelu":
-            dk = 0.5 * (1 + torch.erf(z * 0.7071067811865476)) + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
-        elif kind == "gelu_tanh":
-            c = 0.7978845608028654
-            t = torch.tanh(c * (z + 0.044715 * z ** 3))
-            dk = 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * c * (1 + 3 * 0.044715 * z * z)
-        elif kind == "tanh":
-            dk = 1 - torch.tanh(z) ** 2
-        else:  # sigmoid
-            sg = torch.sigmoid(z)
-            dk = sg * (1 - sg)
-        d = torch.where(sel[:, None], dk, d)
-    return d
-
-
-def reference_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
-                       in_ptr: torch.Tensor, in_src: torch.Tensor, act_code: torch.Tensor, act_lo: torch.Tensor,
-                       act_hi: torch.Tensor, outputs: torch.Tensor, n_inputs: int):
-    """Gradients ``(grad_x, grad_weight, grad_bias)`` of :func:`reference_forward`, computed explicitly
-    (no autograd: it runs inside a dispatcher kernel, below the autograd key) in float32 (float64 for
-    float64 inputs) on x's device:
-    recompute the pre-activations level by level, then walk the levels backwards (transposed DAG)."""
-    levels = _level_structure(in_ptr, in_src, n_inputs)
-    dev, B = x.device, x.shape[0]
-    n = in_ptr.numel() - 1
-    acc_t = torch.float64 if x.dtype == torch.float64 else torch.float32  # never below float32
-    w = weight.to(acc_t)
-    b = bias.to(acc_t)
-    code = act_code.to(dev, torch.int64)
-    lo, hi = act_lo.to(dev, acc_t), act_hi.to(dev, acc_t)
-    vals = torch.zeros(n, B, dtype=acc_t, device=dev)
-    vals[:n_inputs] = x.to(acc_t).t()
-    pre = []
-    for neurons, edges, srcs, local in levels:
-        neurons, edges, srcs, local = (t.to(dev) for t in (neurons, edges, srcs, local))
-        z = b[neurons][:, None].expand(-1, B).index_add(0, local, vals[srcs] * w[edges][:, None])
-        pre.append(z)
-        vals[neurons] = _apply_codes(z, code[neurons], lo[neurons], hi[neurons])
-    g = torch.zeros(n, B, dtype=acc_t, device=dev)
-    g.index_add_(0, outputs.to(dev, torch.int64), grad_y.to(acc_t).t())
-    gw = torch.zeros(weight.numel(), dtype=acc_t, device=dev)
-    gb = torch.zeros(n, dtype=acc_t, device=dev)
-    for (neurons, edges, srcs, local), z in zip(reversed(levels), reversed(pre)):
-        neurons, edges, srcs, local = (t.to(dev) for t in (neurons, edges, srcs, local))
-        gz = g[neurons] * _activation_derivative(z, code[neurons], lo[neurons], hi[neurons])
-        gb[neurons] = gz.sum(1)
-        gze = gz[local]
-        gw[edges] = (gze * vals[srcs]).sum(1)
-        g.index_add_(0, srcs, gze * w[edges][:, None])
-    return g[:n_inputs].t().to(x.dtype), gw.to(weight.dtype), gb.to(bias.dtype)
+           "level_program_from_buffers", "reference_backward_from_buffers", "register", "registered", "triton_forward_from_buffers"]
 
 
 # ---------------------------------------------------------------------------------------------- op adapter
@@ -257,12 +114,10 @@ def triton_forward_from_buffers(x: torch.Tensor, weight: torch.Tensor, bias: tor
 
     float32 / float16 / bfloat16 inputs run the plan executor or the level kernel
     (:func:`choose_gpu_path`), both with float32 accumulation; float64 (which the kernels do not
-    support) runs :func:`reference_forward` on the device. Also callable on CPU tensors under
-    TRITON_INTERPRET=1 (that is how the tests exercise it)."""
+    support) runs the op's reference (:func:`torch_iosparse.ops.reference_forward`) on the device. Also
+    callable on CPU tensors under TRITON_INTERPRET=1 (that is how the tests exercise it)."""
     if x.dtype == torch.float64:
-        return reference_forward(x, weight, bias, net[NET_IN_PTR], net[NET_IN_SRC], net[NET_ACT_CODE],
-                                 net[NET_ACT_PARAM][:, 0], net[NET_ACT_PARAM][:, 1], net[NET_OUTPUTS],
-                                 int(config[CFG_N_INPUTS]))
+        return ops_mod.reference_forward(x, weight, bias, net, config)
     if choose_gpu_path(x.shape[0] if x.dim() else 0, int(config[CFG_STRATEGY]), x.device) == "level":
         return tk.level_forward(x, weight, bias, level_program_from_buffers(net, config))
     return tk.forward(x, weight, bias, kernel_program_from_buffers(net, config))
@@ -270,14 +125,12 @@ def triton_forward_from_buffers(x: torch.Tensor, weight: torch.Tensor, bias: tor
 
 def reference_backward_from_buffers(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                                     net: Sequence[torch.Tensor], config: Sequence[int]):
-    """The CUDA kernel of ``iosparse::dag_backward``: :func:`reference_backward` (PyTorch ops on the
-    device, not a Triton kernel)."""
+    """The CUDA kernel of ``iosparse::dag_backward``: :func:`torch_iosparse.ops.reference_backward` (PyTorch
+    ops on the device, float32 accumulation for float16/bfloat16; not a Triton kernel)."""
     if grad_y.dim() != 2 or grad_y.shape[0] != x.shape[0] or grad_y.shape[1] != int(config[CFG_N_OUTPUTS]):
         raise ValueError(f"iosparse: grad_output must have shape [{x.shape[0]}, {int(config[CFG_N_OUTPUTS])}], "
                          f"got {list(grad_y.shape)}")
-    return reference_backward(grad_y, x, weight, bias, net[NET_IN_PTR], net[NET_IN_SRC], net[NET_ACT_CODE],
-                              net[NET_ACT_PARAM][:, 0], net[NET_ACT_PARAM][:, 1], net[NET_OUTPUTS],
-                              int(config[CFG_N_INPUTS]))
+    return ops_mod.reference_backward(grad_y, x, weight, bias, net, config)
 
 
 # ---------------------------------------------------------------------------------------------- CUDA C++ variant
@@ -416,7 +269,7 @@ def register() -> str:
     global _REGISTERED, _LIB
     if _REGISTERED is not None:
         return _REGISTERED
-    from . import ops  # noqa: F401  (defines the ops, fake kernels and autograd; loads the native library)
+    # torch_iosparse.ops (imported above) defines the ops, fake kernels and autograd; loads the native library
     lib = torch.library.Library("iosparse", "IMPL")  # noqa: TOR901 (ops defined in C++ and ops.py)
     lib.impl("dag_forward", triton_forward_from_buffers, "CUDA")
     lib.impl("dag_backward", reference_backward_from_buffers, "CUDA")

@@ -50,6 +50,11 @@ def _parse_size(text: str) -> int:
     return int(m.group(1)) * mult
 
 
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def _from_sys():
     sizes = {}
     if not os.path.isdir(_SYS_CACHE):
@@ -59,9 +64,9 @@ def _from_sys():
             continue
         d = os.path.join(_SYS_CACHE, entry)
         try:
-            level = int(open(os.path.join(d, "level")).read())
-            kind = open(os.path.join(d, "type")).read().strip()
-            size = _parse_size(open(os.path.join(d, "size")).read())
+            level = int(_read(os.path.join(d, "level")))
+            kind = _read(os.path.join(d, "type")).strip()
+            size = _parse_size(_read(os.path.join(d, "size")))
         except (OSError, ValueError):
             continue
         if kind == "Instruction":
@@ -84,7 +89,7 @@ def _from_sysconf():
 
 def _isa() -> str:
     try:
-        flags = open("/proc/cpuinfo").read()
+        flags = _read("/proc/cpuinfo")
     except OSError:
         return "generic"
     if re.search(r"\bavx512f\b", flags) and re.search(r"\bavx512vl\b", flags):

@@ -171,7 +171,8 @@ def _op_args(buffers: Dict[str, torch.Tensor], meta: Dict[str, Union[int, float]
 def dag_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffers: Dict[str, torch.Tensor],
                 meta: Dict[str, Union[int, float]]) -> torch.Tensor:
     """Evaluate the prepared network: ``x`` [B, n_inputs] -> [B, n_outputs] (differentiable w.r.t. x,
-    weight (edge weights in dag in-edge order) and bias (one per neuron))."""
+    weight (edge weights in dag in-edge order) and bias (one per neuron)). Any float dtype: float16 and
+    bfloat16 on CPU are computed in float32 and the result cast back."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     net, config = _op_args(buffers, meta)
@@ -180,10 +181,37 @@ def dag_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffe
             raise ValueError(f"iosparse: input is on device {x.device} but {name} are on {t.device}; move the "
                              "network (module.to(device)) or the input")
     _native.ops()
+    if x.device.type == "cpu" and x.dtype in _CPU_UPCAST:
+        # The C++ CPU kernel takes float32/float64: run float16/bfloat16 in float32 and cast back (plain
+        # differentiable casts, so torch.compile(fullgraph=True) and export see no graph break).
+        if weight.dtype != x.dtype or bias.dtype != x.dtype:  # the same rule as the kernel's, before casting
+            raise TypeError(f"iosparse: weight ({weight.dtype}) and bias ({bias.dtype}) must have the input's "
+                            f"dtype {x.dtype}")
+        y = torch.ops.iosparse.dag_forward(x.float(), weight.float(), bias.float(), net, config)
+        return y.to(x.dtype)
     return torch.ops.iosparse.dag_forward(x, weight, bias, net, config)
 
 
+_CPU_UPCAST = (torch.float16, torch.bfloat16)
+
+
 # ---------------------------------------------------------------------- pure-PyTorch reference kernels
+# The one reference of the op (the oracle the C++ and Triton kernels are tested against, the kernel of every
+# device without its own, and what the CUDA backend runs for its backward and for float64).
+def _compute_dtype(dt: torch.dtype) -> torch.dtype:
+    """float16/bfloat16 accumulate in float32 (more exact, and torch's sparse CSR kernels lack them on CPU)."""
+    return torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+
+
+# Below this many multiply-adds per level (edges x batch) a gather + index_add beats building a CSR matrix
+# (tensor construction and library-call overhead dominate small levels).
+SPARSE_MM_MIN_WORK = 1 << 18
+
+
+def _use_sparse_mm(edges: int, batch: int) -> bool:
+    return edges * batch >= SPARSE_MM_MIN_WORK
+
+
 def _act_apply(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     """Activation per row of ``z`` [k, B] with per-row code [k] and (lo, hi) [k, 2]."""
     import torch.nn.functional as F
@@ -211,6 +239,8 @@ def _act_apply(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torc
 
 
 def _act_grad(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """d act / d z per row of ``z``, written out (PyTorch's conventions, as kernels/cpu/activation.h:
+    relu'(0) = 0, hardtanh' = 0 at its bounds)."""
     d = torch.ones_like(z)
     for c in torch.unique(code).tolist():
         rows = (code == c).nonzero(as_tuple=True)[0]
@@ -237,62 +267,109 @@ def _act_grad(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch
     return d
 
 
-def _level_edges(in_ptr: torch.Tensor, neurons: torch.Tensor):
+def _level_edges(in_ptr: torch.Tensor, in_src: torch.Tensor, neurons: torch.Tensor, n: int):
+    """The in-edges of a level's ``neurons``: (edge ids, local row of their target, source neuron), sorted
+    by (row, source) so that they are also the CSR layout of the level's [len(neurons), n] weight matrix."""
     starts, ends = in_ptr[neurons], in_ptr[neurons + 1]
     counts = ends - starts
     local = torch.repeat_interleave(torch.arange(neurons.numel(), device=neurons.device), counts)
     offs = torch.cumsum(counts, 0) - counts
     edges = torch.repeat_interleave(starts - offs, counts) + torch.arange(int(counts.sum()), device=neurons.device)
-    return edges, local
+    src = in_src[edges].to(torch.int64)
+    order = torch.argsort(local * n + src)  # sorted columns inside each row (local is already sorted)
+    crow = torch.zeros(neurons.numel() + 1, dtype=torch.int64, device=neurons.device)
+    crow[1:] = torch.cumsum(counts, 0)
+    return edges[order], local, src[order], crow
+
+
+def _level_matrix(crow: torch.Tensor, src: torch.Tensor, values: torch.Tensor, n: int) -> torch.Tensor:
+    """A level's weights as a CSR matrix [its neurons, all n neurons] (built valid by _level_edges)."""
+    return torch.sparse_csr_tensor(crow, src, values, size=(crow.numel() - 1, n), check_invariants=False)
+
+
+_LEVEL_CACHE: "WeakIdKeyDictionary" = None  # level_neuron tensor -> (key, per-level index tensors)
+
+
+def _levels_of(net: Sequence[torch.Tensor], n: int):
+    """Per level: (neurons, edges, local, src, crow) index tensors on the buffers' device. Cached per
+    ``level_neuron`` buffer (weakly; rebuilt when a structure buffer was replaced or written in place), so
+    training steps on a device without a kernel (and the CUDA backward) do not rebuild them."""
+    global _LEVEL_CACHE
+    from torch.utils.weak import WeakIdKeyDictionary
+    if _LEVEL_CACHE is None:
+        _LEVEL_CACHE = WeakIdKeyDictionary()
+    in_ptr, in_src, level_ptr, level_neuron = net[0], net[1], net[5], net[6]
+    try:
+        key = tuple((t.data_ptr(), t._version) for t in (in_ptr, in_src, level_ptr, level_neuron)) + (n,)
+    except RuntimeError:  # inference tensors have no version counter: do not cache
+        key = None
+    hit = _LEVEL_CACHE.get(level_neuron) if key is not None else None
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    lp = level_ptr.tolist()
+    levels = []
+    for l in range(len(lp) - 1):
+        neurons = level_neuron[lp[l]:lp[l + 1]].clone()  # not a view: the cache must not keep its key alive
+        levels.append((neurons, *_level_edges(in_ptr, in_src, neurons, n)))
+    if key is not None:
+        _LEVEL_CACHE[level_neuron] = (key, levels)
+    return levels
 
 
 def _reference_levels(x, weight, bias, net: Sequence[torch.Tensor], config: Sequence[int], keep_pre: bool):
+    """Forward level by level in the compute dtype: (values [n, B], pre-activations or None, per-level
+    index tensors, w, compute dtype). Big levels run as one CSR matmul, small ones as gathers."""
     n_in, n = config[0], config[1]
-    in_ptr, in_src, act_code, act_param, outputs, level_ptr, level_neuron = net[:7]
+    act_code, act_param = net[2], net[3]
     B = x.shape[0]
-    dev, dt = x.device, x.dtype
-    vals = torch.zeros(n, B, dtype=dt, device=dev)
-    pre = torch.zeros(n, B, dtype=dt, device=dev) if keep_pre else None
-    vals[:n_in] = x.t()
-    src_all = in_src.to(torch.int64)
-    per_level = []
-    lp = level_ptr.tolist()
-    for l in range(len(lp) - 1):
-        neurons = level_neuron[lp[l]:lp[l + 1]]
-        edges, local = _level_edges(in_ptr, neurons)
-        src = src_all[edges]
-        acc = bias[neurons].unsqueeze(1).expand(-1, B).clone()
-        if edges.numel():
-            acc.index_add_(0, local, vals[src] * weight[edges].unsqueeze(1))
+    cdt = _compute_dtype(x.dtype)
+    w, b = weight.to(cdt), bias.to(cdt)
+    vals = torch.zeros(n, B, dtype=cdt, device=x.device)
+    pre = torch.zeros(n, B, dtype=cdt, device=x.device) if keep_pre else None
+    vals[:n_in] = x.t().to(cdt)
+    per_level = _levels_of(net, n)
+    for neurons, edges, local, src, crow in per_level:
+        acc = b[neurons].unsqueeze(1).expand(-1, B).clone()
+        if edges.numel() and _use_sparse_mm(edges.numel(), B):
+            acc += torch.sparse.mm(_level_matrix(crow, src, w[edges], n), vals)
+        elif edges.numel():
+            acc.index_add_(0, local, vals[src] * w[edges].unsqueeze(1))
         if keep_pre:
             pre[neurons] = acc
         vals[neurons] = _act_apply(acc, act_code[neurons], act_param.view(-1, 2)[neurons])
-        per_level.append((neurons, edges, local, src))
-    return vals, pre, per_level
+    return vals, pre, per_level, w, cdt
 
 
 def reference_forward(x, weight, bias, net: List[torch.Tensor], config: List[int]) -> torch.Tensor:
-    """Pure-PyTorch kernel of ``iosparse::dag_forward`` (level by level); any device."""
-    vals, _, _ = _reference_levels(x, weight, bias, net, config, keep_pre=False)
-    return vals[net[4]].t().contiguous()
+    """Pure-PyTorch kernel of ``iosparse::dag_forward`` (level by level; float16/bfloat16 accumulate in
+    float32); any device."""
+    vals, _, _, _, _ = _reference_levels(x, weight, bias, net, config, keep_pre=False)
+    return vals[net[4]].t().to(x.dtype).contiguous()
 
 
 def reference_backward(grad_y, x, weight, bias, net: List[torch.Tensor], config: List[int]):
-    """Pure-PyTorch kernel of ``iosparse::dag_backward``: (grad_x, grad_weight, grad_bias)."""
-    n_in = config[0]
-    vals, pre, per_level = _reference_levels(x, weight, bias, net, config, keep_pre=True)
+    """Pure-PyTorch kernel of ``iosparse::dag_backward``: (grad_x, grad_weight, grad_bias), computed
+    explicitly (it runs below the autograd key): recompute the pre-activations, then walk the transposed
+    DAG level by level (W^T g for the values, a sampled product g x^T for the weights)."""
+    n_in, n = config[0], config[1]
+    vals, pre, per_level, w, cdt = _reference_levels(x, weight, bias, net, config, keep_pre=True)
     act_code, act_param, outputs = net[2], net[3].view(-1, 2), net[4]
+    B = x.shape[0]
     G = torch.zeros_like(vals)
-    G.index_add_(0, outputs, grad_y.t().to(vals.dtype))
-    gw = torch.zeros_like(weight)
-    gb = torch.zeros_like(bias)
-    for neurons, edges, local, src in reversed(per_level):
+    G.index_add_(0, outputs, grad_y.t().to(cdt))
+    gw = torch.zeros(weight.shape, dtype=cdt, device=x.device)
+    gb = torch.zeros(bias.shape, dtype=cdt, device=x.device)
+    for neurons, edges, local, src, crow in reversed(per_level):
         dz = G[neurons] * _act_grad(pre[neurons], act_code[neurons], act_param[neurons])
         gb[neurons] = dz.sum(1)
-        if edges.numel():
+        if edges.numel() and _use_sparse_mm(edges.numel(), B):
+            G += torch.sparse.mm(_level_matrix(crow, src, w[edges], n).t(), dz)
+            pattern = _level_matrix(crow, src, torch.ones_like(w[edges]), n)
+            gw[edges] = torch.sparse.sampled_addmm(pattern, dz, vals.t(), beta=0.0).values()
+        elif edges.numel():
             gw[edges] = (dz[local] * vals[src]).sum(1)
-            G.index_add_(0, src, weight[edges].unsqueeze(1) * dz[local])
-    return G[:n_in].t().contiguous(), gw, gb
+            G.index_add_(0, src, w[edges].unsqueeze(1) * dz[local])
+    return G[:n_in].t().to(x.dtype).contiguous(), gw.to(weight.dtype), gb.to(bias.dtype)
 
 
 # ---------------------------------------------------------------------- registration

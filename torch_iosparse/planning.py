@@ -62,7 +62,8 @@ class Plan:
         if not os.path.exists(path):
             raise FileNotFoundError(path)
         try:
-            with np.load(path, allow_pickle=False) as z:
+            # open the file ourselves: np.load leaves its own handle open when the file is no npz
+            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
                 meta_s = str(z["meta"])
                 order = np.array(z["order"], dtype=np.int64)
                 checksum = str(z["checksum"])
