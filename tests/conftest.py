@@ -9,3 +9,12 @@ settings.register_profile(
     "ci", deadline=None, max_examples=40, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", deadline=None, max_examples=10)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _private_plan_cache(tmp_path, monkeypatch):
+    """Every test gets its own on-disk plan cache, so no test reads another's plans or the user's."""
+    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))

@@ -15,11 +15,6 @@ from torch_iosparse.sparsify import sparsify
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))
-
-
 @pytest.fixture
 def files(tmp_path):
     torch.manual_seed(0)

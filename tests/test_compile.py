@@ -10,7 +10,7 @@ from torch_iosparse import ops
 from torch_iosparse.module import IOSparseNetwork
 from torch_iosparse.sparsify import sparsify
 
-from test_module import _tmp_cache, pruned_mlp  # noqa: F401 (_tmp_cache: autouse, a private plan cache)
+from test_module import pruned_mlp
 
 
 def pruned(seed=0):

@@ -12,11 +12,6 @@ from torch_iosparse.explain import explain, io_curve, plot_io_vs_memory, predict
 from torch_iosparse.sparsify import sparsify
 
 
-@pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))
-
-
 def model():
     torch.manual_seed(0)
     m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 4))

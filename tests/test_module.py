@@ -30,11 +30,6 @@ def rel_err(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-@pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))
-
-
 def test_equals_pruned_model_and_counts_parameters():
     seq = pruned_mlp()
     net = IOSparseNetwork(seq)

@@ -8,11 +8,6 @@ from torch_iosparse.module import IOSparseNetwork
 from torch_iosparse.sparsify import find_chains, linear_sparsity, sparsify, sparsify_
 
 
-@pytest.fixture(autouse=True)
-def _tmp_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))
-
-
 def rel_err(a, b):
     a, b = a.detach(), b.detach()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
