@@ -82,3 +82,16 @@ def test_calibration_measures_and_caches():
     again = ops.prepare(dag, calibrate=True)  # cached: same thresholds, no new measurement
     assert (again.meta["level_max_batch"], again.meta["dense_min_batch"]) == (lm, dm)
     assert "calibration" not in again.info
+
+
+def test_tile_and_memory_chosen_together():
+    from test_ops import radix_like
+    dag = radix_like(256, 3, 4, dtype=torch.float32)
+    bt, M, table = strategy.choose_tile(dag, torch.float32)
+    assert bt in table and table[bt][0] == M == hardware.fast_memory_slots(bt)
+    assert table[bt][2] == min(c for _, _, c in table.values())
+    net = ops.prepare(dag)
+    assert net.meta["batch_tile"] == bt and net.meta["memory"] == M
+    # an explicit tile or memory is respected
+    assert ops.prepare(dag, batch_tile=32).meta["batch_tile"] == 32
+    assert ops.prepare(dag, memory=7).meta["memory"] == 7

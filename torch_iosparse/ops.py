@@ -114,7 +114,9 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
             2-optimal (numbering / layer) order planned for ``memory`` slots.
         memory: fast-memory slots M when ``plan`` is None: ``"auto"`` sizes M to the per-core cache
             (hardware.fast_memory_slots), an int >= 2, or None (unbounded).
-        batch_tile: BT columns per kernel pass (default: from the vector registers, hardware.batch_tile).
+        batch_tile: BT columns per kernel pass. Default: with ``plan=None, memory="auto"``, BT and M are
+            chosen together (strategy.choose_tile: the register tile or its halves, whichever predicts
+            the fastest run given the exact I/O at its M); otherwise hardware.batch_tile.
         strategy: ``"auto"`` (pick per batch size, see strategy.py), ``"program"``, ``"level"`` or
             ``"dense"`` (layered networks only).
         dtype: the dtype the network will mostly run in (sizes BT and M; any float dtype still works).
@@ -127,7 +129,13 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         raise TypeError(f"prepare() takes a SparseDAG, got {type(dag).__name__}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    bt = int(batch_tile) if batch_tile is not None else hardware.batch_tile(dtype)
+    tile_info = None
+    if batch_tile is None and plan is None and memory == "auto":
+        # BT and M together: the tile whose M (per-core cache share) gives the cheapest predicted run.
+        from . import strategy as strategy_mod
+        bt, _, tile_info = strategy_mod.choose_tile(dag, dtype)
+    else:
+        bt = int(batch_tile) if batch_tile is not None else hardware.batch_tile(dtype)
     if bt < 1:
         raise ValueError(f"batch_tile must be >= 1, got {bt}")
     if plan is None:
@@ -150,6 +158,8 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         "loads": prog.io.loads, "stores": prog.io.stores,
     }
     net = CompiledNetwork(buffers, meta, plan, prog)
+    if tile_info is not None:
+        net.info["tile_choice"] = {b: (m, io.loads + io.stores, c) for b, (m, io, c) in tile_info.items()}
     if strategy == "auto":
         from . import strategy as strategy_mod
         strategy_mod.configure(net, dag, calibrate=calibrate)
