@@ -89,7 +89,8 @@ def test_tile_and_memory_chosen_together():
     dag = radix_like(256, 3, 4, dtype=torch.float32)
     bt, M, table = strategy.choose_tile(dag, torch.float32)
     assert bt in table and table[bt][0] == M == hardware.fast_memory_slots(bt)
-    assert table[bt][2] == min(c for _, _, c in table.values())
+    assert table[bt][2] <= 1.1 * min(c for _, _, c in table.values())
+    assert all(b <= bt for b in table if table[b][2] <= 1.1 * min(c for _, _, c in table.values()))
     net = ops.prepare(dag)
     assert net.meta["batch_tile"] == bt and net.meta["memory"] == M
     # an explicit tile or memory is respected

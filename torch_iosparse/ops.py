@@ -66,8 +66,9 @@ def _layer_structure(dag: SparseDAG, levels: np.ndarray, level_neuron: np.ndarra
     pos[: dag.n_inputs] = np.arange(dag.n_inputs)
     pos[level_neuron] = np.arange(level_neuron.size) - np.repeat(level_ptr[:-1], np.diff(level_ptr))
     width = np.concatenate([[dag.n_inputs], np.diff(level_ptr)])  # width of level 0..L
-    dense_index = pos[dst] * width[levels[dst] - 1] + pos[src]
-    dense_edge = np.argsort(levels[dst], kind="stable")
+    dense_edge = np.argsort(levels[dst], kind="stable")  # edges grouped by layer
+    # flat index in the layer's dense [rows, cols] matrix, listed in dense_edge order
+    dense_index = (pos[dst] * width[levels[dst] - 1] + pos[src])[dense_edge]
     dense_edge_ptr = np.zeros(L + 1, dtype=np.int64)
     dense_edge_ptr[1:] = np.cumsum(np.bincount(levels[dst] - 1, minlength=L))
     return {"dense_index": _t64(dense_index), "dense_edge": _t64(dense_edge),

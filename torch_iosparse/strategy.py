@@ -165,5 +165,8 @@ def choose_tile(dag, dtype: torch.dtype = torch.float32, order=None, candidates=
         nv = max(1, min(8, bt * itemsize // 64))
         cost = dag.n_edges * EDGE_COST.get(nv, EDGE_COST[8]) + (io.loads + io.stores) * MOVE_COST
         table[bt] = (M, io, cost)
-    best = min(table, key=lambda b: (table[b][2], -b))
+    # Within 10 % of the cheapest, prefer the widest tile (fewer passes over the op stream and weights;
+    # the model cannot resolve differences that small).
+    cheapest = min(c for _, _, c in table.values())
+    best = max(b for b in table if table[b][2] <= 1.1 * cheapest)
     return best, table[best][0], table
