@@ -292,8 +292,8 @@ def main():
     info = hardware.detect()
     head = [f"# CPU benchmark results (benchmarks/cpu_speed.py)", "",
             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-            f"- machine: {platform.processor() or platform.machine()}, {info}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads",
+            f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {info}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads",
             f"- command: `python benchmarks/cpu_speed.py {' '.join(sys.argv[1:])}`",
             f"- timing: best of {rounds} interleaved rounds (wall clock); ratio = best anchor time / ours "
             "(> 1: we are faster). G/s = batch x edges per second. The machine is shared: absolute numbers "
