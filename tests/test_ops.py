@@ -354,3 +354,24 @@ def test_corrupt_buffers_raise_instead_of_crashing():
     ok["prog_output_rows"][0] = 10**6
     with pytest.raises(ValueError, match="corrupt"):
         ops.dag_forward(x, dag.weight, dag.bias, ok, net.meta)
+
+
+def test_torch_export_with_dynamic_batch():
+    model = pruned_mlp([6, 5, 3], 0.8, [ALL_ACTIVATIONS[1]], dtype=torch.float32)
+    dag = SparseDAG.from_module(model)
+    net = ops.prepare(dag, memory=3)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(dag.weight.clone())
+            self.b = nn.Parameter(dag.bias.clone())
+            for k, v in net.buffers.items():
+                self.register_buffer(k, v)
+
+        def forward(self, x):
+            return ops.dag_forward(x, self.w, self.b, {k: getattr(self, k) for k in net.buffers}, net.meta)
+
+    ep = torch.export.export(Wrapped(), (torch.randn(4, 6),), dynamic_shapes={"x": {0: torch.export.Dim("b")}})
+    x = torch.randn(7, 6)
+    torch.testing.assert_close(ep.module()(x), model(x).detach(), **tol(torch.float32))
