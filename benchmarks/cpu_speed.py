@@ -169,9 +169,11 @@ def time_side_by_side(fns: dict, x, rounds: int):
 def bench_case(name, dag, batches, rounds, memory="auto", plan_method="two_optimal", check=True):
     rows = []
     t0 = time.perf_counter()
-    M = hardware.fast_memory_slots(hardware.batch_tile()) if memory == "auto" else memory
-    pl = plan(dag, M, plan_method)
-    net = ops.prepare(dag, pl)
+    if memory == "auto" and plan_method == "two_optimal":
+        net = ops.prepare(dag)  # the product's default: BT and M chosen together, 2-optimal order
+    else:
+        M = hardware.fast_memory_slots(hardware.batch_tile()) if memory == "auto" else memory
+        net = ops.prepare(dag, plan(dag, M, plan_method))
     t_prepare = time.perf_counter() - t0
     csr = LevelCSR(dag)
     dense = dense_chain(dag)
@@ -188,7 +190,9 @@ def bench_case(name, dag, batches, rounds, memory="auto", plan_method="two_optim
         t = time_side_by_side(fns, x, rounds)
         anchors = {k: v for k, v in t.items() if k != "ours"}
         best_anchor = min(anchors, key=anchors.get)
-        rows.append(dict(name=name, B=B, edges=dag.n_edges, strategy=strategy.chosen(net.meta, B), times=t,
+        rows.append(dict(name=name, B=B, edges=dag.n_edges,
+                         strategy=f"{strategy.chosen(net.meta, B)} BT={net.meta['batch_tile']} M={net.meta['memory']}",
+                         times=t,
                          best_anchor=best_anchor, ratio=anchors[best_anchor] / t["ours"], prepare=t_prepare,
                          M=net.meta["memory"]))
     return rows
@@ -279,7 +283,7 @@ def main():
                 print("deep generator nets need torch_iosparse.generate (planner branch); skipped")
                 break
             depth = int(dag.levels().max())
-            rows += bench_case(f"deep io_optimal n={n} m={m} depth={depth}", dag, [B], rounds, memory=M)
+            rows += bench_case(f"deep io_optimal n={n} m={m} depth={depth}", dag, [B], rounds)
     orders = []
     if "orders" in only:
         N, L, B, M, budget = orders_cfg
@@ -288,8 +292,8 @@ def main():
     info = hardware.detect()
     head = [f"# CPU benchmark results (benchmarks/cpu_speed.py)", "",
             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-            f"- machine: {platform.processor() or platform.machine()}, {info}; torch {torch.__version__}, "
-            f"{torch.get_num_threads()} threads",
+            f"- machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {info}; "
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads",
             f"- command: `python benchmarks/cpu_speed.py {' '.join(sys.argv[1:])}`",
             f"- timing: best of {rounds} interleaved rounds (wall clock); ratio = best anchor time / ours "
             "(> 1: we are faster). G/s = batch x edges per second. The machine is shared: absolute numbers "

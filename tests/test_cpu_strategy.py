@@ -101,3 +101,17 @@ def test_sysfs_cache_reader_closes_its_files(tmp_path, monkeypatch):
         gc.collect()
     assert sizes == {1: 48 << 10, 2: 2 << 20, 3: 32 << 20}  # the instruction cache is skipped
     assert not [w for w in caught if issubclass(w.category, ResourceWarning)], "sysfs files left open"
+
+
+def test_tile_and_memory_chosen_together():
+    from test_ops import radix_like
+    dag = radix_like(256, 3, 4, dtype=torch.float32)
+    bt, M, table = strategy.choose_tile(dag, torch.float32)
+    assert bt in table and table[bt][0] == M == hardware.fast_memory_slots(bt)
+    assert table[bt][2] <= 1.1 * min(c for _, _, c in table.values())
+    assert all(b <= bt for b in table if table[b][2] <= 1.1 * min(c for _, _, c in table.values()))
+    net = ops.prepare(dag)
+    assert net.meta["batch_tile"] == bt and net.meta["memory"] == M
+    # an explicit tile or memory is respected
+    assert ops.prepare(dag, batch_tile=32).meta["batch_tile"] == 32
+    assert ops.prepare(dag, memory=7).meta["memory"] == 7

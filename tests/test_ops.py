@@ -316,3 +316,70 @@ def test_level_grouped_order_puts_shared_sources_together():
     srcs = [tuple(dag.in_src[dag.in_ptr[v]:dag.in_ptr[v + 1]]) for v in order]
     runs = sum(1 for i in range(1, len(srcs)) if srcs[i] != srcs[i - 1]) + 1
     assert runs == 2 * 4  # 4 distinct source sets per layer, each one run
+
+
+@pytest.mark.parametrize("strategy", ["dense", "program", "level"])
+def test_layered_net_with_scrambled_numbering(strategy):
+    """A layered DAG whose neuron ids are not grouped by layer still takes (and passes) the dense path."""
+    rng = np.random.default_rng(4)
+    sizes = [5, 7, 6, 3]
+    off = np.cumsum([0] + sizes)
+    src, dst = [], []
+    for k in range(3):
+        for v in range(sizes[k + 1]):
+            for u in range(sizes[k]):
+                if rng.random() < 0.6:
+                    src.append(off[k] + u)
+                    dst.append(off[k + 1] + v)
+    perm = np.concatenate([np.arange(5), 5 + rng.permutation(off[-1] - 5)])  # scramble computed ids
+    src, dst = perm[np.array(src)], perm[np.array(dst)]
+    outputs = perm[off[3]:off[4]]
+    dag = SparseDAG.from_edges(5, src, dst, rng.standard_normal(len(src)), rng.standard_normal(off[-1]),
+                               outputs=outputs, activation="tanh", dtype=torch.float64)
+    net = ops.prepare(dag, memory=4, strategy=strategy)
+    assert net.meta["layered"] == 1
+    x = torch.randn(9, 5, dtype=torch.float64)
+    torch.testing.assert_close(run(net, x, dag), dag.forward_reference(x))
+
+
+def test_corrupt_buffers_raise_instead_of_crashing():
+    dag = SparseDAG.from_module(pruned_mlp([6, 8, 3], 0.5, [ALL_ACTIVATIONS[1]], dtype=torch.float32))
+    net = ops.prepare(dag, memory=3, strategy="program")
+    x = torch.randn(4, 6)
+    for key, col, value in (("prog_ops", 1, 10**6), ("prog_ops", 2, -5), ("prog_ops", 0, 9)):
+        bufs = dict(net.buffers)
+        bufs[key] = bufs[key].clone()
+        bufs[key][1, col] = value
+        with pytest.raises(ValueError, match="corrupt"):
+            ops.dag_forward(x, dag.weight, dag.bias, bufs, net.meta)
+    bufs = dict(net.buffers, in_src=net.buffers["in_src"].clone())
+    bufs["in_src"][0] = 10**6
+    with pytest.raises(ValueError, match="corrupt"):
+        ops.dag_forward(x, dag.weight, dag.bias, bufs, net.meta)
+    # an in-place change after a successful call is noticed too (version counter)
+    ok = dict(net.buffers, prog_output_rows=net.buffers["prog_output_rows"].clone())
+    ops.dag_forward(x, dag.weight, dag.bias, ok, net.meta)
+    ok["prog_output_rows"][0] = 10**6
+    with pytest.raises(ValueError, match="corrupt"):
+        ops.dag_forward(x, dag.weight, dag.bias, ok, net.meta)
+
+
+def test_torch_export_with_dynamic_batch():
+    model = pruned_mlp([6, 5, 3], 0.8, [ALL_ACTIVATIONS[1]], dtype=torch.float32)
+    dag = SparseDAG.from_module(model)
+    net = ops.prepare(dag, memory=3)
+
+    class Wrapped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(dag.weight.clone())
+            self.b = nn.Parameter(dag.bias.clone())
+            for k, v in net.buffers.items():
+                self.register_buffer(k, v)
+
+        def forward(self, x):
+            return ops.dag_forward(x, self.w, self.b, {k: getattr(self, k) for k in net.buffers}, net.meta)
+
+    ep = torch.export.export(Wrapped(), (torch.randn(4, 6),), dynamic_shapes={"x": {0: torch.export.Dim("b")}})
+    x = torch.randn(7, 6)
+    torch.testing.assert_close(ep.module()(x), model(x).detach(), **tol(torch.float32))

@@ -66,8 +66,9 @@ def _layer_structure(dag: SparseDAG, levels: np.ndarray, level_neuron: np.ndarra
     pos[: dag.n_inputs] = np.arange(dag.n_inputs)
     pos[level_neuron] = np.arange(level_neuron.size) - np.repeat(level_ptr[:-1], np.diff(level_ptr))
     width = np.concatenate([[dag.n_inputs], np.diff(level_ptr)])  # width of level 0..L
-    dense_index = pos[dst] * width[levels[dst] - 1] + pos[src]
-    dense_edge = np.argsort(levels[dst], kind="stable")
+    dense_edge = np.argsort(levels[dst], kind="stable")  # edges grouped by layer
+    # flat index in the layer's dense [rows, cols] matrix, listed in dense_edge order
+    dense_index = (pos[dst] * width[levels[dst] - 1] + pos[src])[dense_edge]
     dense_edge_ptr = np.zeros(L + 1, dtype=np.int64)
     dense_edge_ptr[1:] = np.cumsum(np.bincount(levels[dst] - 1, minlength=L))
     return {"dense_index": _t64(dense_index), "dense_edge": _t64(dense_edge),
@@ -114,7 +115,9 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
             2-optimal (numbering / layer) order planned for ``memory`` slots.
         memory: fast-memory slots M when ``plan`` is None: ``"auto"`` sizes M to the per-core cache
             (hardware.fast_memory_slots), an int >= 2, or None (unbounded).
-        batch_tile: BT columns per kernel pass (default: from the vector registers, hardware.batch_tile).
+        batch_tile: BT columns per kernel pass. Default: with ``plan=None, memory="auto"``, BT and M are
+            chosen together (strategy.choose_tile: the register tile or its halves, whichever predicts
+            the fastest run given the exact I/O at its M); otherwise hardware.batch_tile.
         strategy: ``"auto"`` (pick per batch size, see strategy.py), ``"program"``, ``"level"`` or
             ``"dense"`` (layered networks only).
         dtype: the dtype the network will mostly run in (sizes BT and M; any float dtype still works).
@@ -127,7 +130,13 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         raise TypeError(f"prepare() takes a SparseDAG, got {type(dag).__name__}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
-    bt = int(batch_tile) if batch_tile is not None else hardware.batch_tile(dtype)
+    tile_info = None
+    if batch_tile is None and plan is None and memory == "auto":
+        # BT and M together: the tile whose M (per-core cache share) gives the cheapest predicted run.
+        from . import strategy as strategy_mod
+        bt, _, tile_info = strategy_mod.choose_tile(dag, dtype)
+    else:
+        bt = int(batch_tile) if batch_tile is not None else hardware.batch_tile(dtype)
     if bt < 1:
         raise ValueError(f"batch_tile must be >= 1, got {bt}")
     if plan is None:
@@ -150,6 +159,8 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         "loads": prog.io.loads, "stores": prog.io.stores,
     }
     net = CompiledNetwork(buffers, meta, plan, prog)
+    if tile_info is not None:
+        net.info["tile_choice"] = {b: (m, io.loads + io.stores, c) for b, (m, io, c) in tile_info.items()}
     if strategy == "auto":
         from . import strategy as strategy_mod
         strategy_mod.configure(net, dag, calibrate=calibrate)

@@ -134,3 +134,39 @@ def chosen(meta: Dict, batch: int) -> str:
     if batch <= int(meta["level_max_batch"]):
         return "level"
     return "program"
+
+
+# ---------------------------------------------------------------------- batch tile and M together
+# Program-path time per batch column (measured here, 1 thread, radix nets):
+#   edges * EDGE_COST[vectors per tile] + (loads + stores) * MOVE_COST
+# one 64-byte vector per tile leaves the FMA loop overhead-bound; a LOAD/STORE (a copy through L2/DRAM
+# plus the cache misses it implies) costs about as much as 10 edges.
+EDGE_COST = {1: 1 / 11.4e9, 2: 1 / 17e9, 4: 1 / 17e9, 8: 1 / 17e9}
+MOVE_COST = 0.64e-9
+
+
+def choose_tile(dag, dtype: torch.dtype = torch.float32, order=None, candidates=None):
+    """Pick (batch_tile, memory) for ``dag``: for each candidate BT (the register-sized tile and its
+    halves), M = hardware.fast_memory_slots(BT) and the exact I/O of ``order`` (default: the 2-optimal
+    order) at that M; the predicted time is the model above. Returns (bt, M, {bt: (M, IOCount, cost)})."""
+    from . import hardware
+    from .iomodel import count_io, topological_order
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    full = hardware.batch_tile(dtype)
+    if candidates is None:
+        candidates = sorted({max(64 // itemsize, full >> k) for k in range(3)})
+    if order is None:
+        order = topological_order(dag)
+    table = {}
+    for bt in candidates:
+        M = hardware.fast_memory_slots(bt, dtype)
+        io = count_io(dag, order, M)
+        nv = max(1, min(8, bt * itemsize // 64))
+        cost = dag.n_edges * EDGE_COST.get(nv, EDGE_COST[8]) + (io.loads + io.stores) * MOVE_COST
+        table[bt] = (M, io, cost)
+    # Within 10 % of the cheapest, prefer the widest tile (fewer passes over the op stream and weights;
+    # the model cannot resolve differences that small).
+    cheapest = min(c for _, _, c in table.values())
+    best = max(b for b in table if table[b][2] <= 1.1 * cheapest)
+    return best, table[best][0], table

@@ -18,8 +18,11 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <immintrin.h>
+#include <type_traits>
 #include <limits>
 #include <memory>
+#include <mutex>
 #include <vector>
 
 #include "cpu/activation.h"
@@ -83,6 +86,74 @@ void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, i
   TORCH_CHECK_VALUE(t.is_contiguous(), "iosparse: network buffer '", name, "' must be contiguous");
   TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "iosparse: network buffer '", name, "' has ", t.numel(),
                     " elements, expected ", numel, " (buffers and config of different networks?)");
+}
+
+// Every index the kernels follow is checked once per buffer contents (keyed by data pointers and
+// version counters), so corrupted or mismatched buffers raise instead of reading out of bounds.
+void validate_indices(const Net& n, at::TensorList net_t) {
+  static std::mutex mu;
+  static std::vector<int64_t> last_key;
+  std::vector<int64_t> key = {n.memory, n.n_slow, n.n_neurons, n.n_inputs, n.n_edges, n.n_outputs};
+  for (const auto& t : net_t) {
+    key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
+    key.push_back(t.numel());
+    key.push_back(static_cast<int64_t>(t._version()));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    if (key == last_key) return;
+  }
+  auto bad = [](const char* what) { TORCH_CHECK_VALUE(false, "iosparse: network buffers are corrupt or belong to "
+                                                      "another network (", what, ")"); };
+  for (int64_t v = 0; v < n.n_neurons; ++v)
+    if (n.in_ptr[v + 1] < n.in_ptr[v]) bad("in_ptr not ascending");
+  if (n.in_ptr[0] != 0) bad("in_ptr[0] != 0");
+  for (int64_t e = 0; e < n.n_edges; ++e)
+    if (n.in_src[e] < 0 || n.in_src[e] >= n.n_neurons) bad("in_src out of range");
+  for (int64_t j = 0; j < n.n_outputs; ++j) {
+    if (n.outputs[j] < n.n_inputs || n.outputs[j] >= n.n_neurons) bad("outputs out of range");
+    if (n.prog_output_rows[j] < 0 || n.prog_output_rows[j] >= n.n_slow) bad("output rows out of range");
+  }
+  for (int64_t i = 0; i < n.n_computed; ++i) {
+    if (n.level_neuron[i] < n.n_inputs || n.level_neuron[i] >= n.n_neurons) bad("level_neuron out of range");
+    if (n.prog_neuron[i] < n.n_inputs || n.prog_neuron[i] >= n.n_neurons) bad("prog_neuron out of range");
+    if (n.prog_op_ptr[i + 1] < n.prog_op_ptr[i]) bad("prog_op_ptr not ascending");
+  }
+  for (int64_t l = 0; l < n.n_levels; ++l)
+    if (n.level_ptr[l + 1] < n.level_ptr[l]) bad("level_ptr not ascending");
+  for (int64_t k = 0; k < n.n_ops; ++k) {
+    const int32_t* o = n.prog_ops + 3 * k;
+    bool ok;
+    switch (o[0]) {
+      case OP_LOAD: ok = o[1] >= 0 && o[1] < n.n_slow && o[2] >= 0 && o[2] < n.memory; break;
+      case OP_FMA: ok = o[1] >= 0 && o[1] < n.memory && o[2] >= 0 && o[2] < n.n_edges; break;
+      case OP_FINISH: ok = o[1] >= 0 && o[1] < n.memory; break;
+      case OP_STORE: ok = o[1] >= 0 && o[1] < n.memory && o[2] >= 0 && o[2] < n.n_slow; break;
+      default: ok = false;
+    }
+    if (!ok) bad("prog_ops");
+  }
+  if (net_t[NET_DENSE_INDEX].numel()) {
+    const int64_t* di = net_t[NET_DENSE_INDEX].data_ptr<int64_t>();
+    const int64_t* de = net_t[NET_DENSE_EDGE].data_ptr<int64_t>();
+    const int64_t* dp = net_t[NET_DENSE_EDGE_PTR].data_ptr<int64_t>();
+    const int64_t* dop = net_t[NET_DENSE_OUT_POS].data_ptr<int64_t>();
+    if (net_t[NET_DENSE_INDEX].numel() != n.n_edges || net_t[NET_DENSE_EDGE].numel() != n.n_edges ||
+        net_t[NET_DENSE_EDGE_PTR].numel() != n.n_levels + 1 || net_t[NET_DENSE_OUT_POS].numel() != n.n_outputs)
+      bad("dense buffer sizes");
+    int64_t cols = n.n_inputs;
+    for (int64_t l = 0; l < n.n_levels; ++l) {
+      const int64_t rows = n.level_ptr[l + 1] - n.level_ptr[l];
+      if (dp[l + 1] < dp[l] || dp[l + 1] > n.n_edges) bad("dense_edge_ptr");
+      for (int64_t q = dp[l]; q < dp[l + 1]; ++q)
+        if (di[q] < 0 || di[q] >= rows * cols || de[q] < 0 || de[q] >= n.n_edges) bad("dense_index");
+      cols = rows;
+    }
+    for (int64_t j = 0; j < n.n_outputs; ++j)
+      if (dop[j] < 0 || dop[j] >= cols) bad("dense_out_pos");
+  }
+  std::lock_guard<std::mutex> lock(mu);
+  last_key = std::move(key);
 }
 
 Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList net_t,
@@ -157,6 +228,7 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
                     n.level_ptr[n.n_levels] == n.n_computed,
                     "iosparse: network buffers are inconsistent (in_ptr, prog_op_ptr or level_ptr)");
   TORCH_CHECK_VALUE(n.memory >= 1 && n.n_slow >= n.n_inputs, "iosparse: bad memory / n_slow in config");
+  validate_indices(n, net_t);
   return n;
 }
 
@@ -402,6 +474,37 @@ void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T*
 }
 
 // ------------------------------------------------------------------------------------------ level
+// Batch-1 dot product sum_e w[e] * vals[idx[e]]: AVX-512 gathers, 16 edges per step, two accumulators.
+__attribute__((target("avx512f"))) float dot_gather_avx512(const float* w, const int32_t* idx, const float* vals,
+                                                           int64_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  int64_t e = 0;
+  for (; e + 32 <= n; e += 32) {
+    const __m512i i0 = _mm512_loadu_si512(idx + e), i1 = _mm512_loadu_si512(idx + e + 16);
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e), _mm512_i32gather_ps(i0, vals, 4), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e + 16), _mm512_i32gather_ps(i1, vals, 4), a1);
+  }
+  for (; e + 16 <= n; e += 16)
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e), _mm512_i32gather_ps(_mm512_loadu_si512(idx + e), vals, 4), a0);
+  float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  for (; e < n; ++e) acc += w[e] * vals[idx[e]];
+  return acc;
+}
+
+template <typename T>
+inline T dot_gather(const T* w, const int32_t* idx, const T* vals, int64_t n) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (detect_isa() == ISA_AVX512) return dot_gather_avx512(w, idx, vals, n);
+  }
+  // Eight independent partial sums: one chain would be bound by the add latency, not the loads.
+  T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int64_t e = 0;
+  for (; e + 8 <= n; e += 8)
+    for (int q = 0; q < 8; ++q) part[q] += w[e + q] * vals[idx[e + q]];
+  for (; e < n; ++e) part[0] += w[e] * vals[idx[e]];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
 // vals: [n_neurons, B] feature-major. Optionally keeps the pre-activations in `pre` (same layout).
 template <typename T>
 inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, const T* b, T* vals, T* pre) {
@@ -411,13 +514,7 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
   const T lo = T(net.act_param[2 * v]), hi = T(net.act_param[2 * v + 1]);
   T* out = vals + v * B;
   if (B == 1) {
-    // Eight independent partial sums: one chain would be bound by the add latency, not the loads.
-    T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t e = e0;
-    for (; e + 8 <= e1; e += 8)
-      for (int q = 0; q < 8; ++q) part[q] += w[e + q] * vals[net.in_src[e + q]];
-    for (; e < e1; ++e) part[0] += w[e] * vals[net.in_src[e]];
-    T acc = b[v] + (((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7])));
+    const T acc = b[v] + dot_gather<T>(w + e0, net.in_src + e0, vals, e1 - e0);
     if (pre) pre[v] = acc;
     out[0] = act_scalar<T>(ac, acc, lo, hi);
     return;
