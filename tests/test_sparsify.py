@@ -232,3 +232,15 @@ def test_layers_with_user_hooks_are_kept():
     assert seen  # the user's hook still fires
     _, skipped = find_chains(m)
     assert ("2", "has forward hooks") in skipped
+
+
+def test_second_activation_behind_an_identity_ends_the_chain():
+    # Found by hypothesis: Linear, ReLU, Identity, ReLU is not one Linear(+activation) layer.
+    torch.manual_seed(0)
+    lin = nn.Linear(4, 3, bias=False)
+    prune.l1_unstructured(lin, "weight", amount=0.5)
+    model = nn.Sequential(lin, nn.ReLU(), nn.Identity(), nn.ReLU())
+    out = sparsify(model, min_sparsity=0.0)
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(out(x), model(x))
+    assert isinstance(out[0], IOSparseNetwork) and isinstance(out[-1], nn.ReLU)

@@ -99,17 +99,21 @@ def _find(parent: nn.Module, prefix: str, scan: _Scan):
                 continue
             chain = [name]
             j = i + 1
+            activated = False  # the last Linear of the chain already has its (non-identity) activation
             while j < len(children):
                 nm, mm = children[j]
                 if _is_activation(mm):  # stateless: sharing an activation module is harmless
-                    # one activation per Linear: a second one in a row ends the chain after the first
-                    if _is_activation(children[j - 1][1]) and acts.from_module(children[j - 1][1]).kind != "identity" \
-                            and acts.from_module(mm).kind != "identity":
+                    nontrivial = acts.from_module(mm).kind != "identity"
+                    # one activation per Linear (Identity modules between do not count): a second one
+                    # ends the chain after the first
+                    if nontrivial and activated:
                         break
+                    activated = activated or nontrivial
                     chain.append(nm)
                     j += 1
                 elif scan.eligible(full(nm), mm):
                     chain.append(nm)
+                    activated = False
                     j += 1
                 else:
                     break
