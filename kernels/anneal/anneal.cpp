@@ -80,12 +80,19 @@ struct Annealer : torch::CustomClassHolder {
   bool mv = false;
   int32_t mx = -1;
   int64_t mi = 0, mj = 0, wa = 0, wb = -1;
-  int64_t replayed_steps = 0;
+  int64_t replayed_steps = 0, back_steps = 0;
   // caps on the replay of one proposal (kNone = exact always); a capped proposal is rejected unseen
   int64_t max_back = kNone, max_forward = kNone, skipped_back = 0, unresolved = 0;
   // Eviction decisions depend on the future: one made at step s whose victim is next read at position p
   // may change when the window around p is reordered. Both views of those records are kept.
   bool recording = false;
+  // What the last evaluation replayed (steps last_c .. stop_ - 1, under the move), kept so that an
+  // accepted move commits it instead of replaying it again: state hash before and I/O of each step,
+  // checkpoints (offset into sc_ck, size), eviction records, and the final hash when it ran to the end.
+  bool capturing = false;
+  std::vector<uint64_t> sc_hash;
+  std::vector<int32_t> sc_cost, sc_ck, sc_ck_size;
+  uint64_t sc_final_h = 0;
   int64_t cur_t = 0;
   // One record per eviction decision of the current order: step, victim value and the position of its
   // next read, runner-up value and an upper bound on the position of its next read (exact when recorded).
@@ -93,6 +100,7 @@ struct Annealer : torch::CustomClassHolder {
     int32_t s, uv, p, ur, r;
   };
   std::vector<Rec> recs;
+  std::vector<Rec> sc_recs;  // eviction records of the last evaluation (see capturing)
   std::vector<int32_t> free_recs;
   std::vector<std::vector<int32_t>> evict_targets;  // per step: its records
   std::vector<std::vector<int32_t>> by_runner;      // per position r: records whose runner-up bound is r
@@ -285,6 +293,20 @@ struct Annealer : torch::CustomClassHolder {
       if (key > old) sift_up(i); else sift_down(i);
     }
   }
+  void add_rec(const Rec& rec) {
+    int32_t id;
+    if (!free_recs.empty()) {
+      id = free_recs.back();
+      free_recs.pop_back();
+      recs[id] = rec;
+    } else {
+      id = static_cast<int32_t>(recs.size());
+      recs.push_back(rec);
+    }
+    evict_targets[rec.s].push_back(id);
+    evicted_at[rec.p].push_back(id);
+    if (rec.r >= 0) by_runner[rec.r].push_back(id);
+  }
   inline void take_slot() {
     if (cnt < M) {
       ++cnt;
@@ -295,25 +317,14 @@ struct Annealer : torch::CustomClassHolder {
       const int32_t u = hv[0];
       const int64_t top_key = hk[0];
       if (res[u] == 2) ++io;  // dirty: store before dropping
-      if (recording) {
+      if (recording || capturing) {
         Rec rec{static_cast<int32_t>(cur_t), u, static_cast<int32_t>(top_key / n), -1, -1};
         if (hsize > 1) {  // runner-up: the larger child of the root
           const int64_t c = (hsize > 2 && hk[2] > hk[1]) ? 2 : 1;
           rec.ur = hv[c];
           rec.r = static_cast<int32_t>(hk[c] / n);
         }
-        int32_t id;
-        if (!free_recs.empty()) {
-          id = free_recs.back();
-          free_recs.pop_back();
-          recs[id] = rec;
-        } else {
-          id = static_cast<int32_t>(recs.size());
-          recs.push_back(rec);
-        }
-        evict_targets[cur_t].push_back(id);
-        evicted_at[rec.p].push_back(id);
-        if (rec.r >= 0) by_runner[rec.r].push_back(id);
+        if (recording) add_rec(rec); else sc_recs.push_back(rec);
       }
       del_res(u);
       return;
@@ -362,15 +373,41 @@ struct Annealer : torch::CustomClassHolder {
     }
     evict_targets[t].clear();
   }
-  // The first step whose eviction decision may differ when positions [a, b] are reordered. Keys of
-  // values next read inside [a, b] stay inside [a, b]; all other keys keep their value. A decision
-  // changes only if its victim's key p is in [a, b] (else the victim stays the maximum, or nothing in
-  // [a, b] competes) and the best other key r is >= a (else every competitor stays below a <= new p).
-  int64_t first_affected(int64_t a, int64_t b) const {
-    int64_t s = a;
-    for (int64_t p = a; p <= b; ++p)
-      for (int32_t id : evicted_at[p])
-        if (recs[id].r >= a) s = std::min<int64_t>(s, recs[id].s);
+  // The first step whose eviction decision may differ under the move x: mi -> mj (set_move). The move
+  // keeps the relative order of every neuron but x, so the next-use keys of values that x does not read
+  // keep their relative order; only sources of x can change rank. A decision at step s < wa (victim v
+  // with key p, best other key r) can therefore change only if
+  //  * x moves later (mi < mj): a source u of x, resident at s with next reader x (key mi), rises above
+  //    v's new key. That needs p in [mi, mj] (else v's key stays above mj; p = mi: v is such a source
+  //    too, and another may rise further), r >= mi (u competes), and s >= the step of u's previous
+  //    read (or computation): u's key is mi
+  //    only from then on; an input first read by x is not resident before mi at all;
+  //  * x moves earlier (mj < mi): only sources of x get smaller keys (min(old, mj)), so v must be a
+  //    source of x with p in [mj, mi] (its key drops to mj) and r >= mj (a competitor then exceeds it).
+  // Records store r as an upper bound after repairs, which keeps the test conservative.
+  int64_t first_affected() const {
+    int64_t s = wa;
+    if (mi < mj) {
+      int64_t since = kNone;  // earliest step from which some source of x has next reader x
+      for (int64_t e = in_ptr[mx]; e < in_ptr[mx + 1]; ++e) {
+        const int32_t u = in_src[e];
+        const int64_t k = cidx[e];
+        if (k > 0) since = std::min<int64_t>(since, pos[cons[out_ptr[u] + k - 1]]);
+        else if (u >= n_in) since = std::min<int64_t>(since, pos[u]);
+      }
+      if (since >= wa) return s;
+      for (int64_t p = mi; p <= mj; ++p)
+        for (int32_t id : evicted_at[p]) {
+          const Rec& rc = recs[id];
+          if (rc.r >= mi && rc.s >= since) s = std::min<int64_t>(s, rc.s);
+        }
+    } else {
+      for (int64_t p = mj; p <= mi; ++p)
+        for (int32_t id : evicted_at[p]) {
+          const Rec& rc = recs[id];
+          if (rc.r >= mj && pred_mark[rc.uv]) s = std::min<int64_t>(s, rc.s);
+        }
+    }
     return s;
   }
   // After an accepted move (window [wa, wb], replayed from last_c), fix the records of the earlier,
@@ -469,47 +506,77 @@ struct Annealer : torch::CustomClassHolder {
     clear_state();
     return total;
   }
-  // Cost difference of the move mx: mi -> mj (set up by the caller). With record, the changed steps'
-  // baseline data are rewritten (the caller then applies the move to order / pos / cons).
-  int64_t evaluate(bool record, int64_t stop_at, bool early_stop = true) {
+  // Cost difference of the move mx: mi -> mj (set up by the caller); kNone when a cap rejects it. The
+  // replayed steps' new baseline data are captured for commit_move().
+  int64_t evaluate(bool early_stop = true) {
     // Before c every decision is the same under the move, so the checkpointed state is valid.
-    const int64_t c = (first_affected(wa, wb) / K) * K;
+    const int64_t c = (first_affected() / K) * K;
     last_c = c;
-    if (!record && wa - c > max_back) {
+    if (wa - c > max_back) {
       ++skipped_back;
       return kNone;  // too expensive to evaluate: the caller rejects the move unseen
     }
+    back_steps += wa - c;
     restore(c);
-    recording = record;
+    capturing = true;
+    sc_hash.clear();
+    sc_cost.clear();
+    sc_ck.clear();
+    sc_ck_size.clear();
+    sc_recs.clear();
     int64_t trial = 0, base = 0, t = c;
     for (; t < nc; ++t) {
-      if (record) {
-        if (t >= stop_at) break;
-        hash[t] = h;
-        if (t % K == 0) save_checkpoint(t);
-        forget_evictions(t);
-      } else if (early_stop && t > wb && h == hash[t]) {
+      if (early_stop && t > wb && h == hash[t]) {
         break;  // same state as the baseline at the same step: the rest is identical
       } else if (early_stop && t - wb > max_forward) {
         ++unresolved;  // no convergence within the horizon: reject (the delta is unknown)
+        capturing = false;
         clear_state();
         return kNone;
       }
+      sc_hash.push_back(h);
+      if (t % K == 0) capture_checkpoint();
       io = 0;
       step(t);
-      if (record) step_cost[t] = static_cast<int32_t>(io);
+      sc_cost.push_back(static_cast<int32_t>(io));
       trial += io;
-      base += record ? 0 : step_cost[t];
+      base += step_cost[t];
     }
+    if (t == nc && nc % K == 0) capture_checkpoint();
+    sc_final_h = h;
     replayed_steps += t - c;
-    if (record && t == nc) {
-      hash[nc] = h;
-      if (nc % K == 0) save_checkpoint(nc);
-    }
     stop_ = t;
-    recording = false;
+    capturing = false;
     clear_state();
     return trial - base;
+  }
+  void capture_checkpoint() {
+    sc_ck_size.push_back(static_cast<int32_t>(rlist.size()));
+    for (int32_t u : rlist) sc_ck.push_back((u << 1) | (res[u] == 2 ? 1 : 0));
+  }
+  // Write what the last evaluation captured into the baseline data (before apply_move).
+  void commit_move() {
+    const int64_t c = last_c, stop = stop_;
+    size_t ck = 0, off = 0;
+    for (int64_t t = c; t < stop; ++t) {
+      hash[t] = sc_hash[t - c];
+      step_cost[t] = sc_cost[t - c];
+      if (t % K == 0) {
+        const int64_t k = t / K;
+        ck_size[k] = sc_ck_size[ck];
+        std::copy(sc_ck.begin() + off, sc_ck.begin() + off + sc_ck_size[ck], ck_vals.begin() + k * M);
+        off += sc_ck_size[ck++];
+      }
+      forget_evictions(t);
+    }
+    if (stop == nc) {
+      hash[nc] = sc_final_h;
+      if (nc % K == 0) {
+        ck_size[nc / K] = sc_ck_size[ck];
+        std::copy(sc_ck.begin() + off, sc_ck.begin() + off + sc_ck_size[ck], ck_vals.begin() + (nc / K) * M);
+      }
+    }
+    for (const Rec& rec : sc_recs) add_rec(rec);
   }
   int64_t stop_ = 0;
 
@@ -570,12 +637,13 @@ struct Annealer : torch::CustomClassHolder {
   // n_moves proposals at a temperature going geometrically from t_start to t_end. back_cap /
   // forward_cap (-1 = none) bound the replay of one proposal; proposals over a cap are rejected without
   // a cost (they never change the order). Returns int64 [evaluated, accepted, improving,
-  // no_legal_move, current cost, best cost, replayed steps, skipped (back cap), unresolved (forward cap)].
+  // no_legal_move, current cost, best cost, replayed steps, skipped (back cap), unresolved (forward cap),
+  // replayed steps before the window].
   at::Tensor run(int64_t n_moves, double t_start, double t_end, int64_t max_shift, int64_t back_cap,
                  int64_t forward_cap) {
     TORCH_CHECK(n_moves >= 0 && max_shift >= 1, "n_moves >= 0 and max_shift >= 1 required");
     int64_t evaluated = 0, accepted = 0, improving = 0, stuck = 0;
-    replayed_steps = 0;
+    replayed_steps = back_steps = 0;
     skipped_back = unresolved = 0;
     max_back = back_cap < 0 ? kNone : back_cap;
     max_forward = forward_cap < 0 ? kNone : forward_cap;
@@ -594,7 +662,7 @@ struct Annealer : torch::CustomClassHolder {
       int64_t j = lo + rng.below(hi - lo);  // uniform over [lo, hi] without i
       if (j >= i) ++j;
       set_move(order[i], i, j);
-      const int64_t delta = evaluate(false, 0);
+      const int64_t delta = evaluate();
       if (delta == kNone) {
         clear_move();
         continue;
@@ -603,8 +671,7 @@ struct Annealer : torch::CustomClassHolder {
       bool take = delta <= 0;
       if (!take && temp > 0) take = rng.uniform() < std::exp(-static_cast<double>(delta) / temp);
       if (take) {
-        const int64_t stop = stop_;
-        evaluate(true, stop);
+        commit_move();
         const int64_t old_wb = wb;
         collect_stale_records();
         apply_move();
@@ -621,7 +688,7 @@ struct Annealer : torch::CustomClassHolder {
       best_order_ = order;
     }
     max_back = max_forward = kNone;
-    auto out = at::empty({9}, at::kLong);
+    auto out = at::empty({10}, at::kLong);
     auto* o = out.data_ptr<int64_t>();
     o[0] = evaluated;
     o[1] = accepted;
@@ -632,6 +699,7 @@ struct Annealer : torch::CustomClassHolder {
     o[6] = replayed_steps;
     o[7] = skipped_back;
     o[8] = unresolved;
+    o[9] = back_steps;
     return out;
   }
   // Cost deltas of random legal moves, without applying them (to calibrate the temperature).
@@ -647,7 +715,7 @@ struct Annealer : torch::CustomClassHolder {
       int64_t j = lo + rng.below(hi - lo);
       if (j >= i) ++j;
       set_move(order[i], i, j);
-      const int64_t delta = evaluate(false, 0);
+      const int64_t delta = evaluate();
       if (delta != kNone) d.push_back(delta);
       clear_move();
     }
@@ -662,7 +730,7 @@ struct Annealer : torch::CustomClassHolder {
     window(i, lo, hi);
     TORCH_CHECK(j >= lo && j <= hi, "moving position ", i, " to ", j, " breaks the topological order");
     set_move(order[i], i, j);
-    const int64_t d = evaluate(false, 0, early_stop);
+    const int64_t d = evaluate(early_stop);
     clear_move();
     return d;
   }
