@@ -385,21 +385,39 @@ struct Annealer : torch::CustomClassHolder {
   //  * x moves earlier (mj < mi): only sources of x get smaller keys (min(old, mj)), so v must be a
   //    source of x with p in [mj, mi] (its key drops to mj) and r >= mj (a competitor then exceeds it).
   // Records store r as an upper bound after repairs, which keeps the test conservative.
-  int64_t first_affected() const {
+  std::vector<std::pair<int64_t, int64_t>> src_span;
+  int64_t first_affected() {
     int64_t s = wa;
     if (mi < mj) {
-      int64_t since = kNone;  // earliest step from which some source of x has next reader x
+      // per source u of x that can hold key mi before wa: (step from which it does, position of its
+      // next reader after x)
+      src_span.clear();
+      int64_t since = kNone;
       for (int64_t e = in_ptr[mx]; e < in_ptr[mx + 1]; ++e) {
         const int32_t u = in_src[e];
-        const int64_t k = cidx[e];
-        if (k > 0) since = std::min<int64_t>(since, pos[cons[out_ptr[u] + k - 1]]);
-        else if (u >= n_in) since = std::min<int64_t>(since, pos[u]);
+        const int64_t k = cidx[e], base = out_ptr[u], len = out_ptr[u + 1] - base;
+        int64_t from;
+        if (k > 0) from = pos[cons[base + k - 1]];
+        else if (u >= n_in) from = pos[u];
+        else continue;
+        if (from >= wa) continue;
+        since = std::min(since, from);
+        src_span.push_back({from, k + 1 < len ? static_cast<int64_t>(pos[cons[base + k + 1]]) : kNone});
       }
       if (since >= wa) return s;
       for (int64_t p = mi; p <= mj; ++p)
         for (int32_t id : evicted_at[p]) {
           const Rec& rc = recs[id];
-          if (rc.r >= mi && rc.s >= since) s = std::min<int64_t>(s, rc.s);
+          if (rc.r < mi || rc.s < since || rc.s >= s) continue;
+          // p > mi: v's key becomes p - 1; u's becomes min(mj, its next other reader, shifted), which
+          // reaches p - 1 only if that reader is at or after p.
+          bool can = false;
+          for (const auto& sp : src_span)
+            if (sp.first <= rc.s && (p == mi || sp.second >= p)) {
+              can = true;
+              break;
+            }
+          if (can) s = rc.s;
         }
     } else {
       for (int64_t p = mj; p <= mi; ++p)
