@@ -96,15 +96,15 @@ struct Annealer : torch::CustomClassHolder {
   int64_t cur_t = 0;
   // One record per eviction decision of the current order: step, victim value and the position of its
   // next read, runner-up value and an upper bound on the position of its next read (exact when recorded).
+  // ip / ir: the record's index in evicted_at[p] / by_runner[r] (O(1) removal).
   struct Rec {
-    int32_t s, uv, p, ur, r;
+    int32_t s, uv, p, ur, r, ip, ir;
   };
   std::vector<Rec> recs;
   std::vector<Rec> sc_recs;  // eviction records of the last evaluation (see capturing)
   std::vector<int32_t> free_recs;
   std::vector<std::vector<int32_t>> evict_targets;  // per step: its records
   std::vector<std::vector<int32_t>> by_runner;      // per position r: records whose runner-up bound is r
-  // per position p: (step, runner-up position) of the evictions whose victim is next read at p
   std::vector<std::vector<int32_t>> evicted_at;  // per position p: records whose victim is next read at p
   int64_t last_c = 0;
 
@@ -304,8 +304,32 @@ struct Annealer : torch::CustomClassHolder {
       recs.push_back(rec);
     }
     evict_targets[rec.s].push_back(id);
-    evicted_at[rec.p].push_back(id);
-    if (rec.r >= 0) by_runner[rec.r].push_back(id);
+    at_push(id);
+    if (rec.r >= 0) runner_push(id);
+  }
+  void at_push(int32_t id) {
+    auto& v = evicted_at[recs[id].p];
+    recs[id].ip = static_cast<int32_t>(v.size());
+    v.push_back(id);
+  }
+  void runner_push(int32_t id) {
+    auto& v = by_runner[recs[id].r];
+    recs[id].ir = static_cast<int32_t>(v.size());
+    v.push_back(id);
+  }
+  void at_erase(int32_t id) {
+    auto& v = evicted_at[recs[id].p];
+    const int32_t k = recs[id].ip, last = v.back();
+    v[k] = last;
+    recs[last].ip = k;
+    v.pop_back();
+  }
+  void runner_erase(int32_t id) {
+    auto& v = by_runner[recs[id].r];
+    const int32_t k = recs[id].ir, last = v.back();
+    v[k] = last;
+    recs[last].ir = k;
+    v.pop_back();
   }
   inline void take_slot() {
     if (cnt < M) {
@@ -318,7 +342,7 @@ struct Annealer : torch::CustomClassHolder {
       const int64_t top_key = hk[0];
       if (res[u] == 2) ++io;  // dirty: store before dropping
       if (recording || capturing) {
-        Rec rec{static_cast<int32_t>(cur_t), u, static_cast<int32_t>(top_key / n), -1, -1};
+        Rec rec{static_cast<int32_t>(cur_t), u, static_cast<int32_t>(top_key / n), -1, -1, -1, -1};
         if (hsize > 1) {  // runner-up: the larger child of the root
           const int64_t c = (hsize > 2 && hk[2] > hk[1]) ? 2 : 1;
           rec.ur = hv[c];
@@ -360,15 +384,10 @@ struct Annealer : torch::CustomClassHolder {
     for (size_t q = 0; q < rlist.size(); ++q) vals[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
   }
   // One step: compute neuron torder(t).
-  static void erase_id(std::vector<int32_t>& v, int32_t id) {
-    auto it = std::find(v.begin(), v.end(), id);
-    *it = v.back();
-    v.pop_back();
-  }
   void forget_evictions(int64_t t) {
     for (int32_t id : evict_targets[t]) {
-      erase_id(evicted_at[recs[id].p], id);
-      if (recs[id].r >= 0) erase_id(by_runner[recs[id].r], id);
+      at_erase(id);
+      if (recs[id].r >= 0) runner_erase(id);
       free_recs.push_back(id);
     }
     evict_targets[t].clear();
@@ -441,8 +460,7 @@ struct Annealer : torch::CustomClassHolder {
       for (size_t k = 0; k < v.size();) {
         if (recs[v[k]].s < last_c) {
           fix_p.push_back(v[k]);
-          v[k] = v.back();
-          v.pop_back();
+          at_erase(v[k]);
         } else {
           ++k;
         }
@@ -451,8 +469,7 @@ struct Annealer : torch::CustomClassHolder {
       for (size_t k = 0; k < w.size();) {
         if (recs[w[k]].s < last_c) {
           fix_r.push_back(w[k]);
-          w[k] = w.back();
-          w.pop_back();
+          runner_erase(w[k]);
         } else {
           ++k;
         }
@@ -463,11 +480,11 @@ struct Annealer : torch::CustomClassHolder {
     for (int32_t id : fix_p) {
       Rec& rc = recs[id];
       rc.p = static_cast<int32_t>(next_use(rc.uv, rc.s + 1) / n);
-      evicted_at[rc.p].push_back(id);
+      at_push(id);
     }
     for (int32_t id : fix_r) {
       recs[id].r = static_cast<int32_t>(new_r);
-      by_runner[new_r].push_back(id);
+      runner_push(id);
     }
   }
   inline void step(int64_t t) {
@@ -569,8 +586,11 @@ struct Annealer : torch::CustomClassHolder {
     return trial - base;
   }
   void capture_checkpoint() {
-    sc_ck_size.push_back(static_cast<int32_t>(rlist.size()));
-    for (int32_t u : rlist) sc_ck.push_back((u << 1) | (res[u] == 2 ? 1 : 0));
+    const size_t off = sc_ck.size(), sz = rlist.size();
+    sc_ck_size.push_back(static_cast<int32_t>(sz));
+    sc_ck.resize(off + sz);
+    int32_t* d = sc_ck.data() + off;
+    for (size_t q = 0; q < sz; ++q) d[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
   }
   // Write what the last evaluation captured into the baseline data (before apply_move).
   void commit_move() {
