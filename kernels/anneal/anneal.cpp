@@ -173,6 +173,7 @@ struct Annealer : torch::CustomClassHolder {
     hv.assign(M + 1, 0);
     ridx.assign(n, -1);
     pred_mark.assign(n, 0);
+    span_of.assign(n, -1);
     rlist.reserve(M + 1);
     cur_cost = rebuild();
     best_cost_ = cur_cost;
@@ -404,12 +405,36 @@ struct Annealer : torch::CustomClassHolder {
   //  * x moves earlier (mj < mi): only sources of x get smaller keys (min(old, mj)), so v must be a
   //    source of x with p in [mj, mi] (its key drops to mj) and r >= mj (a competitor then exceeds it).
   // Records store r as an upper bound after repairs, which keeps the test conservative.
-  std::vector<std::pair<int64_t, int64_t>> src_span;
+  struct SrcSpan {
+    int64_t from, next2;
+    int32_t u;
+  };
+  std::vector<SrcSpan> src_span;
+  std::vector<int32_t> span_of;  // per value: its index in src_span, or -1
+  // Can a source of x with key mi at the decision of step s (victim's key p) rise to the victim's new
+  // key? It must have key mi then (from <= s), its next other reader must be at or after p (p > mi), and
+  // it must be resident: read at s itself, or in the checkpoint before s (when every step has one).
+  bool source_can_rise(int64_t s, int64_t p) const {
+    auto fits = [&](const SrcSpan& sp) { return sp.from <= s && (p == mi || sp.next2 >= p); };
+    if (K != 1) {
+      for (const auto& sp : src_span)
+        if (fits(sp)) return true;
+      return false;
+    }
+    for (const auto& sp : src_span)
+      if (sp.from == s && fits(sp)) return true;
+    const int32_t* vals = ck_vals.data() + s * M;
+    for (int32_t q = 0; q < ck_size[s]; ++q) {
+      const int32_t k = span_of[vals[q] >> 1];
+      if (k >= 0 && fits(src_span[k])) return true;
+    }
+    return false;
+  }
   int64_t first_affected() {
     int64_t s = wa;
     if (mi < mj) {
-      // per source u of x that can hold key mi before wa: (step from which it does, position of its
-      // next reader after x)
+      // the sources u of x that can hold key mi before wa: step from which they do, position of their
+      // next reader after x
       src_span.clear();
       int64_t since = kNone;
       for (int64_t e = in_ptr[mx]; e < in_ptr[mx + 1]; ++e) {
@@ -418,26 +443,19 @@ struct Annealer : torch::CustomClassHolder {
         int64_t from;
         if (k > 0) from = pos[cons[base + k - 1]];
         else if (u >= n_in) from = pos[u];
-        else continue;
-        if (from >= wa) continue;
+        else continue;  // an input first read by x is not resident before mi
         since = std::min(since, from);
-        src_span.push_back({from, k + 1 < len ? static_cast<int64_t>(pos[cons[base + k + 1]]) : kNone});
+        span_of[u] = static_cast<int32_t>(src_span.size());
+        src_span.push_back({from, k + 1 < len ? static_cast<int64_t>(pos[cons[base + k + 1]]) : kNone, u});
       }
-      if (since >= wa) return s;
-      for (int64_t p = mi; p <= mj; ++p)
-        for (int32_t id : evicted_at[p]) {
-          const Rec& rc = recs[id];
-          if (rc.r < mi || rc.s < since || rc.s >= s) continue;
-          // p > mi: v's key becomes p - 1; u's becomes min(mj, its next other reader, shifted), which
-          // reaches p - 1 only if that reader is at or after p.
-          bool can = false;
-          for (const auto& sp : src_span)
-            if (sp.first <= rc.s && (p == mi || sp.second >= p)) {
-              can = true;
-              break;
-            }
-          if (can) s = rc.s;
-        }
+      if (since < wa) {
+        for (int64_t p = mi; p <= mj; ++p)
+          for (int32_t id : evicted_at[p]) {
+            const Rec& rc = recs[id];
+            if (rc.r >= mi && rc.s >= since && rc.s < s && source_can_rise(rc.s, p)) s = rc.s;
+          }
+      }
+      for (const auto& sp : src_span) span_of[sp.u] = -1;
     } else {
       for (int64_t p = mj; p <= mi; ++p)
         for (int32_t id : evicted_at[p]) {
