@@ -11,10 +11,11 @@
 // The annealer keeps, for the current (baseline) order: the I/O cost of each step, a 64-bit Zobrist hash
 // of the state before each step, and full state checkpoints every K steps. A move (relocate one neuron
 // inside its legal window; K=1 swaps adjacent neurons as a special case) is evaluated by restoring the
-// checkpoint at or before the window, replaying the modified order and stopping at the first step past
-// the window whose state hash equals the baseline's. Accepted moves are replayed once more to rewrite
-// the baseline data of the steps they changed. The final cost is re-checked by the caller with the
-// exact simulator (iomodel.count_io); `full_cost()` here is a from-scratch replay for tests.
+// checkpoint at or before the first eviction decision the move may change (first_affected), replaying
+// the modified order and stopping at the first step past the window whose state hash equals the
+// baseline's. The evaluation captures the new baseline data of the steps it replayed; an accepted move
+// commits them (no second replay). The final cost is re-checked by the caller with the exact simulator
+// (iomodel.count_io); `full_cost()` here is a from-scratch replay for tests.
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
