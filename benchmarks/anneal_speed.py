@@ -2,11 +2,14 @@
 
     python benchmarks/anneal_speed.py            # radix 1024x3 fan_in 32 (98 304 edges) and more
     python benchmarks/anneal_speed.py --quick --seconds 2
+    python benchmarks/anneal_speed.py --seconds 2 --repeats 3   # median of 3 runs per configuration
 
 For each network, memory M and max_shift it runs the native annealer (constant temperature 0.1 x the
-mean uphill delta) for a fixed time and reports evaluated moves per second, the steps replayed per evaluation (before the window, because
-an earlier eviction saw it, and after, until the state re-joins), the acceptance and the I/O gained.
-The capped rows reject proposals whose replay would exceed the caps, unevaluated: faster, still exact.
+mean uphill delta) for a fixed time and reports evaluated moves per second (the median over --repeats
+runs, each from the same start: the machine is shared, single runs are noisy), the steps replayed per
+evaluation (all of them, and those before the window, replayed because an earlier eviction decision may
+change), the acceptance and the I/O gained. The capped rows reject proposals whose replay would exceed
+the caps, unevaluated: faster, still exact.
 """
 import argparse
 import time
@@ -22,7 +25,8 @@ from torch_iosparse.planner_bench import pruned_mlp, random_skip_dag
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--seconds", type=float, default=None, help="annealing time per configuration")
+    ap.add_argument("--seconds", type=float, default=None, help="annealing time per configuration and run")
+    ap.add_argument("--repeats", type=int, default=1, help="runs per configuration; the median rate is shown")
     args = ap.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 8.0)
     nets = {"radix 1024x3 f32": generate.radix_net(1024, 3, fan_in=32)}
@@ -30,8 +34,8 @@ def main():
         nets["mlp 1024x4 97%"] = pruned_mlp([1024] * 4, 0.97)
         nets["skip DAG 30k"] = random_skip_dag(64, 30000, 3.4)
     print("| network | edges | M | start | max_shift | caps | proposals | evaluated/s | steps/eval | "
-          "accepted | io before -> after |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "back/eval | accepted | io before -> after |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, dag in nets.items():
         Ms = [64, 256] if not args.quick else [64]
         for M in Ms:
@@ -41,26 +45,30 @@ def main():
                 else:
                     order = np.arange(dag.n_inputs, dag.n_neurons)
                 for shift, caps in ((32, (-1, -1)), (4, (-1, -1)), (4, (8, 16))):
-                    ann = _annealer(dag, order, M, 0, 1 << 24)
-                    before = ann.cost()
-                    d = ann.sample_deltas(100, shift).numpy()
-                    up = d[d > 0]
-                    t = 0.1 * float(up.mean()) if up.size else 1.0
-                    t0 = time.perf_counter()
-                    moves, evaluated, accepted, steps, chunk = 0, 0, 0, 0, 50
-                    while time.perf_counter() - t0 < seconds:  # constant temperature t
-                        st = ann.run(chunk, t, t, shift, *caps).tolist()
-                        moves += chunk
-                        evaluated += st[0]
-                        accepted += st[1]
-                        steps += st[6]
-                    dt = time.perf_counter() - t0
+                    rates = []
+                    for _ in range(max(1, args.repeats)):
+                        ann = _annealer(dag, order, M, 0, 1 << 24)
+                        before = ann.cost()
+                        d = ann.sample_deltas(100, shift).numpy()
+                        up = d[d > 0]
+                        t = 0.1 * float(up.mean()) if up.size else 1.0
+                        t0 = time.perf_counter()
+                        moves, evaluated, accepted, steps, back, chunk = 0, 0, 0, 0, 0, 50
+                        while time.perf_counter() - t0 < seconds:  # constant temperature t
+                            st = ann.run(chunk, t, t, shift, *caps).tolist()
+                            moves += chunk
+                            evaluated += st[0]
+                            accepted += st[1]
+                            steps += st[6]
+                            back += st[9]
+                        rates.append(evaluated / (time.perf_counter() - t0))
                     fixed = dag.n_edges + dag.n_computed
                     io = count_io(dag, ann.order().numpy(), M)
                     assert io.total == st[4] + fixed, "annealer disagrees with the exact simulator"
                     print(f"| {name} | {dag.n_edges} | {M} | {start} | {shift} | {caps if caps[0] >= 0 else 'none'} | "
-                          f"{moves} | {evaluated / dt:,.0f} | {steps / max(evaluated, 1):.1f} | {accepted} | "
-                          f"{before + fixed} -> {st[4] + fixed} |", flush=True)
+                          f"{moves} | {float(np.median(rates)):,.0f} | {steps / max(evaluated, 1):.1f} | "
+                          f"{back / max(evaluated, 1):.1f} | {accepted} | {before + fixed} -> {st[4] + fixed} |",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@
 // The annealer keeps, for the current (baseline) order: the I/O cost of each step, a 64-bit Zobrist hash
 // of the state before each step, and full state checkpoints every K steps. A move (relocate one neuron
 // inside its legal window; K=1 swaps adjacent neurons as a special case) is evaluated by restoring the
-// checkpoint at or before the window, replaying the modified order and stopping at the first step past
-// the window whose state hash equals the baseline's. Accepted moves are replayed once more to rewrite
-// the baseline data of the steps they changed. The final cost is re-checked by the caller with the
-// exact simulator (iomodel.count_io); `full_cost()` here is a from-scratch replay for tests.
+// checkpoint at or before the first eviction decision the move may change (first_affected), replaying
+// the modified order and stopping at the first step past the window whose state hash equals the
+// baseline's. The evaluation captures the new baseline data of the steps it replayed; an accepted move
+// commits them (no second replay). The final cost is re-checked by the caller with the exact simulator
+// (iomodel.count_io); `full_cost()` here is a from-scratch replay for tests.
 #include <ATen/ATen.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -80,23 +81,31 @@ struct Annealer : torch::CustomClassHolder {
   bool mv = false;
   int32_t mx = -1;
   int64_t mi = 0, mj = 0, wa = 0, wb = -1;
-  int64_t replayed_steps = 0;
+  int64_t replayed_steps = 0, back_steps = 0;
   // caps on the replay of one proposal (kNone = exact always); a capped proposal is rejected unseen
   int64_t max_back = kNone, max_forward = kNone, skipped_back = 0, unresolved = 0;
   // Eviction decisions depend on the future: one made at step s whose victim is next read at position p
   // may change when the window around p is reordered. Both views of those records are kept.
   bool recording = false;
+  // What the last evaluation replayed (steps last_c .. stop_ - 1, under the move), kept so that an
+  // accepted move commits it instead of replaying it again: state hash before and I/O of each step,
+  // checkpoints (offset into sc_ck, size), eviction records, and the final hash when it ran to the end.
+  bool capturing = false;
+  std::vector<uint64_t> sc_hash;
+  std::vector<int32_t> sc_cost, sc_ck, sc_ck_size;
+  uint64_t sc_final_h = 0;
   int64_t cur_t = 0;
   // One record per eviction decision of the current order: step, victim value and the position of its
   // next read, runner-up value and an upper bound on the position of its next read (exact when recorded).
+  // ip / ir: the record's index in evicted_at[p] / by_runner[r] (O(1) removal).
   struct Rec {
-    int32_t s, uv, p, ur, r;
+    int32_t s, uv, p, ur, r, ip, ir;
   };
   std::vector<Rec> recs;
+  std::vector<Rec> sc_recs;  // eviction records of the last evaluation (see capturing)
   std::vector<int32_t> free_recs;
   std::vector<std::vector<int32_t>> evict_targets;  // per step: its records
   std::vector<std::vector<int32_t>> by_runner;      // per position r: records whose runner-up bound is r
-  // per position p: (step, runner-up position) of the evictions whose victim is next read at p
   std::vector<std::vector<int32_t>> evicted_at;  // per position p: records whose victim is next read at p
   int64_t last_c = 0;
 
@@ -165,6 +174,7 @@ struct Annealer : torch::CustomClassHolder {
     hv.assign(M + 1, 0);
     ridx.assign(n, -1);
     pred_mark.assign(n, 0);
+    span_of.assign(n, -1);
     rlist.reserve(M + 1);
     cur_cost = rebuild();
     best_cost_ = cur_cost;
@@ -285,6 +295,44 @@ struct Annealer : torch::CustomClassHolder {
       if (key > old) sift_up(i); else sift_down(i);
     }
   }
+  void add_rec(const Rec& rec) {
+    int32_t id;
+    if (!free_recs.empty()) {
+      id = free_recs.back();
+      free_recs.pop_back();
+      recs[id] = rec;
+    } else {
+      id = static_cast<int32_t>(recs.size());
+      recs.push_back(rec);
+    }
+    evict_targets[rec.s].push_back(id);
+    at_push(id);
+    if (rec.r >= 0) runner_push(id);
+  }
+  void at_push(int32_t id) {
+    auto& v = evicted_at[recs[id].p];
+    recs[id].ip = static_cast<int32_t>(v.size());
+    v.push_back(id);
+  }
+  void runner_push(int32_t id) {
+    auto& v = by_runner[recs[id].r];
+    recs[id].ir = static_cast<int32_t>(v.size());
+    v.push_back(id);
+  }
+  void at_erase(int32_t id) {
+    auto& v = evicted_at[recs[id].p];
+    const int32_t k = recs[id].ip, last = v.back();
+    v[k] = last;
+    recs[last].ip = k;
+    v.pop_back();
+  }
+  void runner_erase(int32_t id) {
+    auto& v = by_runner[recs[id].r];
+    const int32_t k = recs[id].ir, last = v.back();
+    v[k] = last;
+    recs[last].ir = k;
+    v.pop_back();
+  }
   inline void take_slot() {
     if (cnt < M) {
       ++cnt;
@@ -295,25 +343,14 @@ struct Annealer : torch::CustomClassHolder {
       const int32_t u = hv[0];
       const int64_t top_key = hk[0];
       if (res[u] == 2) ++io;  // dirty: store before dropping
-      if (recording) {
-        Rec rec{static_cast<int32_t>(cur_t), u, static_cast<int32_t>(top_key / n), -1, -1};
+      if (recording || capturing) {
+        Rec rec{static_cast<int32_t>(cur_t), u, static_cast<int32_t>(top_key / n), -1, -1, -1, -1};
         if (hsize > 1) {  // runner-up: the larger child of the root
           const int64_t c = (hsize > 2 && hk[2] > hk[1]) ? 2 : 1;
           rec.ur = hv[c];
           rec.r = static_cast<int32_t>(hk[c] / n);
         }
-        int32_t id;
-        if (!free_recs.empty()) {
-          id = free_recs.back();
-          free_recs.pop_back();
-          recs[id] = rec;
-        } else {
-          id = static_cast<int32_t>(recs.size());
-          recs.push_back(rec);
-        }
-        evict_targets[cur_t].push_back(id);
-        evicted_at[rec.p].push_back(id);
-        if (rec.r >= 0) by_runner[rec.r].push_back(id);
+        if (recording) add_rec(rec); else sc_recs.push_back(rec);
       }
       del_res(u);
       return;
@@ -349,28 +386,84 @@ struct Annealer : torch::CustomClassHolder {
     for (size_t q = 0; q < rlist.size(); ++q) vals[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
   }
   // One step: compute neuron torder(t).
-  static void erase_id(std::vector<int32_t>& v, int32_t id) {
-    auto it = std::find(v.begin(), v.end(), id);
-    *it = v.back();
-    v.pop_back();
-  }
   void forget_evictions(int64_t t) {
     for (int32_t id : evict_targets[t]) {
-      erase_id(evicted_at[recs[id].p], id);
-      if (recs[id].r >= 0) erase_id(by_runner[recs[id].r], id);
+      at_erase(id);
+      if (recs[id].r >= 0) runner_erase(id);
       free_recs.push_back(id);
     }
     evict_targets[t].clear();
   }
-  // The first step whose eviction decision may differ when positions [a, b] are reordered. Keys of
-  // values next read inside [a, b] stay inside [a, b]; all other keys keep their value. A decision
-  // changes only if its victim's key p is in [a, b] (else the victim stays the maximum, or nothing in
-  // [a, b] competes) and the best other key r is >= a (else every competitor stays below a <= new p).
-  int64_t first_affected(int64_t a, int64_t b) const {
-    int64_t s = a;
-    for (int64_t p = a; p <= b; ++p)
-      for (int32_t id : evicted_at[p])
-        if (recs[id].r >= a) s = std::min<int64_t>(s, recs[id].s);
+  // The first step whose eviction decision may differ under the move x: mi -> mj (set_move). The move
+  // keeps the relative order of every neuron but x, so the next-use keys of values that x does not read
+  // keep their relative order; only sources of x can change rank. A decision at step s < wa (victim v
+  // with key p, best other key r) can therefore change only if
+  //  * x moves later (mi < mj): a source u of x, resident at s with next reader x (key mi), rises above
+  //    v's new key. That needs p in [mi, mj] (else v's key stays above mj; p = mi: v is such a source
+  //    too, and another may rise further), r >= mi (u competes), and s >= the step of u's previous
+  //    read (or computation): u's key is mi
+  //    only from then on; an input first read by x is not resident before mi at all;
+  //  * x moves earlier (mj < mi): only sources of x get smaller keys (min(old, mj)), so v must be a
+  //    source of x with p in [mj, mi] (its key drops to mj) and r >= mj (a competitor then exceeds it).
+  // Records store r as an upper bound after repairs, which keeps the test conservative.
+  struct SrcSpan {
+    int64_t from, next2;
+    int32_t u;
+  };
+  std::vector<SrcSpan> src_span;
+  std::vector<int32_t> span_of;  // per value: its index in src_span, or -1
+  // Can a source of x with key mi at the decision of step s (victim's key p) rise to the victim's new
+  // key? It must have key mi then (from <= s), its next other reader must be at or after p (p > mi), and
+  // it must be resident: read at s itself, or in the checkpoint before s (when every step has one).
+  bool source_can_rise(int64_t s, int64_t p) const {
+    auto fits = [&](const SrcSpan& sp) { return sp.from <= s && (p == mi || sp.next2 >= p); };
+    if (K != 1) {
+      for (const auto& sp : src_span)
+        if (fits(sp)) return true;
+      return false;
+    }
+    for (const auto& sp : src_span)
+      if (sp.from == s && fits(sp)) return true;
+    const int32_t* vals = ck_vals.data() + s * M;
+    for (int32_t q = 0; q < ck_size[s]; ++q) {
+      const int32_t k = span_of[vals[q] >> 1];
+      if (k >= 0 && fits(src_span[k])) return true;
+    }
+    return false;
+  }
+  int64_t first_affected() {
+    int64_t s = wa;
+    if (mi < mj) {
+      // the sources u of x that can hold key mi before wa: step from which they do, position of their
+      // next reader after x
+      src_span.clear();
+      int64_t since = kNone;
+      for (int64_t e = in_ptr[mx]; e < in_ptr[mx + 1]; ++e) {
+        const int32_t u = in_src[e];
+        const int64_t k = cidx[e], base = out_ptr[u], len = out_ptr[u + 1] - base;
+        int64_t from;
+        if (k > 0) from = pos[cons[base + k - 1]];
+        else if (u >= n_in) from = pos[u];
+        else continue;  // an input first read by x is not resident before mi
+        since = std::min(since, from);
+        span_of[u] = static_cast<int32_t>(src_span.size());
+        src_span.push_back({from, k + 1 < len ? static_cast<int64_t>(pos[cons[base + k + 1]]) : kNone, u});
+      }
+      if (since < wa) {
+        for (int64_t p = mi; p <= mj; ++p)
+          for (int32_t id : evicted_at[p]) {
+            const Rec& rc = recs[id];
+            if (rc.r >= mi && rc.s >= since && rc.s < s && source_can_rise(rc.s, p)) s = rc.s;
+          }
+      }
+      for (const auto& sp : src_span) span_of[sp.u] = -1;
+    } else {
+      for (int64_t p = mj; p <= mi; ++p)
+        for (int32_t id : evicted_at[p]) {
+          const Rec& rc = recs[id];
+          if (rc.r >= mj && pred_mark[rc.uv]) s = std::min<int64_t>(s, rc.s);
+        }
+    }
     return s;
   }
   // After an accepted move (window [wa, wb], replayed from last_c), fix the records of the earlier,
@@ -386,8 +479,7 @@ struct Annealer : torch::CustomClassHolder {
       for (size_t k = 0; k < v.size();) {
         if (recs[v[k]].s < last_c) {
           fix_p.push_back(v[k]);
-          v[k] = v.back();
-          v.pop_back();
+          at_erase(v[k]);
         } else {
           ++k;
         }
@@ -396,8 +488,7 @@ struct Annealer : torch::CustomClassHolder {
       for (size_t k = 0; k < w.size();) {
         if (recs[w[k]].s < last_c) {
           fix_r.push_back(w[k]);
-          w[k] = w.back();
-          w.pop_back();
+          runner_erase(w[k]);
         } else {
           ++k;
         }
@@ -408,11 +499,11 @@ struct Annealer : torch::CustomClassHolder {
     for (int32_t id : fix_p) {
       Rec& rc = recs[id];
       rc.p = static_cast<int32_t>(next_use(rc.uv, rc.s + 1) / n);
-      evicted_at[rc.p].push_back(id);
+      at_push(id);
     }
     for (int32_t id : fix_r) {
       recs[id].r = static_cast<int32_t>(new_r);
-      by_runner[new_r].push_back(id);
+      runner_push(id);
     }
   }
   inline void step(int64_t t) {
@@ -469,47 +560,80 @@ struct Annealer : torch::CustomClassHolder {
     clear_state();
     return total;
   }
-  // Cost difference of the move mx: mi -> mj (set up by the caller). With record, the changed steps'
-  // baseline data are rewritten (the caller then applies the move to order / pos / cons).
-  int64_t evaluate(bool record, int64_t stop_at, bool early_stop = true) {
+  // Cost difference of the move mx: mi -> mj (set up by the caller); kNone when a cap rejects it. The
+  // replayed steps' new baseline data are captured for commit_move().
+  int64_t evaluate(bool early_stop = true) {
     // Before c every decision is the same under the move, so the checkpointed state is valid.
-    const int64_t c = (first_affected(wa, wb) / K) * K;
+    const int64_t c = (first_affected() / K) * K;
     last_c = c;
-    if (!record && wa - c > max_back) {
+    if (wa - c > max_back) {
       ++skipped_back;
       return kNone;  // too expensive to evaluate: the caller rejects the move unseen
     }
+    back_steps += wa - c;
     restore(c);
-    recording = record;
+    capturing = true;
+    sc_hash.clear();
+    sc_cost.clear();
+    sc_ck.clear();
+    sc_ck_size.clear();
+    sc_recs.clear();
     int64_t trial = 0, base = 0, t = c;
     for (; t < nc; ++t) {
-      if (record) {
-        if (t >= stop_at) break;
-        hash[t] = h;
-        if (t % K == 0) save_checkpoint(t);
-        forget_evictions(t);
-      } else if (early_stop && t > wb && h == hash[t]) {
+      if (early_stop && t > wb && h == hash[t]) {
         break;  // same state as the baseline at the same step: the rest is identical
       } else if (early_stop && t - wb > max_forward) {
         ++unresolved;  // no convergence within the horizon: reject (the delta is unknown)
+        capturing = false;
         clear_state();
         return kNone;
       }
+      sc_hash.push_back(h);
+      if (t % K == 0) capture_checkpoint();
       io = 0;
       step(t);
-      if (record) step_cost[t] = static_cast<int32_t>(io);
+      sc_cost.push_back(static_cast<int32_t>(io));
       trial += io;
-      base += record ? 0 : step_cost[t];
+      base += step_cost[t];
     }
+    if (t == nc && nc % K == 0) capture_checkpoint();
+    sc_final_h = h;
     replayed_steps += t - c;
-    if (record && t == nc) {
-      hash[nc] = h;
-      if (nc % K == 0) save_checkpoint(nc);
-    }
     stop_ = t;
-    recording = false;
+    capturing = false;
     clear_state();
     return trial - base;
+  }
+  void capture_checkpoint() {
+    const size_t off = sc_ck.size(), sz = rlist.size();
+    sc_ck_size.push_back(static_cast<int32_t>(sz));
+    sc_ck.resize(off + sz);
+    int32_t* d = sc_ck.data() + off;
+    for (size_t q = 0; q < sz; ++q) d[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
+  }
+  // Write what the last evaluation captured into the baseline data (before apply_move).
+  void commit_move() {
+    const int64_t c = last_c, stop = stop_;
+    size_t ck = 0, off = 0;
+    for (int64_t t = c; t < stop; ++t) {
+      hash[t] = sc_hash[t - c];
+      step_cost[t] = sc_cost[t - c];
+      if (t % K == 0) {
+        const int64_t k = t / K;
+        ck_size[k] = sc_ck_size[ck];
+        std::copy(sc_ck.begin() + off, sc_ck.begin() + off + sc_ck_size[ck], ck_vals.begin() + k * M);
+        off += sc_ck_size[ck++];
+      }
+      forget_evictions(t);
+    }
+    if (stop == nc) {
+      hash[nc] = sc_final_h;
+      if (nc % K == 0) {
+        ck_size[nc / K] = sc_ck_size[ck];
+        std::copy(sc_ck.begin() + off, sc_ck.begin() + off + sc_ck_size[ck], ck_vals.begin() + (nc / K) * M);
+      }
+    }
+    for (const Rec& rec : sc_recs) add_rec(rec);
   }
   int64_t stop_ = 0;
 
@@ -570,12 +694,13 @@ struct Annealer : torch::CustomClassHolder {
   // n_moves proposals at a temperature going geometrically from t_start to t_end. back_cap /
   // forward_cap (-1 = none) bound the replay of one proposal; proposals over a cap are rejected without
   // a cost (they never change the order). Returns int64 [evaluated, accepted, improving,
-  // no_legal_move, current cost, best cost, replayed steps, skipped (back cap), unresolved (forward cap)].
+  // no_legal_move, current cost, best cost, replayed steps, skipped (back cap), unresolved (forward cap),
+  // replayed steps before the window].
   at::Tensor run(int64_t n_moves, double t_start, double t_end, int64_t max_shift, int64_t back_cap,
                  int64_t forward_cap) {
     TORCH_CHECK(n_moves >= 0 && max_shift >= 1, "n_moves >= 0 and max_shift >= 1 required");
     int64_t evaluated = 0, accepted = 0, improving = 0, stuck = 0;
-    replayed_steps = 0;
+    replayed_steps = back_steps = 0;
     skipped_back = unresolved = 0;
     max_back = back_cap < 0 ? kNone : back_cap;
     max_forward = forward_cap < 0 ? kNone : forward_cap;
@@ -594,7 +719,7 @@ struct Annealer : torch::CustomClassHolder {
       int64_t j = lo + rng.below(hi - lo);  // uniform over [lo, hi] without i
       if (j >= i) ++j;
       set_move(order[i], i, j);
-      const int64_t delta = evaluate(false, 0);
+      const int64_t delta = evaluate();
       if (delta == kNone) {
         clear_move();
         continue;
@@ -603,8 +728,7 @@ struct Annealer : torch::CustomClassHolder {
       bool take = delta <= 0;
       if (!take && temp > 0) take = rng.uniform() < std::exp(-static_cast<double>(delta) / temp);
       if (take) {
-        const int64_t stop = stop_;
-        evaluate(true, stop);
+        commit_move();
         const int64_t old_wb = wb;
         collect_stale_records();
         apply_move();
@@ -621,7 +745,7 @@ struct Annealer : torch::CustomClassHolder {
       best_order_ = order;
     }
     max_back = max_forward = kNone;
-    auto out = at::empty({9}, at::kLong);
+    auto out = at::empty({10}, at::kLong);
     auto* o = out.data_ptr<int64_t>();
     o[0] = evaluated;
     o[1] = accepted;
@@ -632,6 +756,7 @@ struct Annealer : torch::CustomClassHolder {
     o[6] = replayed_steps;
     o[7] = skipped_back;
     o[8] = unresolved;
+    o[9] = back_steps;
     return out;
   }
   // Cost deltas of random legal moves, without applying them (to calibrate the temperature).
@@ -647,7 +772,7 @@ struct Annealer : torch::CustomClassHolder {
       int64_t j = lo + rng.below(hi - lo);
       if (j >= i) ++j;
       set_move(order[i], i, j);
-      const int64_t delta = evaluate(false, 0);
+      const int64_t delta = evaluate();
       if (delta != kNone) d.push_back(delta);
       clear_move();
     }
@@ -662,7 +787,7 @@ struct Annealer : torch::CustomClassHolder {
     window(i, lo, hi);
     TORCH_CHECK(j >= lo && j <= hi, "moving position ", i, " to ", j, " breaks the topological order");
     set_move(order[i], i, j);
-    const int64_t d = evaluate(false, 0, early_stop);
+    const int64_t d = evaluate(early_stop);
     clear_move();
     return d;
   }
