@@ -5,7 +5,7 @@ STAMP   := .venv/.deps-installed
 BUILT   := .venv/.ext-built
 NATIVE  := $(shell find kernels -name '*.cpp' -o -name '*.h' 2>/dev/null) setup.py
 
-.PHONY: demo test build clean bench
+.PHONY: demo test build clean bench bench-cpu bench-gpu-dry
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -30,3 +30,9 @@ bench: $(BUILT)
 
 clean:
 	rm -rf build *.egg-info torch_iosparse/*.so .venv
+
+bench-cpu: $(BUILT)
+	$(PY) benchmarks/cpu_speed.py
+
+bench-gpu-dry: $(BUILT)
+	TRITON_INTERPRET=1 $(PY) benchmarks/gpu_speed.py --dry

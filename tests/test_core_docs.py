@@ -81,3 +81,15 @@ def test_demo_plot(tmp_path, capsys):
     path = tmp_path / "io.png"
     assert demo.main(["--widths", "8,16,4", "--memory", "2,4,8,inf", "--batch", "2", "--plot", str(path)]) == 0
     assert path.stat().st_size > 1000 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_readme_module_section_output_is_real(tmp_path, monkeypatch):
+    # The drop-in-module example of the README (IOSparseNetwork, sparsify, torch.compile) prints what it shows.
+    section = read("README.md").split("## Drop-in modules", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    expected = re.search(r"prints\n\n```\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    assert out.getvalue() == expected
