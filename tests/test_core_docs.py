@@ -20,6 +20,19 @@ def read(name):
         return f.read()
 
 
+def run_readme_example(text, heading, tmp_path, monkeypatch):
+    """Run the first python block after ``heading`` in a scratch directory; return (what it printed, the
+    block shown after "prints")."""
+    section = text.split(heading, 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    expected = re.search(r"prints\n\n```\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(code, "README.md", "exec"), {})
+    return out.getvalue(), expected
+
+
 def test_theory_md_traces_are_real_output():
     text = read("docs/theory.md")
     dag = tis.SparseDAG.from_edges(2, [0, 1, 2, 0, 3], [2, 2, 3, 4, 4])
@@ -37,14 +50,8 @@ def test_readme_quickstart_output_is_real(tmp_path, monkeypatch):
     assert text.splitlines()[3:5] == ["make demo   # creates .venv/ if missing, builds the native extension, "
                                       "prunes an MLP, plans it, prints the I/O report",
                                       "make test   # the same set-up, then the whole test suite (pytest -n 2)"]
-    quick = text.split("## Quickstart", 1)[1]
-    code = re.search(r"```python\n(.*?)```", quick, re.S).group(1)
-    expected = re.search(r"prints\n\n```\n(.*?)```", quick, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md", "exec"), {})
-    assert out.getvalue() == expected
+    printed, expected = run_readme_example(text, "## Quickstart", tmp_path, monkeypatch)
+    assert printed == expected
     assert (tmp_path / "mlp.plan").exists()
 
 
@@ -85,11 +92,5 @@ def test_demo_plot(tmp_path, capsys):
 
 def test_readme_module_section_output_is_real(tmp_path, monkeypatch):
     # The drop-in-module example of the README (IOSparseNetwork, sparsify, torch.compile) prints what it shows.
-    section = read("README.md").split("## Drop-in modules", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    expected = re.search(r"prints\n\n```\n(.*?)```", section, re.S).group(1)
-    monkeypatch.chdir(tmp_path)
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        exec(compile(code, "README.md", "exec"), {})
-    assert out.getvalue() == expected
+    printed, expected = run_readme_example(read("README.md"), "## Drop-in modules", tmp_path, monkeypatch)
+    assert printed == expected
