@@ -146,7 +146,7 @@ def _annealer(dag: SparseDAG, order: np.ndarray, memory: int, seed: int, checkpo
 def anneal_order(dag: SparseDAG, memory: Optional[int], *, seed: int = 0, iterations: Optional[int] = None,
                  time_budget: Optional[float] = None, start="best", t_start: Optional[float] = None,
                  t_end: Optional[float] = None, max_shift: int = 64, back_cap: Optional[int] = None,
-                 forward_cap: Optional[int] = None, chunks: int = 100, progress: bool = True,
+                 forward_cap: Optional[int] = None, chunks: int = 100, progress: Optional[bool] = None,
                  checkpoint_budget: int = 1 << 22) -> Tuple[np.ndarray, Dict]:
     """Simulated annealing over topological orders. Returns ``(order, info)``.
 
@@ -163,7 +163,7 @@ def anneal_order(dag: SparseDAG, memory: Optional[int], *, seed: int = 0, iterat
         max_shift: furthest a neuron moves in one proposal (1 = swap with a neighbour).
         back_cap, forward_cap: optional bounds on how far before / after the move one evaluation may
             replay; proposals over a cap are rejected without being evaluated (faster, exactness kept).
-        progress: tqdm bar.
+        progress: tqdm bar: True / False, or None (default) for a bar only when stderr is a terminal.
         checkpoint_budget: most int32 entries kept for state checkpoints (one per step while
             n_computed·M fits, else one every K steps).
     Info holds ``start``, ``start_io``, ``io``, counts of moves and a per-chunk ``history`` (lists of
@@ -212,9 +212,10 @@ def anneal_order(dag: SparseDAG, memory: Optional[int], *, seed: int = 0, iterat
     total = iterations if iterations is not None else None
     chunk = max(1, (total // chunks) if total else 50)  # time-only: resized below to ~budget/chunks
     bar = None
-    if progress:
+    if progress is not False:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total if total is not None else None, desc="anneal", unit="move", leave=False)
+        bar = tqdm(total=total if total is not None else None, desc="anneal", unit="move", leave=False,
+                   disable=None if progress is None else False)  # None: tqdm hides it off a terminal
     done = 0
     hist = info["history"]
     try:
