@@ -89,3 +89,30 @@ def test_large_batch1_net_uses_pool_by_default():
             del os.environ["IOSPARSE_POISON"]
         else:
             os.environ["IOSPARSE_POISON"] = old
+
+
+def test_every_small_batch_width_level_path():
+    """Batches 1..18 on the level path (B=1 gathers, 2..16 the masked-vector kernel for float32, 17+ the
+    generic loop), float32 and float64, poisoned buffers, on a DAG with skip connections and mixed fan-in."""
+    torch.manual_seed(4)
+    n_in, n = 12, 90
+    src = torch.randint(0, n, (900,))
+    dst = torch.randint(0, n, (900,))
+    lo, hi = torch.minimum(src, dst), torch.maximum(src, dst)
+    keep = (lo != hi) & (hi >= n_in)
+    dag = SparseDAG.from_edges(n_in, lo[keep], hi[keep], torch.randn(int(keep.sum())).double(), n_neurons=n,
+                               activation="gelu")
+    old = os.environ.get("IOSPARSE_POISON")
+    os.environ["IOSPARSE_POISON"] = "1"
+    try:
+        for dt in (torch.float32, torch.float64):
+            net = ops.prepare(dag, memory=8, strategy="level", dtype=dt)
+            for B in range(1, 19):
+                x = torch.randn(B, n_in, dtype=dt)
+                got = ops.dag_forward(x, dag.weight.to(dt), dag.bias.to(dt), net.buffers, net.meta)
+                torch.testing.assert_close(got, dag.forward_reference(x.double()).to(dt), rtol=2e-4, atol=2e-4)
+    finally:
+        if old is None:
+            del os.environ["IOSPARSE_POISON"]
+        else:
+            os.environ["IOSPARSE_POISON"] = old

@@ -8,7 +8,9 @@ machine (:func:`calibrate`, cached per network structure, dtype and thread count
 
 Cost model (seconds; rates measured on the development machine, see docs/cpu-kernel.md):
     program(B) = edges * ceil(B / 16) * 16 / (PROGRAM_RATE * min(threads, tiles)) + PROGRAM_OVERHEAD
-    level(B)   = edges * B / (LEVEL_RATE * threads) + levels * LEVEL_OVERHEAD + CALL_OVERHEAD
+    level(B)   = edges * level_columns(B) / (LEVEL_RATE * threads) + levels * LEVEL_OVERHEAD + CALL_OVERHEAD
+                 level_columns: B = 1 -> 1 (gathered dot products); 2..16 -> LEVEL_VECTOR_COLUMNS (one
+                 masked 16-lane vector per edge, AVX-512 float); otherwise B / LEVEL_WIDE_SPEEDUP
     dense(B)   = dense_weights * B / (DENSE_RATE * threads) + dense_weights * SCATTER_COST
 """
 from __future__ import annotations
@@ -22,13 +24,29 @@ import torch
 NEVER = 2**62
 PROGRAM_RATE = 12e9     # batch-column x edge multiply-adds per second per thread (16-column tiles)
 PROGRAM_OVERHEAD = 30e-6  # seconds per call (input transpose into the tile, output gather)
-LEVEL_RATE = 1.2e9      # same, level path
-LEVEL_OVERHEAD = 4e-6   # seconds per level (parallel region)
+LEVEL_RATE = 1.2e9      # edges per second per thread, level path at batch 1 (memory-bound)
+LEVEL_VECTOR_COLUMNS = 1.35  # 2 <= B <= 16 with AVX-512: ~1.35x the batch-1 time, whatever B (measured)
+LEVEL_WIDE_SPEEDUP = 5.5     # B > 16: columns in a scalar-vectorised loop, ~5.5 columns per batch-1 edge time
+LEVEL_OVERHEAD = 2e-6   # seconds per level (chunk hand-off in the level pool)
 CALL_OVERHEAD = 10e-6   # seconds per call
 DENSE_RATE = 40e9       # GEMM multiply-adds per second per thread
 SCATTER_COST = 0.4e-9   # seconds per dense weight to scatter the edge weights into a dense matrix
 
 _CACHE: Dict[Tuple, Tuple[int, int]] = {}
+
+
+def level_columns(batch: int) -> float:
+    """Batch-1 edge times per edge of the level path at ``batch`` (see the module docstring)."""
+    if batch <= 1:
+        return 1.0
+    if batch <= 16 and _has_avx512():
+        return LEVEL_VECTOR_COLUMNS
+    return batch / LEVEL_WIDE_SPEEDUP
+
+
+def _has_avx512() -> bool:
+    from torch_iosparse import hardware
+    return hardware.detect().isa == "avx512"
 
 
 def model_times(meta: Dict, batch: int, threads: int, dense_weights: int) -> Dict[str, float]:
@@ -37,7 +55,8 @@ def model_times(meta: Dict, batch: int, threads: int, dense_weights: int) -> Dic
     tiles = max(1, math.ceil(batch / 16))
     t = {
         "program": edges * tiles * 16 / (PROGRAM_RATE * min(threads, tiles)) + PROGRAM_OVERHEAD,
-        "level": edges * batch / (LEVEL_RATE * threads) + int(meta["n_levels"]) * LEVEL_OVERHEAD + CALL_OVERHEAD,
+        "level": edges * level_columns(batch) / (LEVEL_RATE * threads) + int(meta["n_levels"]) * LEVEL_OVERHEAD
+        + CALL_OVERHEAD,
     }
     if meta.get("layered") and dense_weights:
         t["dense"] = dense_weights * batch / (DENSE_RATE * threads) + dense_weights * SCATTER_COST

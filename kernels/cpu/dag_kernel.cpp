@@ -509,6 +509,24 @@ inline T dot_gather(const T* w, const int32_t* idx, const T* vals, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+// 2 <= B <= 16 (float): one masked 16-lane vector per edge (the source's B values are contiguous in the
+// feature-major layout), four accumulators so the FMA latency is hidden. Writes acc[0..B) = bias + sum.
+__attribute__((target("avx512f"))) void small_batch_row_avx512(const float* w, const int32_t* idx, const float* vals,
+                                                               int64_t n, int64_t B, float bias, float* acc) {
+  const __mmask16 m = __mmask16((1u << B) - 1u);
+  __m512 a0 = _mm512_set1_ps(bias), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t e = 0;
+  for (; e + 4 <= n; e += 4) {
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[e]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e]) * B), a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 1]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e + 1]) * B), a1);
+    a2 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 2]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e + 2]) * B), a2);
+    a3 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 3]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e + 3]) * B), a3);
+  }
+  for (; e < n; ++e)
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[e]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e]) * B), a0);
+  _mm512_mask_storeu_ps(acc, m, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
 // vals: [n_neurons, B] feature-major. Optionally keeps the pre-activations in `pre` (same layout).
 template <typename T>
 inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, const T* b, T* vals, T* pre) {
@@ -522,6 +540,16 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
     if (pre) pre[v] = acc;
     out[0] = act_scalar<T>(ac, acc, lo, hi);
     return;
+  }
+  if constexpr (std::is_same<T, float>::value) {
+    if (B <= 16 && detect_isa() == ISA_AVX512) {
+      float acc[16];
+      small_batch_row_avx512(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc);
+      if (pre) std::memcpy(pre + v * B, acc, B * sizeof(T));
+      act_inplace<T>(ac, acc, B, lo, hi);
+      std::memcpy(out, acc, B * sizeof(T));
+      return;
+    }
   }
   for (int64_t c0 = 0; c0 < B; c0 += CB) {
     const int64_t nc = std::min(CB, B - c0);
