@@ -92,8 +92,8 @@ def test_large_batch1_net_uses_pool_by_default():
 
 
 def test_every_small_batch_width_level_path():
-    """Batches 1..18 on the level path (B=1 gathers, 2..16 the masked-vector kernel for float32, 17+ the
-    generic loop), float32 and float64, poisoned buffers, on a DAG with skip connections and mixed fan-in."""
+    """Batches 1..70 on the level path (B=1 gathers; float32 2..16 one masked vector, 17..32 two, 33..64
+    four; 65+ the generic loop), float32 and float64, poisoned buffers, on a DAG with skip connections and mixed fan-in."""
     torch.manual_seed(4)
     n_in, n = 12, 90
     src = torch.randint(0, n, (900,))
@@ -107,7 +107,7 @@ def test_every_small_batch_width_level_path():
     try:
         for dt in (torch.float32, torch.float64):
             net = ops.prepare(dag, memory=8, strategy="level", dtype=dt)
-            for B in range(1, 19):
+            for B in list(range(1, 20)) + [31, 32, 33, 47, 63, 64, 65, 70]:
                 x = torch.randn(B, n_in, dtype=dt)
                 got = ops.dag_forward(x, dag.weight.to(dt), dag.bias.to(dt), net.buffers, net.meta)
                 torch.testing.assert_close(got, dag.forward_reference(x.double()).to(dt), rtol=2e-4, atol=2e-4)

@@ -9,8 +9,11 @@ machine (:func:`calibrate`, cached per network structure, dtype and thread count
 Cost model (seconds; rates measured on the development machine, see docs/cpu-kernel.md):
     program(B) = edges * ceil(B / 16) * 16 / (PROGRAM_RATE * min(threads, tiles)) + PROGRAM_OVERHEAD
     level(B)   = edges * level_columns(B) / (LEVEL_RATE * threads) + levels * LEVEL_OVERHEAD + CALL_OVERHEAD
-                 level_columns: B = 1 -> 1 (gathered dot products); 2..16 -> LEVEL_VECTOR_COLUMNS (one
-                 masked 16-lane vector per edge, AVX-512 float); otherwise B / LEVEL_WIDE_SPEEDUP
+                 level_columns: B = 1 -> 1 (gathered dot products); 2..16 with AVX-512 (one masked 16-lane
+                 vector per edge, float) -> 1.35 at mean fan-in >= 64, else 2.5 (per-neuron costs weigh
+                 more); otherwise B / 5.5. (17..64 also run masked vectors, measured 1.9 at 32 and ~3.7
+                 at 64 on a fan-in-400 MLP but up to 4.3 on fan-in-32 nets, where the program wins: the
+                 model keeps B / 5.5 there, so those batches stay on the program path.)
     dense(B)   = dense_weights * B / (DENSE_RATE * threads) + dense_weights * SCATTER_COST
 """
 from __future__ import annotations
@@ -25,8 +28,8 @@ NEVER = 2**62
 PROGRAM_RATE = 12e9     # batch-column x edge multiply-adds per second per thread (16-column tiles)
 PROGRAM_OVERHEAD = 30e-6  # seconds per call (input transpose into the tile, output gather)
 LEVEL_RATE = 1.2e9      # edges per second per thread, level path at batch 1 (memory-bound)
-LEVEL_VECTOR_COLUMNS = 1.35  # 2 <= B <= 16 with AVX-512: ~1.35x the batch-1 time, whatever B (measured)
-LEVEL_WIDE_SPEEDUP = 5.5     # B > 16: columns in a scalar-vectorised loop, ~5.5 columns per batch-1 edge time
+LEVEL_VECTOR_COLUMNS = 1.35  # 2 <= B <= 16 with AVX-512, mean fan-in >= 64: ~1.35x the batch-1 time (measured)
+LEVEL_WIDE_SPEEDUP = 5.5     # B > 16 (or no AVX-512): columns in a scalar-vectorised loop, ~5.5 columns per batch-1 edge time
 LEVEL_OVERHEAD = 2e-6   # seconds per level (chunk hand-off in the level pool)
 CALL_OVERHEAD = 10e-6   # seconds per call
 DENSE_RATE = 40e9       # GEMM multiply-adds per second per thread
@@ -35,12 +38,12 @@ SCATTER_COST = 0.4e-9   # seconds per dense weight to scatter the edge weights i
 _CACHE: Dict[Tuple, Tuple[int, int]] = {}
 
 
-def level_columns(batch: int) -> float:
+def level_columns(batch: int, fan_in: float = 1e9) -> float:
     """Batch-1 edge times per edge of the level path at ``batch`` (see the module docstring)."""
     if batch <= 1:
         return 1.0
     if batch <= 16 and _has_avx512():
-        return LEVEL_VECTOR_COLUMNS
+        return LEVEL_VECTOR_COLUMNS if fan_in >= 64 else 2.5
     return batch / LEVEL_WIDE_SPEEDUP
 
 
@@ -53,9 +56,10 @@ def model_times(meta: Dict, batch: int, threads: int, dense_weights: int) -> Dic
     """Predicted seconds of each strategy at ``batch`` (dense only for layered nets)."""
     edges = max(1, int(meta["n_edges"]))
     tiles = max(1, math.ceil(batch / 16))
+    fan_in = edges / max(1, int(meta.get("n_neurons", 0)) - int(meta.get("n_inputs", 0)))
     t = {
         "program": edges * tiles * 16 / (PROGRAM_RATE * min(threads, tiles)) + PROGRAM_OVERHEAD,
-        "level": edges * level_columns(batch) / (LEVEL_RATE * threads) + int(meta["n_levels"]) * LEVEL_OVERHEAD
+        "level": edges * level_columns(batch, fan_in) / (LEVEL_RATE * threads) + int(meta["n_levels"]) * LEVEL_OVERHEAD
         + CALL_OVERHEAD,
     }
     if meta.get("layered") and dense_weights:

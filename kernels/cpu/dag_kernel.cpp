@@ -527,6 +527,35 @@ __attribute__((target("avx512f"))) void small_batch_row_avx512(const float* w, c
   _mm512_mask_storeu_ps(acc, m, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
+// 16 < B <= 16*NV (float): NV masked vectors per edge (NV independent FMA chains), two edges per step.
+template <int NV>
+__attribute__((target("avx512f"))) void wide_batch_row_avx512(const float* w, const int32_t* idx, const float* vals,
+                                                              int64_t n, int64_t B, float bias, float* acc) {
+  __mmask16 m[NV];
+  for (int k = 0; k < NV; ++k) {
+    const int64_t left = std::min<int64_t>(16, std::max<int64_t>(0, B - 16 * k));
+    m[k] = __mmask16((1u << left) - 1u);
+  }
+  __m512 a[NV], c[NV];
+  for (int k = 0; k < NV; ++k) a[k] = _mm512_set1_ps(bias), c[k] = _mm512_setzero_ps();
+  int64_t e = 0;
+  for (; e + 2 <= n; e += 2) {
+    const float* s0 = vals + int64_t(idx[e]) * B;
+    const float* s1 = vals + int64_t(idx[e + 1]) * B;
+    const __m512 w0 = _mm512_set1_ps(w[e]), w1 = _mm512_set1_ps(w[e + 1]);
+    for (int k = 0; k < NV; ++k) {
+      a[k] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[k], s0 + 16 * k), a[k]);
+      c[k] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m[k], s1 + 16 * k), c[k]);
+    }
+  }
+  for (; e < n; ++e) {
+    const float* s0 = vals + int64_t(idx[e]) * B;
+    const __m512 w0 = _mm512_set1_ps(w[e]);
+    for (int k = 0; k < NV; ++k) a[k] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[k], s0 + 16 * k), a[k]);
+  }
+  for (int k = 0; k < NV; ++k) _mm512_mask_storeu_ps(acc + 16 * k, m[k], _mm512_add_ps(a[k], c[k]));
+}
+
 // vals: [n_neurons, B] feature-major. Optionally keeps the pre-activations in `pre` (same layout).
 template <typename T>
 inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, const T* b, T* vals, T* pre) {
@@ -545,6 +574,15 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
     if (B <= 16 && detect_isa() == ISA_AVX512) {
       float acc[16];
       small_batch_row_avx512(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc);
+      if (pre) std::memcpy(pre + v * B, acc, B * sizeof(T));
+      act_inplace<T>(ac, acc, B, lo, hi);
+      std::memcpy(out, acc, B * sizeof(T));
+      return;
+    }
+    if (B <= 64 && detect_isa() == ISA_AVX512) {
+      float acc[64];
+      if (B <= 32) wide_batch_row_avx512<2>(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc);
+      else wide_batch_row_avx512<4>(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc);
       if (pre) std::memcpy(pre + v * B, acc, B * sizeof(T));
       act_inplace<T>(ac, acc, B, lo, hi);
       std::memcpy(out, acc, B * sizeof(T));
