@@ -11,9 +11,9 @@ Cost model (seconds; rates measured on the development machine, see docs/cpu-ker
     level(B)   = edges * level_columns(B) / (LEVEL_RATE * threads) + levels * LEVEL_OVERHEAD + CALL_OVERHEAD
                  level_columns: B = 1 -> 1 (gathered dot products); 2..16 with AVX-512 (one masked 16-lane
                  vector per edge, float) -> 1.35 at mean fan-in >= 64, else 2.5 (per-neuron costs weigh
-                 more); otherwise B / 5.5. (17..64 also run masked vectors, measured 1.9 at 32 and ~3.7
-                 at 64 on a fan-in-400 MLP but up to 4.3 on fan-in-32 nets, where the program wins: the
-                 model keeps B / 5.5 there, so those batches stay on the program path.)
+                 more); 17..32 at fan-in >= 64 -> 1.9 (two vectors per edge); otherwise B / 5.5.
+                 (33..64 also run four masked vectors, ~3.7 on a fan-in-400 MLP and up to 4.3 on fan-in-32
+                 nets: no better than the program, so the model keeps B / 5.5 there.)
     dense(B)   = dense_weights * B / (DENSE_RATE * threads) + dense_weights * SCATTER_COST
 """
 from __future__ import annotations
@@ -44,6 +44,8 @@ def level_columns(batch: int, fan_in: float = 1e9) -> float:
         return 1.0
     if batch <= 16 and _has_avx512():
         return LEVEL_VECTOR_COLUMNS if fan_in >= 64 else 2.5
+    if batch <= 32 and fan_in >= 64 and _has_avx512():
+        return 1.9  # two masked vectors per edge (measured on the fan-in-400 MLP; B=64 gains nothing)
     return batch / LEVEL_WIDE_SPEEDUP
 
 
