@@ -8,7 +8,12 @@ machine (:func:`calibrate`, cached per network structure, dtype and thread count
 
 Cost model (seconds; rates measured on the development machine, see docs/cpu-kernel.md):
     program(B) = edges * ceil(B / 16) * 16 / (PROGRAM_RATE * min(threads, tiles)) + PROGRAM_OVERHEAD
-    level(B)   = edges * B / (LEVEL_RATE * threads) + levels * LEVEL_OVERHEAD + CALL_OVERHEAD
+    level(B)   = edges * level_columns(B) / (LEVEL_RATE * threads) + levels * LEVEL_OVERHEAD + CALL_OVERHEAD
+                 level_columns: B = 1 -> 1 (gathered dot products); 2..16 with AVX-512 (one masked 16-lane
+                 vector per edge, float) -> 1.35 at mean fan-in >= 64, else 2.5 (per-neuron costs weigh
+                 more); 17..32 at fan-in >= 64 -> 1.9 (two vectors per edge); otherwise B / 5.5.
+                 (33..64 also run four masked vectors, ~3.7 on a fan-in-400 MLP and up to 4.3 on fan-in-32
+                 nets: no better than the program, so the model keeps B / 5.5 there.)
     dense(B)   = dense_weights * B / (DENSE_RATE * threads) + dense_weights * SCATTER_COST
 """
 from __future__ import annotations
@@ -22,8 +27,10 @@ import torch
 NEVER = 2**62
 PROGRAM_RATE = 12e9     # batch-column x edge multiply-adds per second per thread (16-column tiles)
 PROGRAM_OVERHEAD = 30e-6  # seconds per call (input transpose into the tile, output gather)
-LEVEL_RATE = 1.2e9      # same, level path
-LEVEL_OVERHEAD = 4e-6   # seconds per level (parallel region)
+LEVEL_RATE = 1.2e9      # edges per second per thread, level path at batch 1 (memory-bound)
+LEVEL_VECTOR_COLUMNS = 1.35  # 2 <= B <= 16 with AVX-512, mean fan-in >= 64: ~1.35x the batch-1 time (measured)
+LEVEL_WIDE_SPEEDUP = 5.5     # B > 16 (or no AVX-512): columns in a scalar-vectorised loop, ~5.5 columns per batch-1 edge time
+LEVEL_OVERHEAD = 2e-6   # seconds per level (chunk hand-off in the level pool)
 CALL_OVERHEAD = 10e-6   # seconds per call
 DENSE_RATE = 40e9       # GEMM multiply-adds per second per thread
 SCATTER_COST = 0.4e-9   # seconds per dense weight to scatter the edge weights into a dense matrix
@@ -31,13 +38,31 @@ SCATTER_COST = 0.4e-9   # seconds per dense weight to scatter the edge weights i
 _CACHE: Dict[Tuple, Tuple[int, int]] = {}
 
 
+def level_columns(batch: int, fan_in: float = 1e9) -> float:
+    """Batch-1 edge times per edge of the level path at ``batch`` (see the module docstring)."""
+    if batch <= 1:
+        return 1.0
+    if batch <= 16 and _has_avx512():
+        return LEVEL_VECTOR_COLUMNS if fan_in >= 64 else 2.5
+    if batch <= 32 and fan_in >= 64 and _has_avx512():
+        return 1.9  # two masked vectors per edge (measured on the fan-in-400 MLP; B=64 gains nothing)
+    return batch / LEVEL_WIDE_SPEEDUP
+
+
+def _has_avx512() -> bool:
+    from torch_iosparse import hardware
+    return hardware.detect().isa == "avx512"
+
+
 def model_times(meta: Dict, batch: int, threads: int, dense_weights: int) -> Dict[str, float]:
     """Predicted seconds of each strategy at ``batch`` (dense only for layered nets)."""
     edges = max(1, int(meta["n_edges"]))
     tiles = max(1, math.ceil(batch / 16))
+    fan_in = edges / max(1, int(meta.get("n_neurons", 0)) - int(meta.get("n_inputs", 0)))
     t = {
         "program": edges * tiles * 16 / (PROGRAM_RATE * min(threads, tiles)) + PROGRAM_OVERHEAD,
-        "level": edges * batch / (LEVEL_RATE * threads) + int(meta["n_levels"]) * LEVEL_OVERHEAD + CALL_OVERHEAD,
+        "level": edges * level_columns(batch, fan_in) / (LEVEL_RATE * threads) + int(meta["n_levels"]) * LEVEL_OVERHEAD
+        + CALL_OVERHEAD,
     }
     if meta.get("layered") and dense_weights:
         t["dense"] = dense_weights * batch / (DENSE_RATE * threads) + dense_weights * SCATTER_COST

@@ -5,7 +5,8 @@
 //             tile of BT columns: partial sums in vector registers, M slots of BT values in a
 //             thread-private buffer sized for the per-core cache, spills in a per-thread slow buffer.
 //             Parallel over batch tiles. Vector width chosen at run time (AVX-512 / AVX2 / SSE2).
-//   level   : level by level (feature-major values), parallel over the neurons of a level: uses every
+//   level   : level by level (feature-major values), chunks of a level's neurons shared by the caller
+//             and a private helper pool (ChunkPool: never waits for a descheduled thread); uses every
 //             core even at batch 1.
 //   dense   : layered networks only: per layer a dense matrix is scattered from the edge weights and
 //             multiplied with at::addmm (MKL/oneDNN GEMM): wins at low sparsity and large batch.
@@ -22,7 +23,10 @@
 #include <type_traits>
 #include <limits>
 #include <memory>
+#include <atomic>
+#include <condition_variable>
 #include <mutex>
+#include <thread>
 #include <vector>
 
 #include "cpu/activation.h"
@@ -505,6 +509,53 @@ inline T dot_gather(const T* w, const int32_t* idx, const T* vals, int64_t n) {
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
+// 2 <= B <= 16 (float): one masked 16-lane vector per edge (the source's B values are contiguous in the
+// feature-major layout), four accumulators so the FMA latency is hidden. Writes acc[0..B) = bias + sum.
+__attribute__((target("avx512f"))) void small_batch_row_avx512(const float* w, const int32_t* idx, const float* vals,
+                                                               int64_t n, int64_t B, float bias, float* acc) {
+  const __mmask16 m = __mmask16((1u << B) - 1u);
+  __m512 a0 = _mm512_set1_ps(bias), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
+  int64_t e = 0;
+  for (; e + 4 <= n; e += 4) {
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[e]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e]) * B), a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 1]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e + 1]) * B), a1);
+    a2 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 2]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e + 2]) * B), a2);
+    a3 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 3]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e + 3]) * B), a3);
+  }
+  for (; e < n; ++e)
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[e]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e]) * B), a0);
+  _mm512_mask_storeu_ps(acc, m, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+}
+
+// 16 < B <= 16*NV (float): NV masked vectors per edge (NV independent FMA chains), two edges per step.
+template <int NV>
+__attribute__((target("avx512f"))) void wide_batch_row_avx512(const float* w, const int32_t* idx, const float* vals,
+                                                              int64_t n, int64_t B, float bias, float* acc) {
+  __mmask16 m[NV];
+  for (int k = 0; k < NV; ++k) {
+    const int64_t left = std::min<int64_t>(16, std::max<int64_t>(0, B - 16 * k));
+    m[k] = __mmask16((1u << left) - 1u);
+  }
+  __m512 a[NV], c[NV];
+  for (int k = 0; k < NV; ++k) a[k] = _mm512_set1_ps(bias), c[k] = _mm512_setzero_ps();
+  int64_t e = 0;
+  for (; e + 2 <= n; e += 2) {
+    const float* s0 = vals + int64_t(idx[e]) * B;
+    const float* s1 = vals + int64_t(idx[e + 1]) * B;
+    const __m512 w0 = _mm512_set1_ps(w[e]), w1 = _mm512_set1_ps(w[e + 1]);
+    for (int k = 0; k < NV; ++k) {
+      a[k] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[k], s0 + 16 * k), a[k]);
+      c[k] = _mm512_fmadd_ps(w1, _mm512_maskz_loadu_ps(m[k], s1 + 16 * k), c[k]);
+    }
+  }
+  for (; e < n; ++e) {
+    const float* s0 = vals + int64_t(idx[e]) * B;
+    const __m512 w0 = _mm512_set1_ps(w[e]);
+    for (int k = 0; k < NV; ++k) a[k] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[k], s0 + 16 * k), a[k]);
+  }
+  for (int k = 0; k < NV; ++k) _mm512_mask_storeu_ps(acc + 16 * k, m[k], _mm512_add_ps(a[k], c[k]));
+}
+
 // vals: [n_neurons, B] feature-major. Optionally keeps the pre-activations in `pre` (same layout).
 template <typename T>
 inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, const T* b, T* vals, T* pre) {
@@ -518,6 +569,25 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
     if (pre) pre[v] = acc;
     out[0] = act_scalar<T>(ac, acc, lo, hi);
     return;
+  }
+  if constexpr (std::is_same<T, float>::value) {
+    if (B <= 16 && detect_isa() == ISA_AVX512) {
+      float acc[16];
+      small_batch_row_avx512(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc);
+      if (pre) std::memcpy(pre + v * B, acc, B * sizeof(T));
+      act_inplace<T>(ac, acc, B, lo, hi);
+      std::memcpy(out, acc, B * sizeof(T));
+      return;
+    }
+    if (B <= 64 && detect_isa() == ISA_AVX512) {
+      float acc[64];
+      if (B <= 32) wide_batch_row_avx512<2>(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc);
+      else wide_batch_row_avx512<4>(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc);
+      if (pre) std::memcpy(pre + v * B, acc, B * sizeof(T));
+      act_inplace<T>(ac, acc, B, lo, hi);
+      std::memcpy(out, acc, B * sizeof(T));
+      return;
+    }
   }
   for (int64_t c0 = 0; c0 < B; c0 += CB) {
     const int64_t nc = std::min(CB, B - c0);
@@ -534,21 +604,160 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
   }
 }
 
+// Level-path parallelism that never waits for a descheduled thread.
+// at::parallel_for (OpenMP) forks and joins once per level: on a busy machine every join waits for the
+// slowest thread to be scheduled again (measured: 14-40x slower than one thread at batch 1). Instead the
+// calling thread posts one job for the whole network and works through its chunks itself; helper threads
+// (a small private pool) claim chunks too if they wake up in time. A chunk of level l starts only when all
+// chunks of earlier levels are done, and the caller returns as soon as every chunk is done, so a helper
+// that is never scheduled costs nothing, and one that is descheduled holds back at most one chunk.
+// The claim word packs (generation, next chunk, chunk count) so a late helper cannot claim a chunk of a
+// finished job (compare-and-swap on the whole word).
+class ChunkPool {
+ public:
+  using Fn = void (*)(const void* ctx, int64_t chunk);
+  static ChunkPool& get() {
+    static ChunkPool* pool = new ChunkPool();  // leaked on purpose: detached helpers outlive exit handlers
+    return *pool;
+  }
+  // Runs fn(ctx, c) for c in [0, n_chunks); chunk c may start once done >= first_of_level[c].
+  void run(Fn fn, const void* ctx, int64_t n_chunks, const int64_t* wait_for, int64_t helpers) {
+    std::lock_guard<std::mutex> run_lock(run_mutex_);  // one job at a time (concurrent callers queue)
+    ensure_helpers(helpers);
+    fn_ = fn;
+    ctx_ = ctx;
+    wait_for_ = wait_for;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (gen_counter_ = (gen_counter_ + 1) & 0xFFFFFF);
+    word_.store(pack(gen, 0, uint64_t(n_chunks)), std::memory_order_release);
+    {
+      std::lock_guard<std::mutex> lk(sleep_mutex_);
+      posted_ = gen;
+    }
+    sleep_cv_.notify_all();
+    while (work_once()) {
+    }
+    // Chunks claimed by helpers may still be running: wait for them (each holds at most one).
+    for (int spin = 0; done_.load(std::memory_order_acquire) < n_chunks; ++spin) {
+      if (spin < 4096) _mm_pause(); else std::this_thread::yield();
+    }
+  }
+
+ private:
+  static uint64_t pack(uint64_t gen, uint64_t next, uint64_t total) { return (gen << 40) | (next << 20) | total; }
+  // Claims and runs one chunk; false when none is left.
+  bool work_once() {
+    uint64_t w = word_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t next = (w >> 20) & 0xFFFFF, total = w & 0xFFFFF;
+      if (next >= total) return false;
+      if (word_.compare_exchange_weak(w, w + (uint64_t(1) << 20), std::memory_order_acq_rel)) {
+        // Claimed: the caller waits for this chunk, so the job fields below are this job's.
+        const int64_t need = wait_for_[next];
+        for (int spin = 0; done_.load(std::memory_order_acquire) < need; ++spin) {
+          if (spin < 4096) _mm_pause(); else std::this_thread::yield();
+        }
+        fn_(ctx_, int64_t(next));
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        return true;
+      }
+    }
+  }
+  void ensure_helpers(int64_t helpers) {
+    while (int64_t(n_helpers_) < helpers) {
+      std::thread([this] { helper_loop(); }).detach();
+      ++n_helpers_;
+    }
+  }
+  void helper_loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(sleep_mutex_);
+        sleep_cv_.wait(lk, [&] { return posted_ != seen; });
+        seen = posted_;
+      }
+      while (work_once()) {
+      }
+    }
+  }
+  std::mutex run_mutex_, sleep_mutex_;
+  std::condition_variable sleep_cv_;
+  std::atomic<uint64_t> word_{0};
+  std::atomic<int64_t> done_{0};
+  uint64_t gen_counter_ = 0, posted_ = 0;
+  size_t n_helpers_ = 0;
+  Fn fn_ = nullptr;
+  const void* ctx_ = nullptr;
+  const int64_t* wait_for_ = nullptr;
+};
+
+// Work (multiply-adds) per chunk of the level path, and the least work per forward worth waking helpers
+// for (below it one thread is faster than any hand-off). Tunable: IOSPARSE_LEVEL_CHUNK / IOSPARSE_LEVEL_SERIAL.
+int64_t env_int(const char* name, int64_t fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  const long long r = std::strtoll(v, &end, 10);
+  return (end && *end == 0 && r >= 0) ? int64_t(r) : fallback;
+}
+int64_t level_chunk_work() {
+  static const int64_t v = std::max<int64_t>(1, env_int("IOSPARSE_LEVEL_CHUNK", 32768));
+  return v;
+}
+int64_t level_serial_work() {
+  static const int64_t v = env_int("IOSPARSE_LEVEL_SERIAL", 65536);
+  return v;
+}
+
 template <typename T>
-void level_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* vals, T* pre) {
+struct LevelJob {
+  const Net* net;
+  int64_t B;
+  const T *w, *b;
+  T *vals, *pre;
+  const int64_t* chunk_pos;  // [n_chunks+1] positions into level_neuron
+  static void run(const void* ctx, int64_t c) {
+    const LevelJob* j = static_cast<const LevelJob*>(ctx);
+    for (int64_t p = j->chunk_pos[c]; p < j->chunk_pos[c + 1]; ++p)
+      level_neuron_row<T>(*j->net, j->net->level_neuron[p], j->B, j->w, j->b, j->vals, j->pre);
+  }
+};
+
+// parallel=false: one thread (used inside the backward pass, which is parallel over batch chunks).
+template <typename T>
+void level_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* vals, T* pre,
+                   bool parallel = true) {
   const int64_t n_in = net.n_inputs;
   for (int64_t c = 0; c < B; ++c)
     for (int64_t i = 0; i < n_in; ++i) vals[i * B + c] = x[c * n_in + i];
+  const int64_t threads = parallel && !at::in_parallel_region() ? at::get_num_threads() : 1;
+  if (threads <= 1 || net.n_edges * B < level_serial_work()) {
+    for (int64_t p = 0; p < net.n_computed; ++p) level_neuron_row<T>(net, net.level_neuron[p], B, w, b, vals, pre);
+    return;
+  }
+  // Chunks of about level_chunk_work() multiply-adds (by in-degree), never spanning two levels;
+  // wait_for[c] = first chunk of c's level (all earlier chunks must be done before c starts).
+  const int64_t target = level_chunk_work();
+  std::vector<int64_t> chunk_pos{0}, wait_for;
   for (int64_t l = 0; l < net.n_levels; ++l) {
     const int64_t p0 = net.level_ptr[l], p1 = net.level_ptr[l + 1];
     if (p1 == p0) continue;
-    // Grain: enough neurons per task for ~32k multiply-adds, so tiny levels stay on one thread.
-    const int64_t per_neuron = std::max<int64_t>(1, (net.n_edges / net.n_computed + 1) * B);
-    const int64_t grain = std::max<int64_t>(1, 32768 / per_neuron);
-    at::parallel_for(p0, p1, grain, [&](int64_t s, int64_t e) {
-      for (int64_t p = s; p < e; ++p) level_neuron_row<T>(net, net.level_neuron[p], B, w, b, vals, pre);
-    });
+    const int64_t first = int64_t(wait_for.size());
+    int64_t work = 0;
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t v = net.level_neuron[p];
+      work += (net.in_ptr[v + 1] - net.in_ptr[v] + 1) * B;
+      if (work >= target || p + 1 == p1) {
+        chunk_pos.push_back(p + 1);
+        wait_for.push_back(first);
+        work = 0;
+      }
+    }
   }
+  TORCH_CHECK(wait_for.size() < (size_t(1) << 20), "iosparse: level path has too many chunks");
+  LevelJob<T> job{&net, B, w, b, vals, pre, chunk_pos.data()};
+  ChunkPool::get().run(&LevelJob<T>::run, &job, int64_t(wait_for.size()), wait_for.data(), threads - 1);
 }
 
 // ------------------------------------------------------------------------------------------ dense
@@ -655,7 +864,7 @@ void backward_chunk(const Net& net, const T* x, const T* gy, int64_t B, const T*
   T* A = vals.get();
   T* Z = pre.get();
   T* G = g.get();
-  level_forward<T>(net, x, B, w, b, A, Z);
+  level_forward<T>(net, x, B, w, b, A, Z, /*parallel=*/false);
   std::fill(G, G + n * B, T(0));
   for (int64_t c = 0; c < B; ++c)
     for (int64_t j = 0; j < net.n_outputs; ++j) G[net.outputs[j] * B + c] += gy[c * net.n_outputs + j];

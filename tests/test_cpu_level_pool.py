@@ -1,0 +1,118 @@
+"""The level path's chunk pool (kernels/cpu/dag_kernel.cpp::ChunkPool): forward == forward_reference when
+every level is split into many chunks shared by the caller and helper threads, with poisoned buffers, on
+deep non-layered DAGs (chunks of a level must wait for all earlier levels), repeated and concurrent calls."""
+import os
+import subprocess
+import sys
+
+import torch
+
+from torch_iosparse import SparseDAG, ops
+
+POOL_CHECK = r"""
+import threading, torch
+from torch_iosparse import SparseDAG, ops
+torch.set_num_threads(THREADS)
+g = torch.Generator().manual_seed(SEED)
+n_in, n = 16, 400
+src = torch.randint(0, n, (6000,), generator=g); dst = torch.randint(0, n, (6000,), generator=g)
+lo, hi = torch.minimum(src, dst), torch.maximum(src, dst)
+keep = (lo != hi) & (hi >= n_in)
+dag = SparseDAG.from_edges(n_in, lo[keep], hi[keep], torch.randn(int(keep.sum()), generator=g).double(),
+                           n_neurons=n, activation='tanh')
+assert len(dag.levels()) > 20, len(dag.levels())
+for dt in (torch.float32, torch.float64):
+    net = ops.prepare(dag, memory=8, strategy='level', dtype=dt)
+    w, b = dag.weight.to(dt), dag.bias.to(dt)
+    for B in (1, 3, 17):
+        x = torch.randn(B, n_in, dtype=dt, generator=g)
+        want = dag.forward_reference(x.double()).to(dt)
+        for _ in range(20):  # many jobs: stale helpers must never claim chunks of a later job
+            torch.testing.assert_close(ops.dag_forward(x, w, b, net.buffers, net.meta), want, rtol=2e-4, atol=2e-4)
+    # concurrent callers share the pool (one job at a time)
+    x = torch.randn(2, n_in, dtype=dt, generator=g)
+    want = dag.forward_reference(x.double()).to(dt)
+    errors = []
+    def worker():
+        try:
+            for _ in range(10):
+                torch.testing.assert_close(ops.dag_forward(x, w, b, net.buffers, net.meta), want, rtol=2e-4, atol=2e-4)
+        except Exception as e:
+            errors.append(e)
+    ts = [threading.Thread(target=worker) for _ in range(3)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+    assert not errors, errors
+print('ok')
+"""
+
+
+def run_pool_check(threads, seed, chunk):
+    env = dict(os.environ, IOSPARSE_POISON="1", IOSPARSE_LEVEL_SERIAL="0", IOSPARSE_LEVEL_CHUNK=str(chunk))
+    code = POOL_CHECK.replace("THREADS", str(threads)).replace("SEED", str(seed))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
+
+
+def test_pool_tiny_chunks_two_threads():
+    run_pool_check(threads=2, seed=0, chunk=1)  # one neuron per chunk: most interleaving
+
+
+def test_pool_mid_chunks_four_threads():
+    run_pool_check(threads=4, seed=1, chunk=300)  # more helpers than cores (oversubscribed)
+
+
+def test_large_batch1_net_uses_pool_by_default():
+    """A net above the default serial threshold (n_edges * B >= 65536) at batch 1, in process."""
+    torch.manual_seed(3)
+    sizes = [64, 512, 512, 32]
+    src, dst, base = [], [], 0
+    for a, c in zip(sizes[:-1], sizes[1:]):
+        m = torch.rand(c, a) < 0.3
+        d, s = m.nonzero(as_tuple=True)
+        src.append(s + base)
+        dst.append(d + base + a)
+        base += a
+    src, dst = torch.cat(src), torch.cat(dst)
+    dag = SparseDAG.from_edges(sizes[0], src, dst, torch.randn(len(src)).double(), n_neurons=sum(sizes),
+                               activation='relu')
+    assert dag.weight.numel() >= 65536
+    old = os.environ.get("IOSPARSE_POISON")
+    os.environ["IOSPARSE_POISON"] = "1"
+    try:
+        net = ops.prepare(dag, memory=64, strategy="level")
+        x = torch.randn(1, sizes[0])
+        for _ in range(5):
+            got = ops.dag_forward(x, dag.weight.float(), dag.bias.float(), net.buffers, net.meta)
+            torch.testing.assert_close(got, dag.forward_reference(x.double()).float(), rtol=2e-4, atol=2e-4)
+    finally:
+        if old is None:
+            del os.environ["IOSPARSE_POISON"]
+        else:
+            os.environ["IOSPARSE_POISON"] = old
+
+
+def test_every_small_batch_width_level_path():
+    """Batches 1..70 on the level path (B=1 gathers; float32 2..16 one masked vector, 17..32 two, 33..64
+    four; 65+ the generic loop), float32 and float64, poisoned buffers, on a DAG with skip connections and mixed fan-in."""
+    torch.manual_seed(4)
+    n_in, n = 12, 90
+    src = torch.randint(0, n, (900,))
+    dst = torch.randint(0, n, (900,))
+    lo, hi = torch.minimum(src, dst), torch.maximum(src, dst)
+    keep = (lo != hi) & (hi >= n_in)
+    dag = SparseDAG.from_edges(n_in, lo[keep], hi[keep], torch.randn(int(keep.sum())).double(), n_neurons=n,
+                               activation="gelu")
+    old = os.environ.get("IOSPARSE_POISON")
+    os.environ["IOSPARSE_POISON"] = "1"
+    try:
+        for dt in (torch.float32, torch.float64):
+            net = ops.prepare(dag, memory=8, strategy="level", dtype=dt)
+            for B in list(range(1, 20)) + [31, 32, 33, 47, 63, 64, 65, 70]:
+                x = torch.randn(B, n_in, dtype=dt)
+                got = ops.dag_forward(x, dag.weight.to(dt), dag.bias.to(dt), net.buffers, net.meta)
+                torch.testing.assert_close(got, dag.forward_reference(x.double()).to(dt), rtol=2e-4, atol=2e-4)
+    finally:
+        if old is None:
+            del os.environ["IOSPARSE_POISON"]
+        else:
+            os.environ["IOSPARSE_POISON"] = old
