@@ -41,25 +41,9 @@ DENSE_LIMIT_BYTES = 1 << 30  # skip the dense anchor when its weights exceed thi
 
 # ---------------------------------------------------------------------- networks
 def radix(width: int, depth: int) -> SparseDAG:
-    """The planner issue's RadiX-Net-like generator when present, else an equivalent butterfly net."""
-    try:
-        from torch_iosparse.generate import radix_net
-        return radix_net(width, depth, 32)
-    except ImportError:
-        fan = 32
-        r = max(1, int(np.floor(np.log(width) / np.log(fan))))
-        j = np.arange(width)
-        src, dst = [], []
-        for k in range(depth):
-            stride = fan ** (k % r)
-            base = j - ((j // stride) % fan) * stride
-            for s in range(fan):
-                src.append(base + s * stride + k * width)
-                dst.append(j + (k + 1) * width)
-        src, dst = np.concatenate(src), np.concatenate(dst)
-        return SparseDAG.from_edges(width, src, dst, np.full(src.size, 1 / 16, np.float32),
-                                    np.full(width * (depth + 1), -0.3, np.float32), activation="hardtanh(0,32)",
-                                    dtype=torch.float32)
+    """The planner issue's RadiX-Net generator (GraphChallenge-like, fan-in 32)."""
+    from torch_iosparse.generate import radix_net
+    return radix_net(width, depth, 32)
 
 
 def pruned_mlp(sizes, sparsity: float, seed: int = 0) -> SparseDAG:
@@ -307,9 +291,16 @@ def main():
             text += f"| {o['method']} | {o['loads']:,} | {o['stores']:,} | {o['ms']:.3f} | {o['gps']:.2f} |\n"
     print(text)
     if not args.no_write:
+        # Newest run first; earlier runs stay below as history (they are the record of past claims).
+        previous = open(args.out).read() if os.path.exists(args.out) else ""
+        title = "# CPU benchmark results (benchmarks/cpu_speed.py)\n"
+        if previous.startswith(title):
+            previous = previous[len(title):]
+        if not text.startswith(title):
+            text = title + "\n" + text
         with open(args.out, "w") as f:
-            f.write(text)
-        print(f"wrote {args.out}")
+            f.write(text + ("\n## History (earlier runs)\n" + previous if previous.strip() else ""))
+        print(f"wrote {args.out} (earlier runs kept below)")
 
 
 if __name__ == "__main__":
