@@ -27,6 +27,8 @@
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+
+#include <pthread.h>
 #include <vector>
 
 #include "cpu/activation.h"
@@ -616,10 +618,7 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
 class ChunkPool {
  public:
   using Fn = void (*)(const void* ctx, int64_t chunk);
-  static ChunkPool& get() {
-    static ChunkPool* pool = new ChunkPool();  // leaked on purpose: detached helpers outlive exit handlers
-    return *pool;
-  }
+  static ChunkPool& get() { return *instance(); }
   // Runs fn(ctx, c) for c in [0, n_chunks); chunk c may start once done >= first_of_level[c].
   void run(Fn fn, const void* ctx, int64_t n_chunks, const int64_t* wait_for, int64_t helpers) {
     std::lock_guard<std::mutex> run_lock(run_mutex_);  // one job at a time (concurrent callers queue)
@@ -644,6 +643,15 @@ class ChunkPool {
   }
 
  private:
+  // Leaked on purpose: detached helpers outlive exit handlers. A fork() child has none of the helpers and
+  // may inherit a mutex locked by a parent thread that is gone there: it starts from a fresh pool.
+  static ChunkPool*& instance() {
+    static ChunkPool* pool = [] {
+      pthread_atfork(nullptr, nullptr, [] { instance() = new ChunkPool(); });
+      return new ChunkPool();
+    }();
+    return pool;
+  }
   static uint64_t pack(uint64_t gen, uint64_t next, uint64_t total) { return (gen << 40) | (next << 20) | total; }
   // Claims and runs one chunk; false when none is left.
   bool work_once() {
