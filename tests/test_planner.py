@@ -34,6 +34,22 @@ def moved(order, i, j):
     return np.asarray(o)
 
 
+def assert_deltas_exact(ann, dag, order, M, base, pairs) -> int:
+    """Every legal move (i, j) of ``pairs``: the annealer's delta equals a full replay's. Returns how many
+    legal moves were checked (illegal ones, and i == j, are skipped)."""
+    checked = 0
+    for i, j in pairs:
+        if i == j:
+            continue
+        try:
+            truth = count_io(dag, moved(order, i, j), M).total - base
+        except ValueError:
+            continue
+        assert ann.delta_of(i, j, True) == truth, (i, j)
+        checked += 1
+    return checked
+
+
 @given(seed=st.integers(0, 10_000), M=st.integers(2, 9), n=st.integers(6, 30))
 def test_move_delta_is_exact_for_every_legal_move(seed, M, n):
     """The incremental evaluation equals a full exact replay, for every legal relocation."""
@@ -183,15 +199,9 @@ def test_move_deltas_stay_exact_after_many_accepted_moves(seed, M, n):
         order = ann.order().numpy()
         base = count_io(dag, order, M).total
         assert ann.cost() + dag.n_edges + dag.n_computed == base
-        for i in range(len(order)):
-            for j in r.choice(len(order), size=min(4, len(order)), replace=False).tolist():
-                if i == j:
-                    continue
-                try:
-                    truth = count_io(dag, moved(order, i, j), M).total - base
-                except ValueError:
-                    continue
-                assert ann.delta_of(i, j, True) == truth
+        pairs = [(i, j) for i in range(len(order))
+                 for j in r.choice(len(order), size=min(4, len(order)), replace=False).tolist()]
+        assert_deltas_exact(ann, dag, order, M, base, pairs)
 
 
 def test_progress_bar_and_both_limits(capsys):
@@ -212,15 +222,6 @@ def test_long_moves_stay_exact_on_larger_dags(seed, M):
     order = ann.order().numpy()
     base = count_io(dag, order, M).total
     assert ann.cost() + dag.n_edges + dag.n_computed == base
-    checked = 0
-    for i in r.choice(len(order), size=30, replace=False).tolist():
-        for j in r.choice(len(order), size=10, replace=False).tolist():
-            if i == j:
-                continue
-            try:
-                truth = count_io(dag, moved(order, i, j), M).total - base
-            except ValueError:
-                continue
-            assert ann.delta_of(i, j, True) == truth, (i, j)
-            checked += 1
-    assert checked > 0
+    pairs = [(i, j) for i in r.choice(len(order), size=30, replace=False).tolist()
+             for j in r.choice(len(order), size=10, replace=False).tolist()]
+    assert assert_deltas_exact(ann, dag, order, M, base, pairs) > 0
