@@ -95,20 +95,17 @@ void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, i
 }
 
 // Every index the kernels follow is checked once per buffer contents (keyed by data pointers and
-// version counters), so corrupted or mismatched buffers raise instead of reading out of bounds.
+// version counters), so corrupted or mismatched buffers raise instead of reading out of bounds. The memo
+// is per thread: no lock, so a fork() child cannot inherit one held by another thread.
 void validate_indices(const Net& n, at::TensorList net_t) {
-  static std::mutex mu;
-  static std::vector<int64_t> last_key;
+  thread_local std::vector<int64_t> last_key;
   std::vector<int64_t> key = {n.memory, n.n_slow, n.n_neurons, n.n_inputs, n.n_edges, n.n_outputs};
   for (const auto& t : net_t) {
     key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
     key.push_back(t.numel());
     key.push_back(static_cast<int64_t>(t._version()));
   }
-  {
-    std::lock_guard<std::mutex> lock(mu);
-    if (key == last_key) return;
-  }
+  if (key == last_key) return;
   auto bad = [](const char* what) { TORCH_CHECK_VALUE(false, "iosparse: network buffers are corrupt or belong to "
                                                       "another network (", what, ")"); };
   for (int64_t v = 0; v < n.n_neurons; ++v)
@@ -158,7 +155,6 @@ void validate_indices(const Net& n, at::TensorList net_t) {
     for (int64_t j = 0; j < n.n_outputs; ++j)
       if (dop[j] < 0 || dop[j] >= cols) bad("dense_out_pos");
   }
-  std::lock_guard<std::mutex> lock(mu);
   last_key = std::move(key);
 }
 
