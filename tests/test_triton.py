@@ -279,14 +279,45 @@ def test_choose_tiling_from_device_properties(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------- level kernel
 @given(seed=st.integers(0, 10**6), batch=st.sampled_from([1, 3, 17]), batch_tile=st.sampled_from([None, 4]),
-       skip=st.booleans())
-@settings(max_examples=10)
-def test_level_kernel_matches_reference(seed, batch, batch_tile, skip):
+       skip=st.booleans(), rows=st.sampled_from([None, 1, 2, 8]))
+@settings(max_examples=16)
+def test_level_kernel_matches_reference(seed, batch, batch_tile, skip, rows):
     dag = random_dag(seed, 5, 14, skip=skip)
     lp = tk.encode_levels_from_dag(dag)
     x = torch.randn(batch, dag.n_inputs, generator=torch.Generator().manual_seed(seed))
-    y = tk.level_forward(x, dag.weight, dag.bias, lp, batch_tile=batch_tile)
+    y = tk.level_forward(x, dag.weight, dag.bias, lp, batch_tile=batch_tile, rows_per_program=rows)
     torch.testing.assert_close(y, dag.forward_reference(x), rtol=1e-4, atol=1e-5)
+
+
+@given(seed=st.integers(0, 10**6), skip=st.booleans())
+@settings(max_examples=20)
+def test_level_segments_partition_levels_by_activation(seed, skip):
+    dag = random_dag(seed, 4, 30, skip=skip)
+    lp = tk.encode_levels_from_dag(dag)
+    ln = lp.level_neuron.numpy()
+    levels = dag.levels()
+    assert sorted(ln.tolist()) == list(range(dag.n_inputs, dag.n_neurons))
+    end = 0
+    for start, count, fan, code, lo, hi in lp.segments:
+        assert start == end and count > 0  # contiguous, covering, in order
+        end = start + count
+        seg = ln[start:end]
+        assert len(set(levels[seg].tolist())) == 1  # one level
+        for a in map(dag.activation_of, seg.tolist()):  # one activation (the segment's scalar arguments)
+            assert (a.code, np.float32(a.lo), np.float32(a.hi)) == (code, np.float32(lo), np.float32(hi))
+        assert fan == int(np.diff(np.asarray(dag.in_ptr))[seg].max())
+    assert end == ln.size
+    # segments follow the level order, so every launch reads finished levels only
+    starts = [levels[ln[s]] for s, *_ in lp.segments]
+    assert starts == sorted(starts)
+
+
+def test_level_rows_sizing():
+    assert tk.level_rows(65536, 32, 1, 1, 132) == (128, 32)  # B = 1: 128 rows x 32 edges per program
+    assert tk.level_rows(1024, 32, 1, 1, 132) == (2, 32)  # few neurons: spread over the SMs first
+    assert tk.level_rows(4096, 32, 64, 16, 132) == (2, 32)  # [2, 32, 64] = 4096 gathered values per step
+    assert tk.level_rows(100, 300, 8, 1, 1) == (16, 32)  # fan-in above the chunk: looped in chunks of 32
+    assert tk.level_rows(7, 3, 1, 1, 1, rows=4) == (4, 4)
 
 
 def test_level_kernel_wide_fan_in_fp16_and_non_topological_numbering():

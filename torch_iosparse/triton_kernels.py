@@ -497,6 +497,33 @@ if triton is not None:
         acc = _activate(acc, tl.load(act_code_ptr + v), tl.load(act_lo_ptr + v), tl.load(act_hi_ptr + v))
         tl.store(vals_ptr + v * stride_v + cols, acc, mask=cmask)
 
+    # Row-blocked variant: R neurons of one segment (a run of a level with one activation) per program,
+    # [R, KC, BT] gathers. At small batches the one-neuron program above does too little work per program
+    # (a 32-edge dot product); R rows give each program R * fan_in edges of independent loads in flight.
+    @triton.jit(do_not_specialize=["B", "start", "count", "fan", "code"])
+    def _iosparse_level_rows_kernel(vals_ptr, w_ptr, b_ptr, in_ptr_ptr, in_src_ptr, level_neuron_ptr,
+                                    start, count, B, stride_v, fan, code, lo, hi,
+                                    R: tl.constexpr, BT: tl.constexpr, KC: tl.constexpr):
+        r = tl.program_id(0) * R + tl.arange(0, R)
+        rmask = r < count
+        v = tl.load(level_neuron_ptr + start + r, mask=rmask, other=0).to(tl.int64)
+        e0 = tl.load(in_ptr_ptr + v, mask=rmask, other=0)
+        e1 = tl.load(in_ptr_ptr + v + 1, mask=rmask, other=0)
+        cols = tl.program_id(1) * BT + tl.arange(0, BT)
+        cmask = cols < B
+        acc = tl.zeros([R, BT], dtype=tl.float32)
+        for k in range(0, fan, KC):
+            ee = e0[:, None] + k + tl.arange(0, KC)[None, :]
+            km = ee < e1[:, None]
+            src = tl.load(in_src_ptr + ee, mask=km, other=0).to(tl.int64)
+            wgt = tl.load(w_ptr + ee, mask=km, other=0.0).to(tl.float32)
+            xv = tl.load(vals_ptr + src[:, :, None] * stride_v + cols[None, None, :],
+                         mask=km[:, :, None] & cmask[None, None, :], other=0.0)
+            acc += tl.sum(wgt[:, :, None] * xv, axis=1)
+        acc += tl.load(b_ptr + v, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        acc = _activate(acc, code, lo, hi)
+        tl.store(vals_ptr + v[:, None] * stride_v + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
 
 @dataclass
 class LevelProgram:
@@ -511,6 +538,7 @@ class LevelProgram:
     outputs: torch.Tensor       # int64 [n_outputs]
     level_ptr: tuple            # host ints, len L + 1
     level_fan_in: tuple         # host ints: largest in-degree per level
+    segments: tuple             # host (start, count, fan_in, code, lo, hi): runs of a level with one activation
     n_inputs: int
     n_neurons: int
     n_edges: int
@@ -534,14 +562,28 @@ def encode_levels(in_ptr, in_src, level_ptr, level_neuron, act_code, act_lo, act
         raise ProgramError("level_ptr must be non-decreasing from 0 to len(level_neuron)")
     if ln.size != n - int(n_inputs) or (ln.size and (ln.min() < n_inputs or ln.max() >= n)):
         raise ProgramError("level_neuron must list every computed neuron")
+    codes = _np(act_code, np.int64)
+    los, his = _np(act_lo, np.float32), _np(act_hi, np.float32)
+    # Inside a level, sort by activation so that each (level, activation) is one contiguous segment.
+    level_of = np.repeat(np.arange(lp.size - 1), np.diff(lp))
+    ln = ln[np.lexsort((ln, his[ln], los[ln], codes[ln], level_of))]
     deg = np.diff(ptr)[ln]
     fan = tuple(int(deg[a:b].max()) if b > a else 0 for a, b in zip(lp[:-1], lp[1:]))
+    segments = []
+    if ln.size:
+        key_change = np.flatnonzero((np.diff(level_of) != 0) | (np.diff(codes[ln]) != 0)
+                                    | (np.diff(los[ln]) != 0) | (np.diff(his[ln]) != 0)) + 1
+        bounds = np.concatenate([[0], key_change, [ln.size]])
+        seg_fan = np.maximum.reduceat(deg, bounds[:-1])
+        for a, b, f in zip(bounds[:-1], bounds[1:], seg_fan):
+            v = ln[a]
+            segments.append((int(a), int(b - a), int(f), int(codes[v]), float(los[v]), float(his[v])))
     t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a, dtype=dt)).to(device)  # noqa: E731
     return LevelProgram(
         in_ptr=t(ptr, np.int64), in_src=t(src, np.int32), level_neuron=t(ln, np.int32),
-        act_code=t(_np(act_code), np.int32), act_lo=t(_np(act_lo), np.float32), act_hi=t(_np(act_hi), np.float32),
+        act_code=t(codes, np.int32), act_lo=t(los, np.float32), act_hi=t(his, np.float32),
         outputs=t(_np(outputs), np.int64), level_ptr=tuple(int(a) for a in lp), level_fan_in=fan,
-        n_inputs=int(n_inputs), n_neurons=n, n_edges=int(src.size))
+        segments=tuple(segments), n_inputs=int(n_inputs), n_neurons=n, n_edges=int(src.size))
 
 
 def encode_levels_from_dag(dag, device="cpu") -> LevelProgram:
@@ -557,9 +599,13 @@ def encode_levels_from_dag(dag, device="cpu") -> LevelProgram:
 
 
 def level_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lp: LevelProgram, *,
-                  batch_tile: Optional[int] = None) -> torch.Tensor:
+                  batch_tile: Optional[int] = None, rows_per_program: Optional[int] = None) -> torch.Tensor:
     """Evaluate the network level by level with the Triton level kernel (the small-batch path):
-    ``[B, n_inputs] -> [B, n_outputs]`` in ``x.dtype``, float32 accumulation."""
+    ``[B, n_inputs] -> [B, n_outputs]`` in ``x.dtype``, float32 accumulation.
+
+    ``rows_per_program``: neurons per program (a power of two). ``1`` runs the one-neuron kernel (one
+    launch per level); otherwise (default: :func:`level_rows`) the row-blocked kernel, one launch per
+    segment (a level's neurons with one activation)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     _check_common(x, weight, bias, lp.n_inputs, lp.n_edges, lp.n_neurons, lp.device)
@@ -569,20 +615,50 @@ def level_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lp:
     BT = batch_tile or min(64, _pow2_at_least(B))
     if BT < 1 or BT & (BT - 1):
         raise ValueError(f"batch_tile must be a power of two, got {BT}")
+    if rows_per_program is not None and (rows_per_program < 1 or rows_per_program & (rows_per_program - 1)):
+        raise ValueError(f"rows_per_program must be a power of two, got {rows_per_program}")
     vals = torch.empty(lp.n_neurons, B, dtype=torch.float32, device=x.device)
     vals[: lp.n_inputs] = x.t()
     w = weight.contiguous()
     b = bias.contiguous()
     tiles = triton.cdiv(B, BT)
-    for L in range(len(lp.level_ptr) - 1):
-        start, count = lp.level_ptr[L], lp.level_ptr[L + 1] - lp.level_ptr[L]
-        if count == 0:
-            continue
-        KC = max(1, min(_pow2_at_least(max(1, lp.level_fan_in[L])), 128, max(1, 4096 // BT)))
-        _iosparse_level_kernel[(count, tiles)](
-            vals, w, b, lp.in_ptr, lp.in_src, lp.level_neuron, lp.act_code, lp.act_lo, lp.act_hi,
-            start, B, vals.stride(0), BT=BT, KC=KC, num_warps=max(1, min(4, KC * BT // 256)))
+    if rows_per_program == 1:
+        for L in range(len(lp.level_ptr) - 1):
+            start, count = lp.level_ptr[L], lp.level_ptr[L + 1] - lp.level_ptr[L]
+            if count == 0:
+                continue
+            KC = max(1, min(_pow2_at_least(max(1, lp.level_fan_in[L])), 128, max(1, 4096 // BT)))
+            _iosparse_level_kernel[(count, tiles)](
+                vals, w, b, lp.in_ptr, lp.in_src, lp.level_neuron, lp.act_code, lp.act_lo, lp.act_hi,
+                start, B, vals.stride(0), BT=BT, KC=KC, num_warps=max(1, min(4, KC * BT // 256)))
+    else:
+        sms = _sm_count(x.device)
+        for start, count, fan, code, lo, hi in lp.segments:
+            R, KC = level_rows(count, fan, BT, tiles, sms, rows_per_program)
+            _iosparse_level_rows_kernel[(triton.cdiv(count, R), tiles)](
+                vals, w, b, lp.in_ptr, lp.in_src, lp.level_neuron, start, count, B, vals.stride(0), fan, code,
+                lo, hi, R=R, BT=BT, KC=KC, num_warps=max(1, min(8, R * KC * BT // 256)))
     return vals[lp.outputs].t().to(x.dtype)
+
+
+def _sm_count(device) -> int:
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return int(torch.cuda.get_device_properties(dev).multi_processor_count)
+    return 1
+
+
+def level_rows(count: int, fan: int, batch_tile: int, tiles: int, sms: int,
+               rows: Optional[int] = None, max_elements: int = 4096) -> tuple:
+    """(R, KC) of the row-blocked level kernel for a segment of ``count`` neurons of in-degree <= ``fan``:
+    KC = the in-edge chunk (fan rounded up to a power of two, at most 32), R = neurons per program, as many
+    as fit ``max_elements`` gathered values per step while still giving every SM two programs."""
+    KC = max(1, min(_pow2_at_least(max(1, fan)), 32, max(1, max_elements // batch_tile)))
+    if rows is None:
+        r_max = max(1, max_elements // (KC * batch_tile))
+        want = max(1, (count * tiles) // (2 * sms))
+        rows = max(1, min(r_max, 1 << (want.bit_length() - 1)))
+    return int(rows), int(KC)
 
 
 # ---------------------------------------------------------------------------------------------- launcher
