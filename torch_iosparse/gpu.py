@@ -90,10 +90,9 @@ def choose_gpu_path(batch: int, strategy: int, device) -> str:
     """``"program"`` (the plan executor) or ``"level"`` (the level kernel) for one CUDA call.
 
     The op's strategy decides when it is explicit ("program"; "level" and "dense" run the level
-    kernel). For "auto": ``IOSPARSE_GPU_STRATEGY`` (program | level) if set, else the plan executor
-    once the batch fills every SM with a 64-column tile (``batch >= 64 * SMs``) and the level kernel
-    below that. The threshold is an unmeasured first guess (docs/gpu.md): the plan executor is
-    latency-bound per program and needs many programs to be competitive."""
+    kernel). For "auto": ``IOSPARSE_GPU_STRATEGY`` (program | level) if set, else the level kernel. On an
+    H100 the plan executor (one program per batch tile walking the whole plan, latency-bound) measured
+    25-100x slower than the level kernel at every batch size (benchmarks/RESULTS.md, docs/gpu.md)."""
     if strategy == STRATEGY_PROGRAM:
         return "program"
     if strategy in (STRATEGY_LEVEL, STRATEGY_DENSE):
@@ -103,9 +102,7 @@ def choose_gpu_path(batch: int, strategy: int, device) -> str:
         return env
     if env:
         raise ValueError(f"IOSPARSE_GPU_STRATEGY must be 'program' or 'level', got {env!r}")
-    dev = torch.device(device)
-    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 1
-    return "program" if batch >= 64 * sms else "level"
+    return "level"
 
 
 def triton_forward_from_buffers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,

@@ -47,6 +47,11 @@ STEP_CHUNK, STEP_LOAD, STEP_STORE, STEP_FINISH = 0, 1, 2, 3
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_CHUNK = 16
+# Source-sharing blocks of the level kernel: neurons per block, distinct sources per gathered chunk, and
+# the least reuse (edges per distinct source) for which a segment runs the block kernel.
+DEFAULT_BLOCK_ROWS = 16
+DEFAULT_BLOCK_CHUNK = 16
+BLOCK_MIN_REUSE = 2.0
 
 
 class ProgramError(ValueError):
@@ -525,6 +530,40 @@ if triton is not None:
         tl.store(vals_ptr + v[:, None] * stride_v + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
 
 
+    # Source-sharing blocks: R neurons whose in-edges read few distinct sources (neighbours in a
+    # RadiX-Net / butterfly layer, after encode_levels' reordering) are computed together. Each distinct
+    # source row of the block is gathered ONCE ([UC, BT]) and feeds all R accumulators through the block's
+    # dense [R, UC] weight tile (edge ids, -1 where a neuron does not read that source). This is the I/O
+    # idea of the paper one level down: a value loaded into fast memory serves every reader in the block.
+    @triton.jit(do_not_specialize=["B", "block0", "code"])
+    def _iosparse_level_block_kernel(vals_ptr, w_ptr, b_ptr, blk_rows_ptr, blk_uptr_ptr, blk_src_ptr, blk_edge_ptr,
+                                     block0, B, stride_v, code, lo, hi,
+                                     R: tl.constexpr, BT: tl.constexpr, UC: tl.constexpr):
+        blk = block0 + tl.program_id(0)
+        rr = tl.arange(0, R)
+        v = tl.load(blk_rows_ptr + blk * R + rr)
+        rmask = v >= 0
+        v = tl.where(rmask, v, 0).to(tl.int64)
+        u0 = tl.load(blk_uptr_ptr + blk)
+        u1 = tl.load(blk_uptr_ptr + blk + 1)
+        width = u1 - u0  # the block's padded union size, a multiple of UC
+        cols = tl.program_id(1) * BT + tl.arange(0, BT)
+        cmask = cols < B
+        acc = tl.zeros([R, BT], dtype=tl.float32)
+        for u in range(u0, u1, UC):
+            uu = u + tl.arange(0, UC)
+            srcs = tl.load(blk_src_ptr + uu)
+            smask = srcs >= 0
+            xv = tl.load(vals_ptr + tl.where(smask, srcs, 0).to(tl.int64)[:, None] * stride_v + cols[None, :],
+                         mask=smask[:, None] & cmask[None, :], other=0.0)
+            e = tl.load(blk_edge_ptr + u0 * R + rr[:, None] * width + (uu - u0)[None, :])
+            wgt = tl.load(w_ptr + tl.where(e >= 0, e, 0), mask=e >= 0, other=0.0).to(tl.float32)
+            acc += tl.sum(wgt[:, :, None] * xv[None, :, :], axis=1)
+        acc += tl.load(b_ptr + v, mask=rmask, other=0.0).to(tl.float32)[:, None]
+        acc = _activate(acc, code, lo, hi)
+        tl.store(vals_ptr + v[:, None] * stride_v + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
+
+
 @dataclass
 class LevelProgram:
     """Per-level structure for :func:`level_forward` (tensors on ``device``; level bounds on the host)."""
@@ -542,6 +581,14 @@ class LevelProgram:
     n_inputs: int
     n_neurons: int
     n_edges: int
+    # source-sharing blocks (see _iosparse_level_block_kernel), block_rows neurons each:
+    blk_rows: Optional[torch.Tensor] = None   # int32 [n_blocks * R] neuron ids, -1 pads the last block
+    blk_uptr: Optional[torch.Tensor] = None   # int64 [n_blocks + 1] offsets into blk_src (multiples of UC)
+    blk_src: Optional[torch.Tensor] = None    # int32 distinct sources per block, -1 pads
+    blk_edge: Optional[torch.Tensor] = None   # int32 per block [R, width] edge ids, -1 where no edge
+    seg_blocks: tuple = ()      # host per segment: (first block, n_blocks, reuse = edges / distinct sources)
+    block_rows: int = 0
+    block_chunk: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -549,8 +596,17 @@ class LevelProgram:
 
 
 def encode_levels(in_ptr, in_src, level_ptr, level_neuron, act_code, act_lo, act_hi, outputs, n_inputs: int,
-                  device="cpu") -> LevelProgram:
-    """Build a :class:`LevelProgram` from the structure arrays (``ops.prepare``'s buffers or a DAG's)."""
+                  device="cpu", block_rows: Optional[int] = None, block_chunk: Optional[int] = None) -> LevelProgram:
+    """Build a :class:`LevelProgram` from the structure arrays (``ops.prepare``'s buffers or a DAG's).
+
+    Inside a level, neurons are grouped by activation (segments) and ordered so that neurons with
+    overlapping sources are neighbours; ``block_rows`` neurons (a power of two, default 16) form one
+    source-sharing block whose distinct sources are gathered ``block_chunk`` at a time (default 16)."""
+    block_rows = DEFAULT_BLOCK_ROWS if block_rows is None else int(block_rows)
+    block_chunk = DEFAULT_BLOCK_CHUNK if block_chunk is None else int(block_chunk)
+    for name, val in (("block_rows", block_rows), ("block_chunk", block_chunk)):
+        if val < 1 or val & (val - 1):
+            raise ValueError(f"{name} must be a power of two, got {val}")
     ptr = _np(in_ptr, np.int64)
     src = _np(in_src, np.int64)
     lp = _np(level_ptr, np.int64)
@@ -571,19 +627,96 @@ def encode_levels(in_ptr, in_src, level_ptr, level_neuron, act_code, act_lo, act
     fan = tuple(int(deg[a:b].max()) if b > a else 0 for a, b in zip(lp[:-1], lp[1:]))
     segments = []
     if ln.size:
-        key_change = np.flatnonzero((np.diff(level_of) != 0) | (np.diff(codes[ln]) != 0)
-                                    | (np.diff(los[ln]) != 0) | (np.diff(his[ln]) != 0)) + 1
+        differs = lambda a: a[1:] != a[:-1]  # noqa: E731  (not np.diff: lo/hi may be +-inf)
+        key_change = np.flatnonzero(differs(level_of) | differs(codes[ln]) | differs(los[ln]) | differs(his[ln])) + 1
         bounds = np.concatenate([[0], key_change, [ln.size]])
         seg_fan = np.maximum.reduceat(deg, bounds[:-1])
         for a, b, f in zip(bounds[:-1], bounds[1:], seg_fan):
             v = ln[a]
             segments.append((int(a), int(b - a), int(f), int(codes[v]), float(los[v]), float(his[v])))
+    for start, count, *_ in segments:  # neurons that read neighbouring sources next to each other
+        seg = ln[start:start + count]
+        ln[start:start + count] = seg[_sharing_order(ptr, src, seg)]
+    blocks = source_blocks(ptr, src, ln, segments, block_rows, block_chunk)
     t = lambda a, dt: torch.from_numpy(np.ascontiguousarray(a, dtype=dt)).to(device)  # noqa: E731
     return LevelProgram(
         in_ptr=t(ptr, np.int64), in_src=t(src, np.int32), level_neuron=t(ln, np.int32),
         act_code=t(codes, np.int32), act_lo=t(los, np.float32), act_hi=t(his, np.float32),
         outputs=t(_np(outputs), np.int64), level_ptr=tuple(int(a) for a in lp), level_fan_in=fan,
-        segments=tuple(segments), n_inputs=int(n_inputs), n_neurons=n, n_edges=int(src.size))
+        segments=tuple(segments), n_inputs=int(n_inputs), n_neurons=n, n_edges=int(src.size),
+        blk_rows=t(blocks["rows"], np.int32), blk_uptr=t(blocks["uptr"], np.int64), blk_src=t(blocks["src"], np.int32),
+        blk_edge=t(blocks["edge"], np.int32), seg_blocks=blocks["seg_blocks"], block_rows=int(block_rows),
+        block_chunk=int(block_chunk))
+
+
+def _sharing_order(ptr: np.ndarray, src: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """An order of ``rows`` (one level segment) that puts neurons with overlapping source sets next to each
+    other: by the smallest source s0, as (s0 mod g, s0 div g) where g is the typical gap between a
+    neuron's consecutive sources. A RadiX-Net layer of stride g reads {b + d*g}: neurons b, b+g, b+2g...
+    share all but one source, and this key makes them neighbours (for g = 1 it is plain s0 order). On
+    unstructured sparsity the order is harmless (nothing to share)."""
+    deg = ptr[rows + 1] - ptr[rows]
+    if rows.size < 2 or not deg.any():
+        return np.arange(rows.size)
+    starts = ptr[rows]
+    idx = np.repeat(starts - np.concatenate([[0], np.cumsum(deg)[:-1]]), deg) + np.arange(int(deg.sum()))
+    es = src[idx]  # the segment's in-edges, row by row (sorted by source inside a row)
+    row_of = np.repeat(np.arange(rows.size), deg)
+    s0 = np.full(rows.size, -1, dtype=np.int64)
+    s0[row_of[::-1]] = es[::-1]  # first (smallest) source of each row
+    same_row = row_of[1:] == row_of[:-1]
+    gaps = np.diff(es)[same_row]
+    g = max(1, int(np.median(gaps[gaps > 0]))) if (gaps > 0).any() else 1
+    return np.lexsort((s0 // g, s0 % g))
+
+
+def source_blocks(ptr: np.ndarray, src: np.ndarray, ln: np.ndarray, segments, R: int = DEFAULT_BLOCK_ROWS,
+                  UC: int = DEFAULT_BLOCK_CHUNK) -> dict:
+    """Cut every segment of ``ln`` into blocks of ``R`` consecutive neurons and list, per block, its
+    distinct sources (padded with -1 to a multiple of ``UC``) and the [R, width] matrix of edge ids that
+    connect them (-1: no edge). ``reuse`` per segment = edges / distinct sources summed over its blocks:
+    how many readers each gathered source row serves. Segments whose edge matrices would hold more than
+    4x their edges (little sharing: unstructured sparsity) get no blocks: (first block, 0, reuse)."""
+    rows_out, uptr, src_out, edge_out, seg_blocks = [], [0], [], [], []
+    n_blocks = 0
+    for start, count, *_ in segments:
+        seg = ln[start:start + count]
+        nb = -(-count // R)
+        blk_rows = np.full(nb * R, -1, dtype=np.int64)
+        blk_rows[:count] = seg
+        deg = ptr[seg + 1] - ptr[seg]
+        m = int(deg.sum())
+        pos = np.repeat(np.arange(count), deg)  # position of each edge's reader in the segment
+        eid = np.repeat(ptr[seg] - np.concatenate([[0], np.cumsum(deg)[:-1]]), deg) + np.arange(m)
+        es = src[eid]
+        blk = pos // R
+        key = blk * (ptr.size) + es  # (block, source) pairs
+        uniq, inv = np.unique(key, return_inverse=True)
+        ublk = uniq // ptr.size
+        usz = np.bincount(ublk, minlength=nb)  # distinct sources per block
+        width = -(-usz // UC) * UC
+        width[width == 0] = UC
+        woff = np.concatenate([[0], np.cumsum(width)])
+        reuse = float(m / max(1, uniq.size))
+        if int(woff[-1]) * R > 4 * max(m, 1):
+            seg_blocks.append((n_blocks, 0, reuse))
+            continue
+        ufirst = np.concatenate([[0], np.cumsum(usz)])
+        col = np.arange(uniq.size) - ufirst[ublk]  # column of each distinct source inside its block
+        bsrc = np.full(int(woff[-1]), -1, dtype=np.int64)
+        bsrc[woff[ublk] + col] = uniq % ptr.size
+        bedge = np.full(int(woff[-1]) * R, -1, dtype=np.int64)
+        ecol = col[inv]
+        bedge[woff[blk] * R + (pos % R) * width[blk] + ecol] = eid
+        rows_out.append(blk_rows)
+        src_out.append(bsrc)
+        edge_out.append(bedge)
+        uptr.extend((uptr[-1] + woff[1:]).tolist())
+        seg_blocks.append((n_blocks, nb, reuse))
+        n_blocks += nb
+    cat = lambda a: np.concatenate(a) if a else np.zeros(0, dtype=np.int64)  # noqa: E731
+    return dict(rows=cat(rows_out), uptr=np.asarray(uptr, dtype=np.int64), src=cat(src_out), edge=cat(edge_out),
+                seg_blocks=tuple(seg_blocks))
 
 
 def encode_levels_from_dag(dag, device="cpu") -> LevelProgram:
@@ -599,13 +732,16 @@ def encode_levels_from_dag(dag, device="cpu") -> LevelProgram:
 
 
 def level_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lp: LevelProgram, *,
-                  batch_tile: Optional[int] = None, rows_per_program: Optional[int] = None) -> torch.Tensor:
-    """Evaluate the network level by level with the Triton level kernel (the small-batch path):
-    ``[B, n_inputs] -> [B, n_outputs]`` in ``x.dtype``, float32 accumulation.
+                  batch_tile: Optional[int] = None, rows_per_program: Optional[int] = None,
+                  blocks: Optional[bool] = None) -> torch.Tensor:
+    """Evaluate the network level by level with the Triton level kernels: ``[B, n_inputs] -> [B, n_outputs]``
+    in ``x.dtype``, float32 accumulation. One launch per segment (a level's neurons with one activation).
 
-    ``rows_per_program``: neurons per program (a power of two). ``1`` runs the one-neuron kernel (one
-    launch per level); otherwise (default: :func:`level_rows`) the row-blocked kernel, one launch per
-    segment (a level's neurons with one activation)."""
+    ``blocks``: run a segment with the source-sharing block kernel (each distinct source of a block of
+    neurons gathered once); ``None`` (default) does so where a gathered source serves at least
+    ``BLOCK_MIN_REUSE`` edges, ``False`` never, ``True`` wherever blocks were built. Other segments run the row-blocked kernel
+    with ``rows_per_program`` neurons per program (a power of two; default :func:`level_rows`);
+    ``rows_per_program=1`` with ``blocks`` not True runs the one-neuron kernel, one launch per level."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     _check_common(x, weight, bias, lp.n_inputs, lp.n_edges, lp.n_neurons, lp.device)
@@ -622,7 +758,7 @@ def level_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lp:
     w = weight.contiguous()
     b = bias.contiguous()
     tiles = triton.cdiv(B, BT)
-    if rows_per_program == 1:
+    if rows_per_program == 1 and not blocks:
         for L in range(len(lp.level_ptr) - 1):
             start, count = lp.level_ptr[L], lp.level_ptr[L + 1] - lp.level_ptr[L]
             if count == 0:
@@ -633,12 +769,19 @@ def level_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lp:
                 start, B, vals.stride(0), BT=BT, KC=KC, num_warps=max(1, min(4, KC * BT // 256)))
     else:
         sms = _sm_count(x.device)
-        for start, count, fan, code, lo, hi in lp.segments:
+        for (start, count, fan, code, lo, hi), (block0, n_blocks, reuse) in zip(lp.segments, lp.seg_blocks):
+            if n_blocks and (blocks or (blocks is None and reuse >= BLOCK_MIN_REUSE)):
+                R, UC = lp.block_rows, lp.block_chunk
+                _iosparse_level_block_kernel[(n_blocks, tiles)](
+                    vals, w, b, lp.blk_rows, lp.blk_uptr, lp.blk_src, lp.blk_edge, block0, B, vals.stride(0), code,
+                    lo, hi, R=R, BT=BT, UC=UC, num_warps=max(1, min(8, R * UC * BT // 256)))
+                continue
             R, KC = level_rows(count, fan, BT, tiles, sms, rows_per_program)
             _iosparse_level_rows_kernel[(triton.cdiv(count, R), tiles)](
                 vals, w, b, lp.in_ptr, lp.in_src, lp.level_neuron, start, count, B, vals.stride(0), fan, code,
                 lo, hi, R=R, BT=BT, KC=KC, num_warps=max(1, min(8, R * KC * BT // 256)))
-    return vals[lp.outputs].t().to(x.dtype)
+    # contiguous [B, n_outputs], as the op's fake kernel promises (torch.compile checks the strides)
+    return torch.empty(B, lp.outputs.numel(), dtype=x.dtype, device=x.device).copy_(vals[lp.outputs].t())
 
 
 def _sm_count(device) -> int:
@@ -649,15 +792,20 @@ def _sm_count(device) -> int:
 
 
 def level_rows(count: int, fan: int, batch_tile: int, tiles: int, sms: int,
-               rows: Optional[int] = None, max_elements: int = 4096) -> tuple:
-    """(R, KC) of the row-blocked level kernel for a segment of ``count`` neurons of in-degree <= ``fan``:
-    KC = the in-edge chunk (fan rounded up to a power of two, at most 32), R = neurons per program, as many
-    as fit ``max_elements`` gathered values per step while still giving every SM two programs."""
+               rows: Optional[int] = None, max_elements: int = 16384) -> tuple:
+    """(R, KC) of the row-blocked level kernel for a segment of ``count`` neurons of in-degree <= ``fan``.
+
+    KC = the in-edge chunk: the fan-in rounded up to a power of two, at most 32. R = neurons per program.
+    Measured on an H100 (benchmarks/RESULTS.md, radix N = 16384, fan-in 32): with 16- or 64-column
+    tiles the most rows that keep a step's gather within ``max_elements`` values ([8, 32, 64] at BT = 64)
+    is fastest, 1.5-2x faster than one row, because a program then has R * KC independent row loads in
+    flight; narrow tiles (B < 16) are launch-bound and one row per program is as fast as any. R is halved
+    while the grid would leave SMs idle."""
     KC = max(1, min(_pow2_at_least(max(1, fan)), 32, max(1, max_elements // batch_tile)))
     if rows is None:
-        r_max = max(1, max_elements // (KC * batch_tile))
-        want = max(1, (count * tiles) // (2 * sms))
-        rows = max(1, min(r_max, 1 << (want.bit_length() - 1)))
+        rows = max(1, max_elements // (KC * batch_tile)) if batch_tile >= 16 else 1
+        while rows > 1 and -(-count // rows) * tiles < sms:
+            rows //= 2
     return int(rows), int(KC)
 
 
