@@ -19,9 +19,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--width", type=int, default=16384)
     ap.add_argument("--depth", type=int, default=4)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 256, 1024])
-    ap.add_argument("--block-rows", type=int, nargs="+", default=[8, 16, 32])
-    ap.add_argument("--block-chunks", type=int, nargs="+", default=[8, 16, 32])
+    ap.add_argument("--batches", type=int, nargs="+", default=[64, 256, 1024])
+    ap.add_argument("--block-rows", type=int, nargs="+", default=[16, 32])
+    ap.add_argument("--block-chunks", type=int, nargs="+", default=[16, 32])
     ap.add_argument("--tiles", type=int, nargs="+", default=[16, 32, 64])
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -34,7 +34,7 @@ def main():
     encoded = {}
     for R in args.block_rows:
         for UC in args.block_chunks:
-            if R * UC <= 512:
+            if R * UC <= 1024:
                 encoded[(R, UC)] = tk.encode_levels(lv.in_ptr, lv.in_src, lv.level_ptr, lv.level_neuron, lv.act_code,
                                                     lv.act_lo, lv.act_hi, lv.outputs, lv.n_inputs, dev,
                                                     block_rows=R, block_chunk=UC)
@@ -52,12 +52,12 @@ def main():
         best = (float("inf"), None)
         for BT in ([1] if B == 1 else args.tiles):
             for (R, UC), lp in encoded.items():
-                if R * UC * BT > 32768:
+                if R * UC * BT > 65536:
                     continue
-                y = tk.level_forward(x, w, b, lp, batch_tile=BT, blocks=True)
+                y = tk.level_forward(x, w, b, lp, batch_tile=BT)  # auto: the dot form where R, UC, BT >= 16
                 if gs.max_rel_err(y, ref) > 1e-4:
                     sys.exit(f"FAILED B={B} BT={BT} R={R} UC={UC}")
-                t = gs.time_cuda(lambda: tk.level_forward(x, w, b, lp, batch_tile=BT, blocks=True), budget_s=0.5)
+                t = gs.time_cuda(lambda: tk.level_forward(x, w, b, lp, batch_tile=BT), budget_s=0.5)
                 best = min(best, (t, (BT, R, UC)))
                 print(f"| {B} | blocks | {BT} | {R} | {UC} | {t:.3f} | {dag.n_edges * B / t / 1e6:.1f} |")
         print(f"| {B} | best blocks {best[1]} | | | | {best[0]:.3f} | CSR / best = {t_csr / best[0]:.2f}, "

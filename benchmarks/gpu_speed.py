@@ -343,7 +343,7 @@ def main(argv=None):
                 else:
                     if not max_rel_err(y_cxx, ref) < 1e-4:
                         sys.exit(f"FAILED: the CUDA C++ kernel differs on {name} N={N} B={B}")
-            for rows, blocks in ((None, None), (None, False), (1, False), (None, True)):
+            for rows, blocks in ((None, None), (None, False), (1, False)):
                 if not max_rel_err(ours.level(x.to(device), rows, blocks).cpu(), ref) < 1e-4:
                     sys.exit(f"FAILED: the level kernel (rows={rows}, blocks={blocks}) differs on {name} N={N} B={B}")
             y_op = ours.via_op(x.to(device)).cpu()

@@ -446,9 +446,10 @@ def test_radix_layers_share_sources_in_blocks():
     lp = tk.encode_levels_from_dag(dag)
     assert [nb for _, nb, _ in lp.seg_blocks] == [1024 // tk.DEFAULT_BLOCK_ROWS] * 2
     assert all(reuse > 8 for *_, reuse in lp.seg_blocks)
-    x = torch.rand(3, dag.n_inputs)
-    torch.testing.assert_close(tk.level_forward(x, dag.weight, dag.bias, lp), dag.forward_reference(x),
-                               rtol=1e-4, atol=1e-5)
+    for batch in (1, 20):  # one column: the broadcast form; 32-column tiles: the [16, 16] @ [16, 32] dot form
+        x = torch.rand(batch, dag.n_inputs)
+        torch.testing.assert_close(tk.level_forward(x, dag.weight, dag.bias, lp), dag.forward_reference(x),
+                                   rtol=1e-4, atol=1e-5)
 
 
 def test_unstructured_segments_get_no_blocks():

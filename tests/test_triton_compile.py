@@ -80,7 +80,7 @@ for io_t in ("fp32", "fp16", "bf16"):
         print("compiled level rows", io_t, R, BT, len(k.asm["cubin"]))
     bsig = {}
     for n in tk._iosparse_level_block_kernel.arg_names:
-        if n in ("R", "BT", "UC"):
+        if n in ("R", "BT", "UC", "USE_DOT"):
             bsig[n] = "constexpr"
         elif n in ("w_ptr", "b_ptr"):
             bsig[n] = "*" + io_t
@@ -94,8 +94,9 @@ for io_t in ("fp32", "fp16", "bf16"):
             bsig[n] = "fp32"
         else:
             bsig[n] = "i64" if n in ("B", "stride_v") else "i32"
-    for R, BT, UC, warps in ((16, 64, 16, 8), (16, 1, 16, 1)):
-        k = triton.compile(ASTSource(tk._iosparse_level_block_kernel, bsig, constexprs={"R": R, "BT": BT, "UC": UC}),
+    for R, BT, UC, warps in ((16, 64, 16, 4), (16, 1, 16, 1)):
+        consts = {"R": R, "BT": BT, "UC": UC, "USE_DOT": BT >= 16}
+        k = triton.compile(ASTSource(tk._iosparse_level_block_kernel, bsig, constexprs=consts),
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
         assert len(k.asm["cubin"]) > 1000
         print("compiled level blocks", io_t, R, BT, len(k.asm["cubin"]))

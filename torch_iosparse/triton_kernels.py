@@ -538,7 +538,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["B", "block0", "code"])
     def _iosparse_level_block_kernel(vals_ptr, w_ptr, b_ptr, blk_rows_ptr, blk_uptr_ptr, blk_src_ptr, blk_edge_ptr,
                                      block0, B, stride_v, code, lo, hi,
-                                     R: tl.constexpr, BT: tl.constexpr, UC: tl.constexpr):
+                                     R: tl.constexpr, BT: tl.constexpr, UC: tl.constexpr, USE_DOT: tl.constexpr):
         blk = block0 + tl.program_id(0)
         rr = tl.arange(0, R)
         v = tl.load(blk_rows_ptr + blk * R + rr)
@@ -558,7 +558,10 @@ if triton is not None:
                          mask=smask[:, None] & cmask[None, :], other=0.0)
             e = tl.load(blk_edge_ptr + u0 * R + rr[:, None] * width + (uu - u0)[None, :])
             wgt = tl.load(w_ptr + tl.where(e >= 0, e, 0), mask=e >= 0, other=0.0).to(tl.float32)
-            acc += tl.sum(wgt[:, :, None] * xv[None, :, :], axis=1)
+            if USE_DOT:  # [R, UC] @ [UC, BT] in full fp32 (no tf32 rounding)
+                acc += tl.dot(wgt, xv, input_precision="ieee")
+            else:
+                acc += tl.sum(wgt[:, :, None] * xv[None, :, :], axis=1)
         acc += tl.load(b_ptr + v, mask=rmask, other=0.0).to(tl.float32)[:, None]
         acc = _activate(acc, code, lo, hi)
         tl.store(vals_ptr + v[:, None] * stride_v + cols[None, :], acc, mask=rmask[:, None] & cmask[None, :])
@@ -770,11 +773,15 @@ def level_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lp:
     else:
         sms = _sm_count(x.device)
         for (start, count, fan, code, lo, hi), (block0, n_blocks, reuse) in zip(lp.segments, lp.seg_blocks):
-            if n_blocks and (blocks or (blocks is None and reuse >= BLOCK_MIN_REUSE)):
-                R, UC = lp.block_rows, lp.block_chunk
+            R, UC = lp.block_rows, lp.block_chunk
+            use_dot = R >= 16 and UC >= 16 and BT >= 16
+            # auto: blocks with the dot form, or one column; on an H100 the [R, UC, BT] broadcast form gave
+            # wrong sums at R = 16 with BT >= 16 (a Triton 3.6 miscompile; right at BT = 1 and in the
+            # interpreter), so it runs only when forced (blocks=True) and in the interpreter tests
+            if n_blocks and (blocks or (blocks is None and reuse >= BLOCK_MIN_REUSE and (use_dot or BT == 1))):
                 _iosparse_level_block_kernel[(n_blocks, tiles)](
                     vals, w, b, lp.blk_rows, lp.blk_uptr, lp.blk_src, lp.blk_edge, block0, B, vals.stride(0), code,
-                    lo, hi, R=R, BT=BT, UC=UC, num_warps=max(1, min(8, R * UC * BT // 256)))
+                    lo, hi, R=R, BT=BT, UC=UC, USE_DOT=use_dot, num_warps=4 if use_dot else max(1, min(8, R * UC * BT // 256)))
                 continue
             R, KC = level_rows(count, fan, BT, tiles, sms, rows_per_program)
             _iosparse_level_rows_kernel[(triton.cdiv(count, R), tiles)](
