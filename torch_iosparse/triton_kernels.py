@@ -49,7 +49,7 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 DEFAULT_CHUNK = 16
 # Source-sharing blocks of the level kernel: neurons per block, distinct sources per gathered chunk, and
 # the least reuse (edges per distinct source) for which a segment runs the block kernel.
-DEFAULT_BLOCK_ROWS = 16
+DEFAULT_BLOCK_ROWS = 32
 DEFAULT_BLOCK_CHUNK = 16
 BLOCK_MIN_REUSE = 2.0
 
@@ -603,7 +603,7 @@ def encode_levels(in_ptr, in_src, level_ptr, level_neuron, act_code, act_lo, act
     """Build a :class:`LevelProgram` from the structure arrays (``ops.prepare``'s buffers or a DAG's).
 
     Inside a level, neurons are grouped by activation (segments) and ordered so that neurons with
-    overlapping sources are neighbours; ``block_rows`` neurons (a power of two, default 16) form one
+    overlapping sources are neighbours; ``block_rows`` neurons (a power of two, default 32) form one
     source-sharing block whose distinct sources are gathered ``block_chunk`` at a time (default 16)."""
     block_rows = DEFAULT_BLOCK_ROWS if block_rows is None else int(block_rows)
     block_chunk = DEFAULT_BLOCK_CHUNK if block_chunk is None else int(block_chunk)
