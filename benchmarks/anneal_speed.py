@@ -27,24 +27,35 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seconds", type=float, default=None, help="annealing time per configuration and run")
     ap.add_argument("--repeats", type=int, default=1, help="runs per configuration; the median rate is shown")
+    ap.add_argument("--nets", default=None, help="comma-separated subset of: radix, mlp, skip (default: all; "
+                    "--quick: radix)")
+    ap.add_argument("--memories", default=None, help="comma-separated M values (default 64,256; --quick: 64)")
+    ap.add_argument("--starts", default="two_optimal,best", help="comma-separated: two_optimal, best")
+    ap.add_argument("--configs", default="32:none,4:none,4:8/16",
+                    help="comma-separated max_shift:caps, caps = none or back/forward (default %(default)s)")
     args = ap.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 8.0)
-    nets = {"radix 1024x3 f32": generate.radix_net(1024, 3, fan_in=32)}
-    if not args.quick:
-        nets["mlp 1024x4 97%"] = pruned_mlp([1024] * 4, 0.97)
-        nets["skip DAG 30k"] = random_skip_dag(64, 30000, 3.4)
+    wanted = (args.nets or ("radix" if args.quick else "radix,mlp,skip")).split(",")
+    builders = {"radix": ("radix 1024x3 f32", lambda: generate.radix_net(1024, 3, fan_in=32)),
+                "mlp": ("mlp 1024x4 97%", lambda: pruned_mlp([1024] * 4, 0.97)),
+                "skip": ("skip DAG 30k", lambda: random_skip_dag(64, 30000, 3.4))}
+    nets = {builders[w][0]: builders[w][1]() for w in wanted}
+    Ms = [int(m) for m in (args.memories or ("64" if args.quick else "64,256")).split(",")]
+    configs = []
+    for c in args.configs.split(","):
+        shift, caps = c.split(":")
+        configs.append((int(shift), (-1, -1) if caps == "none" else tuple(int(x) for x in caps.split("/"))))
     print("| network | edges | M | start | max_shift | caps | proposals | evaluated/s | steps/eval | "
           "back/eval | accepted | io before -> after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, dag in nets.items():
-        Ms = [64, 256] if not args.quick else [64]
         for M in Ms:
-            for start in ("two_optimal", "best"):
+            for start in args.starts.split(","):
                 if start == "best":
                     order = _best_start(dag, M)[1]
                 else:
                     order = np.arange(dag.n_inputs, dag.n_neurons)
-                for shift, caps in ((32, (-1, -1)), (4, (-1, -1)), (4, (8, 16))):
+                for shift, caps in configs:
                     rates = []
                     for _ in range(max(1, args.repeats)):
                         ann = _annealer(dag, order, M, 0, 1 << 24)

@@ -614,7 +614,7 @@ struct Annealer : torch::CustomClassHolder {
   // Write what the last evaluation captured into the baseline data (before apply_move).
   void commit_move() {
     const int64_t c = last_c, stop = stop_;
-    size_t ck = 0, off = 0;
+    size_t ck = 0, off = 0, q = 0;
     for (int64_t t = c; t < stop; ++t) {
       hash[t] = sc_hash[t - c];
       step_cost[t] = sc_cost[t - c];
@@ -624,7 +624,22 @@ struct Annealer : torch::CustomClassHolder {
         std::copy(sc_ck.begin() + off, sc_ck.begin() + off + sc_ck_size[ck], ck_vals.begin() + k * M);
         off += sc_ck_size[ck++];
       }
-      forget_evictions(t);
+      // Most replayed steps make the same eviction decisions as before: keep those records as they are
+      // (re-indexing them would touch per-position lists at far-away, uncached positions).
+      size_t q1 = q;
+      while (q1 < sc_recs.size() && sc_recs[q1].s == t) ++q1;
+      const auto& old = evict_targets[t];
+      bool same = old.size() == q1 - q;
+      for (size_t k = 0; same && k < old.size(); ++k) {
+        const Rec& a = recs[old[k]];
+        const Rec& b = sc_recs[q + k];
+        same = a.uv == b.uv && a.p == b.p && a.ur == b.ur && a.r == b.r;
+      }
+      if (!same) {
+        forget_evictions(t);
+        for (size_t k = q; k < q1; ++k) add_rec(sc_recs[k]);
+      }
+      q = q1;
     }
     if (stop == nc) {
       hash[nc] = sc_final_h;
@@ -633,7 +648,6 @@ struct Annealer : torch::CustomClassHolder {
         std::copy(sc_ck.begin() + off, sc_ck.begin() + off + sc_ck_size[ck], ck_vals.begin() + (nc / K) * M);
       }
     }
-    for (const Rec& rec : sc_recs) add_rec(rec);
   }
   int64_t stop_ = 0;
 
