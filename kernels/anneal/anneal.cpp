@@ -56,19 +56,26 @@ struct Annealer : torch::CustomClassHolder {
   std::vector<int64_t> in_ptr, out_ptr;
   std::vector<int32_t> in_src, cons;  // cons: per source, consumers sorted by current position
   std::vector<int32_t> cidx;          // per in-edge (u -> v): index of v in u's consumer list
+  std::vector<int32_t> cons_edge;     // parallel to cons: the in-edge index of that read
+  std::vector<int32_t> edst;          // per in-edge: its reader
+  std::vector<int32_t> pred_edge;     // per source u of the moved neuron x: the in-edge u -> x
   std::vector<uint8_t> is_out;
   std::vector<int32_t> order, pos, best_order_;
   std::vector<uint64_t> Z[2];
   // baseline data of the current order
   std::vector<uint64_t> hash;       // [nc + 1]: state hash before step t
   std::vector<int32_t> step_cost;   // [nc]: loads + stores during step t
-  std::vector<int32_t> ck_vals, ck_size;  // checkpoint k = state before step k*K: (u << 1 | dirty)
+  // checkpoint k = state before step k*K, one entry per resident value u: (e << 1 | dirty), e the in-edge
+  // u -> w of u's next reader w then (u = in_src[e]); restore() checks that w is still the next reader
+  // (cheap) instead of searching u's consumer list, and searches only when a later move changed it.
+  std::vector<int32_t> ck_vals, ck_size;
   int64_t cur_cost = 0, best_cost_ = 0;
   SplitMix64 rng{0};
 
   // simulation scratch
   std::vector<uint8_t> res;        // 0 absent, 1 clean, 2 dirty
   std::vector<int32_t> rlist, ridx;  // resident list with positions (O(1) insert / erase)
+  std::vector<int32_t> rent;         // parallel to rlist: checkpoint entry (next-reader edge << 1 | dirty)
   // indexed max-heap of the resident values (not the partial sum) by next-use key: at most M entries
   std::vector<int64_t> hk;
   std::vector<int32_t> hv, hpos;
@@ -138,8 +145,14 @@ struct Annealer : torch::CustomClassHolder {
     out_ptr.assign(n + 1, 0);
     for (auto u : in_src) out_ptr[u + 1]++;
     for (int64_t u = 0; u < n; ++u) out_ptr[u + 1] += out_ptr[u];
+    TORCH_CHECK(static_cast<int64_t>(in_src.size()) < (int64_t(1) << 30), "too many edges for the annealer");
     cons.assign(in_src.size(), 0);
     cidx.assign(in_src.size(), 0);
+    cons_edge.assign(in_src.size(), 0);
+    edst.assign(in_src.size(), 0);
+    pred_edge.assign(n, -1);
+    for (int64_t v = n_in; v < n; ++v)
+      for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) edst[e] = static_cast<int32_t>(v);
     {
       std::vector<int64_t> cur(out_ptr.begin(), out_ptr.end() - 1);
       for (int64_t t = 0; t < nc; ++t) {  // consumers appended in order of position: already sorted
@@ -147,6 +160,7 @@ struct Annealer : torch::CustomClassHolder {
         for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) {
           const int32_t u = in_src[e];
           cidx[e] = static_cast<int32_t>(cur[u] - out_ptr[u]);
+          cons_edge[cur[u]] = static_cast<int32_t>(e);
           cons[cur[u]++] = v;
         }
       }
@@ -176,6 +190,7 @@ struct Annealer : torch::CustomClassHolder {
     pred_mark.assign(n, 0);
     span_of.assign(n, -1);
     rlist.reserve(M + 1);
+    rent.reserve(M + 1);
     cur_cost = rebuild();
     best_cost_ = cur_cost;
     best_order_ = order;
@@ -199,32 +214,50 @@ struct Annealer : torch::CustomClassHolder {
     return 2 * tpos(w);
   }
   // Next-use key of value u among reads at positions >= t: tpos(consumer) * n + u, or kNone.
-  int64_t next_use(int32_t u, int64_t t) const {
+  // ne: the in-edge of that next read (-1 if none).
+  int64_t next_use(int32_t u, int64_t t, int32_t& ne) const {
     const int32_t* lo = cons.data() + out_ptr[u];
     const int32_t* hi = cons.data() + out_ptr[u + 1];
     const int64_t t2 = 2 * t;
     const int32_t* it = std::lower_bound(lo, hi, t2, [&](int32_t w, int64_t key) { return sort_key2(w) < key; });
     int64_t best = kNone;
+    ne = -1;
     while (it != hi) {
       if (mv && *it == mx) {
         ++it;
         continue;
       }
       best = tpos(*it);
+      ne = cons_edge[it - cons.data()];
       break;
     }
-    if (mv && pred_mark[u] && mj >= t && mj < best) best = mj;
+    if (mv && pred_mark[u] && mj >= t && mj < best) {
+      best = mj;
+      ne = pred_edge[u];
+    }
     return best == kNone ? kNone : best * n + u;
+  }
+  int64_t next_use(int32_t u, int64_t t) const {
+    int32_t ne;
+    return next_use(u, t, ne);
   }
 
   // Next-use key of u among readers after step t, starting the scan at index k of u's consumer list,
   // when every listed reader from k on is read after t (true after the current reader's own entry
   // unless the current reader is the moved neuron, and from k = 0 for a just-computed value).
-  inline int64_t next_from(int32_t u, int64_t k, int64_t t) const {
+  inline int64_t next_from(int32_t u, int64_t k, int64_t t, int32_t& ne) const {
     const int64_t base = out_ptr[u], len = out_ptr[u + 1] - base;
     while (k < len && mv && cons[base + k] == mx) ++k;
-    int64_t best = k < len ? tpos(cons[base + k]) : kNone;
-    if (mv && pred_mark[u] && mj > t && mj < best) best = mj;
+    int64_t best = kNone;
+    ne = -1;
+    if (k < len) {
+      best = tpos(cons[base + k]);
+      ne = cons_edge[base + k];
+    }
+    if (mv && pred_mark[u] && mj > t && mj < best) {
+      best = mj;
+      ne = pred_edge[u];
+    }
     return best == kNone ? kNone : best * n + u;
   }
 
@@ -233,6 +266,7 @@ struct Annealer : torch::CustomClassHolder {
     res[u] = state;
     ridx[u] = static_cast<int32_t>(rlist.size());
     rlist.push_back(u);
+    rent.push_back(0);  // set with the value's key
     h ^= Z[state - 1][u];
   }
   inline void heap_place(int64_t i, int64_t key, int32_t u) {
@@ -280,8 +314,10 @@ struct Annealer : torch::CustomClassHolder {
     res[u] = 0;
     const int32_t last = rlist.back();
     rlist[ridx[u]] = last;
+    rent[ridx[u]] = rent.back();
     ridx[last] = ridx[u];
     rlist.pop_back();
+    rent.pop_back();
     ridx[u] = -1;
   }
   inline void push_key(int32_t u, int64_t key) {  // keys only grow while a value is resident
@@ -362,6 +398,7 @@ struct Annealer : torch::CustomClassHolder {
       ridx[u] = -1;
     }
     rlist.clear();
+    rent.clear();
     for (int64_t i = 0; i < hsize; ++i) hpos[hv[i]] = -1;
     hsize = 0;
     cnt = 0;
@@ -373,9 +410,22 @@ struct Annealer : torch::CustomClassHolder {
     const int64_t k = c / K;
     const int32_t* vals = ck_vals.data() + k * M;
     for (int32_t q = 0; q < ck_size[k]; ++q) {
-      const int32_t u = vals[q] >> 1;
-      add_res(u, static_cast<uint8_t>(1 + (vals[q] & 1)));
-      push_key(u, next_use(u, c));
+      const int32_t e = vals[q] >> 1, dirty = vals[q] & 1;
+      const int32_t u = in_src[e];
+      add_res(u, static_cast<uint8_t>(1 + dirty));
+      // The stored reader edst[e] is at or after c (moves since the capture stayed on one side of c);
+      // it is still u's next reader unless another reader of u now sits between c and it.
+      const int64_t kk = cidx[e];
+      int64_t key;
+      if (!(mv && pred_mark[u]) && (kk == 0 || pos[cons[out_ptr[u] + kk - 1]] < c)) {
+        key = tpos(edst[e]) * n + u;
+        rent.back() = vals[q];
+      } else {
+        int32_t ne;
+        key = next_use(u, c, ne);
+        rent.back() = (ne << 1) | dirty;
+      }
+      push_key(u, key);
     }
     cnt = static_cast<int64_t>(rlist.size());
   }
@@ -383,7 +433,7 @@ struct Annealer : torch::CustomClassHolder {
     const int64_t k = t / K;
     int32_t* vals = ck_vals.data() + k * M;
     ck_size[k] = static_cast<int32_t>(rlist.size());
-    for (size_t q = 0; q < rlist.size(); ++q) vals[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
+    std::copy(rent.begin(), rent.end(), vals);
   }
   // One step: compute neuron torder(t).
   void forget_evictions(int64_t t) {
@@ -426,7 +476,7 @@ struct Annealer : torch::CustomClassHolder {
       if (sp.from == s && fits(sp)) return true;
     const int32_t* vals = ck_vals.data() + s * M;
     for (int32_t q = 0; q < ck_size[s]; ++q) {
-      const int32_t k = span_of[vals[q] >> 1];
+      const int32_t k = span_of[in_src[vals[q] >> 1]];
       if (k >= 0 && fits(src_span[k])) return true;
     }
     return false;
@@ -517,22 +567,26 @@ struct Annealer : torch::CustomClassHolder {
         ++io;  // load
         add_res(u, 1);
       }
-      const int64_t nu = (mv && v == mx) ? next_use(u, t + 1) : next_from(u, cidx[e] + 1, t);
+      int32_t ne;
+      const int64_t nu = (mv && v == mx) ? next_use(u, t + 1, ne) : next_from(u, cidx[e] + 1, t, ne);
       if (nu == kNone) {  // last read: store an unstored output, then drop
         if (res[u] == 2 && is_out[u]) ++io;
         del_res(u);
         --cnt;
       } else {
         push_key(u, nu);
+        rent[ridx[u]] = (ne << 1) | (res[u] == 2 ? 1 : 0);
       }
     }
-    const int64_t nu = next_from(v, 0, t);  // every reader of v comes after it
+    int32_t ne;
+    const int64_t nu = next_from(v, 0, t, ne);  // every reader of v comes after it
     if (nu == kNone) {
       if (is_out[v]) ++io;
       --cnt;
     } else {
       add_res(v, 2);
       push_key(v, nu);
+      rent.back() = (ne << 1) | 1;
     }
   }
   // Full replay of the current order, rewriting all baseline data. Returns the activation I/O.
@@ -609,7 +663,7 @@ struct Annealer : torch::CustomClassHolder {
     sc_ck_size.push_back(static_cast<int32_t>(sz));
     sc_ck.resize(off + sz);
     int32_t* d = sc_ck.data() + off;
-    for (size_t q = 0; q < sz; ++q) d[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
+    std::copy(rent.begin(), rent.end(), d);
   }
   // Write what the last evaluation captured into the baseline data (before apply_move).
   void commit_move() {
@@ -658,7 +712,10 @@ struct Annealer : torch::CustomClassHolder {
     mj = j;
     wa = std::min(i, j);
     wb = std::max(i, j);
-    for (int64_t e = in_ptr[x]; e < in_ptr[x + 1]; ++e) pred_mark[in_src[e]] = 1;
+    for (int64_t e = in_ptr[x]; e < in_ptr[x + 1]; ++e) {
+      pred_mark[in_src[e]] = 1;
+      pred_edge[in_src[e]] = static_cast<int32_t>(e);
+    }
   }
   void clear_move() {
     for (int64_t e = in_ptr[mx]; e < in_ptr[mx + 1]; ++e) pred_mark[in_src[e]] = 0;
@@ -690,7 +747,9 @@ struct Annealer : torch::CustomClassHolder {
         const int32_t w = lo[k];
         const int32_t* s0 = in_src.data() + in_ptr[w];
         const int32_t* s1 = in_src.data() + in_ptr[w + 1];
-        cidx[std::lower_bound(s0, s1, u) - in_src.data()] = static_cast<int32_t>(k);
+        const int64_t ew = std::lower_bound(s0, s1, u) - in_src.data();
+        cidx[ew] = static_cast<int32_t>(k);
+        cons_edge[out_ptr[u] + k] = static_cast<int32_t>(ew);
       }
     }
   }
