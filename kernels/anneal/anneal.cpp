@@ -412,7 +412,10 @@ struct Annealer : torch::CustomClassHolder {
     for (int32_t q = 0; q < ck_size[k]; ++q) {
       const int32_t e = vals[q] >> 1, dirty = vals[q] & 1;
       const int32_t u = in_src[e];
-      add_res(u, static_cast<uint8_t>(1 + dirty));
+      res[u] = static_cast<uint8_t>(1 + dirty);  // add_res without the hash: it is hash[c] (set below)
+      ridx[u] = static_cast<int32_t>(rlist.size());
+      rlist.push_back(u);
+      rent.push_back(0);
       // The stored reader edst[e] is at or after c (moves since the capture stayed on one side of c);
       // it is still u's next reader unless another reader of u now sits between c and it.
       const int64_t kk = cidx[e];
@@ -428,6 +431,7 @@ struct Annealer : torch::CustomClassHolder {
       push_key(u, key);
     }
     cnt = static_cast<int64_t>(rlist.size());
+    h = hash[c];
   }
   void save_checkpoint(int64_t t) {
     const int64_t k = t / K;
