@@ -18,7 +18,7 @@ import numpy as np
 
 from torch_iosparse import generate
 from torch_iosparse.iomodel import count_io
-from torch_iosparse.planner import _annealer, _best_start
+from torch_iosparse.planner import _annealer, _best_start, anneal_order
 from torch_iosparse.planner_bench import pruned_mlp, random_skip_dag
 
 
@@ -33,6 +33,9 @@ def main():
     ap.add_argument("--starts", default="two_optimal,best", help="comma-separated: two_optimal, best")
     ap.add_argument("--configs", default="32:none,4:none,4:8/16",
                     help="comma-separated max_shift:caps, caps = none or back/forward (default %(default)s)")
+    ap.add_argument("--quality", default=None, metavar="SHIFTS",
+                    help="instead of rates at constant temperature: run plan(method='anneal') for --seconds with "
+                         "each comma-separated max_shift and report the I/O reached (annealing quality vs move set)")
     args = ap.parse_args()
     seconds = args.seconds or (3.0 if args.quick else 8.0)
     wanted = (args.nets or ("radix" if args.quick else "radix,mlp,skip")).split(",")
@@ -45,6 +48,8 @@ def main():
     for c in args.configs.split(","):
         shift, caps = c.split(":")
         configs.append((int(shift), (-1, -1) if caps == "none" else tuple(int(x) for x in caps.split("/"))))
+    if args.quality:
+        return quality(nets, Ms, [int(k) for k in args.quality.split(",")], seconds, args.repeats)
     print("| network | edges | M | start | max_shift | caps | proposals | evaluated/s | steps/eval | "
           "back/eval | accepted | io before -> after |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
@@ -80,6 +85,29 @@ def main():
                           f"{moves} | {float(np.median(rates)):,.0f} | {steps / max(evaluated, 1):.1f} | "
                           f"{back / max(evaluated, 1):.1f} | {accepted} | {before + fixed} -> {st[4] + fixed} |",
                           flush=True)
+
+
+def quality(nets, Ms, shifts, seconds, repeats):
+    """I/O reached by the full annealer (default schedule over a time budget, start = best greedy order)
+    for several max_shift values: a faster move set only helps if it also finds better orders."""
+    print(f"anneal for {seconds} s from the best greedy order (median over {repeats} runs, seeds 0..)")
+    print("| network | M | max_shift | start I/O | anneal I/O | gain vs start | evaluated/s | accepted |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, dag in nets.items():
+        for M in Ms:
+            start = _best_start(dag, M)[1]
+            for shift in shifts:
+                ios, rates, acc = [], [], []
+                for seed in range(max(1, repeats)):
+                    _, info = anneal_order(dag, M, seed=seed, time_budget=seconds, start=start, max_shift=shift,
+                                           progress=False)
+                    ios.append(info["io"])
+                    rates.append(info["evaluated_per_s"])
+                    acc.append(info["accepted"])
+                io = float(np.median(ios))
+                print(f"| {name} | {M} | {shift} | {info['start_io']} | {io:.0f} | "
+                      f"{100 * (info['start_io'] - io) / info['start_io']:.2f} % | {float(np.median(rates)):,.0f} | "
+                      f"{int(np.median(acc))} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -409,30 +409,35 @@ struct Annealer : torch::CustomClassHolder {
     clear_state();
     const int64_t k = c / K;
     const int32_t* vals = ck_vals.data() + k * M;
-    for (int32_t q = 0; q < ck_size[k]; ++q) {
+    const int32_t sz = ck_size[k];
+    rlist.resize(sz);
+    rent.resize(sz);
+    for (int32_t q = 0; q < sz; ++q) {  // independent iterations: their cache misses overlap
       const int32_t e = vals[q] >> 1, dirty = vals[q] & 1;
       const int32_t u = in_src[e];
       res[u] = static_cast<uint8_t>(1 + dirty);  // add_res without the hash: it is hash[c] (set below)
-      ridx[u] = static_cast<int32_t>(rlist.size());
-      rlist.push_back(u);
-      rent.push_back(0);
+      ridx[u] = q;
+      rlist[q] = u;
       // The stored reader edst[e] is at or after c (moves since the capture stayed on one side of c);
       // it is still u's next reader unless another reader of u now sits between c and it.
       const int64_t kk = cidx[e];
       int64_t key;
       if (!(mv && pred_mark[u]) && (kk == 0 || pos[cons[out_ptr[u] + kk - 1]] < c)) {
         key = tpos(edst[e]) * n + u;
-        rent.back() = vals[q];
+        rent[q] = vals[q];
       } else {
         int32_t ne;
         key = next_use(u, c, ne);
-        rent.back() = (ne << 1) | dirty;
+        rent[q] = (ne << 1) | dirty;
       }
-      push_key(u, key);
+      heap_place(q, key, u);
     }
-    cnt = static_cast<int64_t>(rlist.size());
+    hsize = sz;  // heapify bottom-up (O(M)); the top two keys do not depend on the layout
+    for (int64_t i = hsize / 2 - 1; i >= 0; --i) sift_down(i);
+    cnt = sz;
     h = hash[c];
   }
+
   void save_checkpoint(int64_t t) {
     const int64_t k = t / K;
     int32_t* vals = ck_vals.data() + k * M;
