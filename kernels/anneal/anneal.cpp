@@ -61,7 +61,6 @@ struct Annealer : torch::CustomClassHolder {
   std::vector<int32_t> pred_edge;     // per source u of the moved neuron x: the in-edge u -> x
   std::vector<uint8_t> is_out;
   std::vector<int32_t> order, pos, best_order_;
-  std::vector<uint64_t> Z[2];
   // baseline data of the current order
   std::vector<uint64_t> hash;       // [nc + 1]: state hash before step t
   std::vector<int32_t> step_cost;   // [nc]: loads + stores during step t
@@ -166,13 +165,6 @@ struct Annealer : torch::CustomClassHolder {
       }
     }
     rng = SplitMix64(static_cast<uint64_t>(seed) * 0x2545F4914F6CDD1DULL + 12345);
-    SplitMix64 zr(0xC0FFEEULL);  // hash keys need not depend on the seed
-    Z[0].resize(n);
-    Z[1].resize(n);
-    for (int64_t u = 0; u < n; ++u) {
-      Z[0][u] = zr.next();
-      Z[1][u] = zr.next();
-    }
     // checkpoint every K steps so that the checkpoints take at most checkpoint_budget entries
     K = std::max<int64_t>(1, (nc * M + checkpoint_budget - 1) / std::max<int64_t>(1, checkpoint_budget));
     hash.assign(nc + 1, 0);
@@ -262,12 +254,20 @@ struct Annealer : torch::CustomClassHolder {
   }
 
   // ---------------------------------------------------------------- simulation
+  // Zobrist key of (value, state): a 64-bit mix of a distinct input per pair (no table: a table lookup
+  // per resident-set change was a cache miss).
+  static inline uint64_t zobrist(int32_t u, uint8_t state) {
+    uint64_t z = ((static_cast<uint64_t>(u) << 1) | (state - 1)) * 0x9E3779B97F4A7C15ULL + 0xC0FFEEULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
   inline void add_res(int32_t u, uint8_t state) {
     res[u] = state;
     ridx[u] = static_cast<int32_t>(rlist.size());
     rlist.push_back(u);
     rent.push_back(0);  // set with the value's key
-    h ^= Z[state - 1][u];
+    h ^= zobrist(u, state);
   }
   inline void heap_place(int64_t i, int64_t key, int32_t u) {
     hk[i] = key;
@@ -310,7 +310,7 @@ struct Annealer : torch::CustomClassHolder {
   }
   inline void del_res(int32_t u) {
     if (hpos[u] >= 0) heap_remove(u);
-    h ^= Z[res[u] - 1][u];
+    h ^= zobrist(u, res[u]);
     res[u] = 0;
     const int32_t last = rlist.back();
     rlist[ridx[u]] = last;
