@@ -56,7 +56,12 @@ struct Annealer : torch::CustomClassHolder {
   std::vector<int64_t> in_ptr, out_ptr;
   std::vector<int32_t> in_src, cons;  // cons: per source, consumers sorted by current position
   std::vector<int32_t> cidx;          // per in-edge (u -> v): index of v in u's consumer list
-  std::vector<int32_t> cons_edge;     // parallel to cons: the in-edge index of that read
+  // parallel to cons: that reader's position and the in-edge index of the read, side by side so that a
+  // read finds the next reader's position without touching pos[] (kept in step by apply_move)
+  struct Slot {
+    int32_t pos, edge;
+  };
+  std::vector<Slot> cslot;
   std::vector<int32_t> edst;          // per in-edge: its reader
   std::vector<int32_t> pred_edge;     // per source u of the moved neuron x: the in-edge u -> x
   std::vector<uint8_t> is_out;
@@ -147,7 +152,7 @@ struct Annealer : torch::CustomClassHolder {
     TORCH_CHECK(static_cast<int64_t>(in_src.size()) < (int64_t(1) << 30), "too many edges for the annealer");
     cons.assign(in_src.size(), 0);
     cidx.assign(in_src.size(), 0);
-    cons_edge.assign(in_src.size(), 0);
+    cslot.assign(in_src.size(), Slot{0, 0});
     edst.assign(in_src.size(), 0);
     pred_edge.assign(n, -1);
     for (int64_t v = n_in; v < n; ++v)
@@ -159,7 +164,7 @@ struct Annealer : torch::CustomClassHolder {
         for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) {
           const int32_t u = in_src[e];
           cidx[e] = static_cast<int32_t>(cur[u] - out_ptr[u]);
-          cons_edge[cur[u]] = static_cast<int32_t>(e);
+          cslot[cur[u]] = Slot{static_cast<int32_t>(t), static_cast<int32_t>(e)};
           cons[cur[u]++] = v;
         }
       }
@@ -189,6 +194,11 @@ struct Annealer : torch::CustomClassHolder {
   }
 
   // ---------------------------------------------------------------- positions under the move
+  // Position under the move of a neuron other than the moved one, from its current position p.
+  inline int64_t shifted(int64_t p) const {
+    if (!mv || p < wa || p > wb) return p;
+    return mi < mj ? p - 1 : p + 1;
+  }
   inline int64_t tpos(int32_t w) const {
     const int64_t p = pos[w];
     if (!mv || p < wa || p > wb) return p;
@@ -220,7 +230,7 @@ struct Annealer : torch::CustomClassHolder {
         continue;
       }
       best = tpos(*it);
-      ne = cons_edge[it - cons.data()];
+      ne = cslot[it - cons.data()].edge;
       break;
     }
     if (mv && pred_mark[u] && mj >= t && mj < best) {
@@ -239,12 +249,13 @@ struct Annealer : torch::CustomClassHolder {
   // unless the current reader is the moved neuron, and from k = 0 for a just-computed value).
   inline int64_t next_from(int32_t u, int64_t k, int64_t t, int32_t& ne) const {
     const int64_t base = out_ptr[u], len = out_ptr[u + 1] - base;
-    while (k < len && mv && cons[base + k] == mx) ++k;
+    const Slot* sl = cslot.data() + base;
+    while (k < len && mv && sl[k].pos == mi) ++k;  // the moved neuron's own entry (it sits at mi)
     int64_t best = kNone;
     ne = -1;
     if (k < len) {
-      best = tpos(cons[base + k]);
-      ne = cons_edge[base + k];
+      best = shifted(sl[k].pos);
+      ne = sl[k].edge;
     }
     if (mv && pred_mark[u] && mj > t && mj < best) {
       best = mj;
@@ -422,8 +433,9 @@ struct Annealer : torch::CustomClassHolder {
       // it is still u's next reader unless another reader of u now sits between c and it.
       const int64_t kk = cidx[e];
       int64_t key;
-      if (!(mv && pred_mark[u]) && (kk == 0 || pos[cons[out_ptr[u] + kk - 1]] < c)) {
-        key = tpos(edst[e]) * n + u;
+      const Slot* sl = cslot.data() + out_ptr[u];
+      if (!(mv && pred_mark[u]) && (kk == 0 || sl[kk - 1].pos < c)) {
+        key = shifted(sl[kk].pos) * n + u;  // the reader is not the moved neuron (u is not its source)
         rent[q] = vals[q];
       } else {
         int32_t ne;
@@ -758,8 +770,12 @@ struct Annealer : torch::CustomClassHolder {
         const int32_t* s1 = in_src.data() + in_ptr[w + 1];
         const int64_t ew = std::lower_bound(s0, s1, u) - in_src.data();
         cidx[ew] = static_cast<int32_t>(k);
-        cons_edge[out_ptr[u] + k] = static_cast<int32_t>(ew);
+        cslot[out_ptr[u] + k].edge = static_cast<int32_t>(ew);
       }
+    }
+    for (int64_t t = std::min(i, j); t <= std::max(i, j); ++t) {  // every read by a neuron that moved
+      const int32_t y = order[t];
+      for (int64_t e = in_ptr[y]; e < in_ptr[y + 1]; ++e) cslot[out_ptr[in_src[e]] + cidx[e]].pos = static_cast<int32_t>(t);
     }
   }
 
