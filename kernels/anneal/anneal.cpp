@@ -31,6 +31,56 @@ namespace {
 
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 
+// A list of int32 with the first kInline entries stored in the object itself: the per-step and
+// per-position record lists are short and sit at random places, so a separate heap block per list cost
+// a second cache miss on every access.
+class SmallList {
+ public:
+  static constexpr int32_t kInline = 5;
+  SmallList() = default;
+  SmallList(const SmallList&) = delete;
+  SmallList& operator=(const SmallList&) = delete;
+  SmallList(SmallList&& o) noexcept { *this = std::move(o); }
+  SmallList& operator=(SmallList&& o) noexcept {
+    std::swap(size_, o.size_);
+    std::swap(cap_, o.cap_);
+    std::swap(heap_, o.heap_);
+    std::copy(o.inl_, o.inl_ + kInline, inl_);
+    return *this;
+  }
+  ~SmallList() { delete[] heap_; }
+  int32_t* data() { return cap_ > kInline ? heap_ : inl_; }
+  const int32_t* data() const { return cap_ > kInline ? heap_ : inl_; }
+  int32_t* begin() { return data(); }
+  int32_t* end() { return data() + size_; }
+  const int32_t* begin() const { return data(); }
+  const int32_t* end() const { return data() + size_; }
+  size_t size() const { return static_cast<size_t>(size_); }
+  bool empty() const { return size_ == 0; }
+  int32_t& operator[](size_t k) { return data()[k]; }
+  int32_t operator[](size_t k) const { return data()[k]; }
+  int32_t back() const { return data()[size_ - 1]; }
+  void pop_back() { --size_; }
+  void clear() { size_ = 0; }
+  void push_back(int32_t x) {
+    if (size_ == cap_) grow();
+    data()[size_++] = x;
+  }
+
+ private:
+  void grow() {
+    const int32_t cap = cap_ * 2;
+    int32_t* h = new int32_t[cap];
+    std::copy(data(), data() + size_, h);
+    delete[] heap_;
+    heap_ = h;
+    cap_ = cap;
+  }
+  int32_t size_ = 0, cap_ = kInline;
+  int32_t* heap_ = nullptr;
+  int32_t inl_[kInline];
+};
+
 struct SplitMix64 {  // small, fast, platform-independent: same seed => same moves everywhere
   uint64_t s;
   explicit SplitMix64(uint64_t seed) : s(seed) {}
@@ -115,9 +165,9 @@ struct Annealer : torch::CustomClassHolder {
   std::vector<Rec> recs;
   std::vector<Rec> sc_recs;  // eviction records of the last evaluation (see capturing)
   std::vector<int32_t> free_recs;
-  std::vector<std::vector<int32_t>> evict_targets;  // per step: its records
-  std::vector<std::vector<int32_t>> by_runner;      // per position r: records whose runner-up bound is r
-  std::vector<std::vector<int32_t>> evicted_at;  // per position p: records whose victim is next read at p
+  std::vector<SmallList> evict_targets;  // per step: its records
+  std::vector<SmallList> by_runner;      // per position r: records whose runner-up bound is r
+  std::vector<SmallList> evicted_at;     // per position p: records whose victim is next read at p
   int64_t last_c = 0;
 
   Annealer(at::Tensor in_ptr_t, at::Tensor in_src_t, at::Tensor is_output_t, int64_t n_inputs,
@@ -173,9 +223,9 @@ struct Annealer : torch::CustomClassHolder {
     // checkpoint every K steps so that the checkpoints take at most checkpoint_budget entries
     K = std::max<int64_t>(1, (nc * M + checkpoint_budget - 1) / std::max<int64_t>(1, checkpoint_budget));
     hash.assign(nc + 1, 0);
-    evict_targets.assign(nc, {});
-    evicted_at.assign(nc, {});
-    by_runner.assign(nc, {});
+    evict_targets = std::vector<SmallList>(nc);
+    evicted_at = std::vector<SmallList>(nc);
+    by_runner = std::vector<SmallList>(nc);
     step_cost.assign(nc, 0);
     ck_size.assign(nc / K + 1, 0);
     ck_vals.assign((nc / K + 1) * M, 0);
