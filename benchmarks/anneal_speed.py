@@ -3,13 +3,16 @@
     python benchmarks/anneal_speed.py            # radix 1024x3 fan_in 32 (98 304 edges) and more
     python benchmarks/anneal_speed.py --quick --seconds 2
     python benchmarks/anneal_speed.py --seconds 2 --repeats 3   # median of 3 runs per configuration
+    python benchmarks/anneal_speed.py --seconds 1.5 --repeats 3 --nets skip --memories 64 --configs 1:none,2:none,4:none
+    python benchmarks/anneal_speed.py --nets skip,radix,mlp --memories 64 --quality 1,2,4,16,64 --seconds 5
 
 For each network, memory M and max_shift it runs the native annealer (constant temperature 0.1 x the
 mean uphill delta) for a fixed time and reports evaluated moves per second (the median over --repeats
 runs, each from the same start: the machine is shared, single runs are noisy), the steps replayed per
 evaluation (all of them, and those before the window, replayed because an earlier eviction decision may
 change), the acceptance and the I/O gained. The capped rows reject proposals whose replay would exceed
-the caps, unevaluated: faster, still exact.
+the caps, unevaluated: faster, still exact. --configs picks the (max_shift, caps) rows; --quality runs
+the full annealer (default schedule, time budget --seconds) per max_shift and reports the I/O reached.
 """
 import argparse
 import time
