@@ -45,7 +45,7 @@ class SmallList {
     std::swap(size_, o.size_);
     std::swap(cap_, o.cap_);
     std::swap(heap_, o.heap_);
-    std::copy(o.inl_, o.inl_ + kInline, inl_);
+    std::swap_ranges(inl_, inl_ + kInline, o.inl_);  // both objects stay valid
     return *this;
   }
   ~SmallList() { delete[] heap_; }
@@ -78,7 +78,7 @@ class SmallList {
   }
   int32_t size_ = 0, cap_ = kInline;
   int32_t* heap_ = nullptr;
-  int32_t inl_[kInline];
+  int32_t inl_[kInline] = {};
 };
 
 struct SplitMix64 {  // small, fast, platform-independent: same seed => same moves everywhere
