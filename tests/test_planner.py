@@ -225,3 +225,23 @@ def test_long_moves_stay_exact_on_larger_dags(seed, M):
     pairs = [(i, j) for i in r.choice(len(order), size=30, replace=False).tolist()
              for j in r.choice(len(order), size=10, replace=False).tolist()]
     assert assert_deltas_exact(ann, dag, order, M, base, pairs) > 0
+
+
+@given(seed=st.integers(0, 10_000), M=st.integers(3, 10), every=st.integers(2, 5))
+def test_sparse_checkpoints_stay_exact_after_accepted_moves(seed, M, every):
+    """With a checkpoint only every K > 1 steps (small checkpoint budget), restores start further back and
+    read checkpoints written before later moves (their stored next readers may be stale): deltas still
+    equal a full replay."""
+    r = np.random.default_rng(seed)
+    dag = random_dag(seed, n=60, max_in=5, skip=bool(seed % 2))
+    budget = max(1, dag.n_computed * min(M, dag.n_neurons + 1) // every)
+    ann = planner._annealer(dag, topological_order(dag), M, seed, budget)
+    assert ann.checkpoint_interval() > 1
+    for _ in range(3):
+        ann.run(int(r.integers(20, 80)), 4.0, 2.0, int(r.integers(1, 20)), -1, -1)
+        order = ann.order().numpy()
+        base = count_io(dag, order, M).total
+        assert ann.cost() + dag.n_edges + dag.n_computed == base
+        pairs = [(i, j) for i in r.choice(len(order), size=20, replace=False).tolist()
+                 for j in r.choice(len(order), size=6, replace=False).tolist()]
+        assert_deltas_exact(ann, dag, order, M, base, pairs)

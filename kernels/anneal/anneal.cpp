@@ -31,6 +31,56 @@ namespace {
 
 constexpr int64_t kNone = std::numeric_limits<int64_t>::max();
 
+// A list of int32 with the first kInline entries stored in the object itself: the per-step and
+// per-position record lists are short and sit at random places, so a separate heap block per list cost
+// a second cache miss on every access.
+class SmallList {
+ public:
+  static constexpr int32_t kInline = 5;
+  SmallList() = default;
+  SmallList(const SmallList&) = delete;
+  SmallList& operator=(const SmallList&) = delete;
+  SmallList(SmallList&& o) noexcept { *this = std::move(o); }
+  SmallList& operator=(SmallList&& o) noexcept {
+    std::swap(size_, o.size_);
+    std::swap(cap_, o.cap_);
+    std::swap(heap_, o.heap_);
+    std::swap_ranges(inl_, inl_ + kInline, o.inl_);  // both objects stay valid
+    return *this;
+  }
+  ~SmallList() { delete[] heap_; }
+  int32_t* data() { return cap_ > kInline ? heap_ : inl_; }
+  const int32_t* data() const { return cap_ > kInline ? heap_ : inl_; }
+  int32_t* begin() { return data(); }
+  int32_t* end() { return data() + size_; }
+  const int32_t* begin() const { return data(); }
+  const int32_t* end() const { return data() + size_; }
+  size_t size() const { return static_cast<size_t>(size_); }
+  bool empty() const { return size_ == 0; }
+  int32_t& operator[](size_t k) { return data()[k]; }
+  int32_t operator[](size_t k) const { return data()[k]; }
+  int32_t back() const { return data()[size_ - 1]; }
+  void pop_back() { --size_; }
+  void clear() { size_ = 0; }
+  void push_back(int32_t x) {
+    if (size_ == cap_) grow();
+    data()[size_++] = x;
+  }
+
+ private:
+  void grow() {
+    const int32_t cap = cap_ * 2;
+    int32_t* h = new int32_t[cap];
+    std::copy(data(), data() + size_, h);
+    delete[] heap_;
+    heap_ = h;
+    cap_ = cap;
+  }
+  int32_t size_ = 0, cap_ = kInline;
+  int32_t* heap_ = nullptr;
+  int32_t inl_[kInline] = {};
+};
+
 struct SplitMix64 {  // small, fast, platform-independent: same seed => same moves everywhere
   uint64_t s;
   explicit SplitMix64(uint64_t seed) : s(seed) {}
@@ -56,19 +106,30 @@ struct Annealer : torch::CustomClassHolder {
   std::vector<int64_t> in_ptr, out_ptr;
   std::vector<int32_t> in_src, cons;  // cons: per source, consumers sorted by current position
   std::vector<int32_t> cidx;          // per in-edge (u -> v): index of v in u's consumer list
+  // parallel to cons: that reader's position and the in-edge index of the read, side by side so that a
+  // read finds the next reader's position without touching pos[] (kept in step by apply_move)
+  struct Slot {
+    int32_t pos, edge;
+  };
+  std::vector<Slot> cslot;
+  std::vector<int32_t> edst;          // per in-edge: its reader
+  std::vector<int32_t> pred_edge;     // per source u of the moved neuron x: the in-edge u -> x
   std::vector<uint8_t> is_out;
   std::vector<int32_t> order, pos, best_order_;
-  std::vector<uint64_t> Z[2];
   // baseline data of the current order
   std::vector<uint64_t> hash;       // [nc + 1]: state hash before step t
   std::vector<int32_t> step_cost;   // [nc]: loads + stores during step t
-  std::vector<int32_t> ck_vals, ck_size;  // checkpoint k = state before step k*K: (u << 1 | dirty)
+  // checkpoint k = state before step k*K, one entry per resident value u: (e << 1 | dirty), e the in-edge
+  // u -> w of u's next reader w then (u = in_src[e]); restore() checks that w is still the next reader
+  // (cheap) instead of searching u's consumer list, and searches only when a later move changed it.
+  std::vector<int32_t> ck_vals, ck_size;
   int64_t cur_cost = 0, best_cost_ = 0;
   SplitMix64 rng{0};
 
   // simulation scratch
   std::vector<uint8_t> res;        // 0 absent, 1 clean, 2 dirty
   std::vector<int32_t> rlist, ridx;  // resident list with positions (O(1) insert / erase)
+  std::vector<int32_t> rent;         // parallel to rlist: checkpoint entry (next-reader edge << 1 | dirty)
   // indexed max-heap of the resident values (not the partial sum) by next-use key: at most M entries
   std::vector<int64_t> hk;
   std::vector<int32_t> hv, hpos;
@@ -104,9 +165,9 @@ struct Annealer : torch::CustomClassHolder {
   std::vector<Rec> recs;
   std::vector<Rec> sc_recs;  // eviction records of the last evaluation (see capturing)
   std::vector<int32_t> free_recs;
-  std::vector<std::vector<int32_t>> evict_targets;  // per step: its records
-  std::vector<std::vector<int32_t>> by_runner;      // per position r: records whose runner-up bound is r
-  std::vector<std::vector<int32_t>> evicted_at;  // per position p: records whose victim is next read at p
+  std::vector<SmallList> evict_targets;  // per step: its records
+  std::vector<SmallList> by_runner;      // per position r: records whose runner-up bound is r
+  std::vector<SmallList> evicted_at;     // per position p: records whose victim is next read at p
   int64_t last_c = 0;
 
   Annealer(at::Tensor in_ptr_t, at::Tensor in_src_t, at::Tensor is_output_t, int64_t n_inputs,
@@ -138,8 +199,14 @@ struct Annealer : torch::CustomClassHolder {
     out_ptr.assign(n + 1, 0);
     for (auto u : in_src) out_ptr[u + 1]++;
     for (int64_t u = 0; u < n; ++u) out_ptr[u + 1] += out_ptr[u];
+    TORCH_CHECK(static_cast<int64_t>(in_src.size()) < (int64_t(1) << 30), "too many edges for the annealer");
     cons.assign(in_src.size(), 0);
     cidx.assign(in_src.size(), 0);
+    cslot.assign(in_src.size(), Slot{0, 0});
+    edst.assign(in_src.size(), 0);
+    pred_edge.assign(n, -1);
+    for (int64_t v = n_in; v < n; ++v)
+      for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) edst[e] = static_cast<int32_t>(v);
     {
       std::vector<int64_t> cur(out_ptr.begin(), out_ptr.end() - 1);
       for (int64_t t = 0; t < nc; ++t) {  // consumers appended in order of position: already sorted
@@ -147,24 +214,18 @@ struct Annealer : torch::CustomClassHolder {
         for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) {
           const int32_t u = in_src[e];
           cidx[e] = static_cast<int32_t>(cur[u] - out_ptr[u]);
+          cslot[cur[u]] = Slot{static_cast<int32_t>(t), static_cast<int32_t>(e)};
           cons[cur[u]++] = v;
         }
       }
     }
     rng = SplitMix64(static_cast<uint64_t>(seed) * 0x2545F4914F6CDD1DULL + 12345);
-    SplitMix64 zr(0xC0FFEEULL);  // hash keys need not depend on the seed
-    Z[0].resize(n);
-    Z[1].resize(n);
-    for (int64_t u = 0; u < n; ++u) {
-      Z[0][u] = zr.next();
-      Z[1][u] = zr.next();
-    }
     // checkpoint every K steps so that the checkpoints take at most checkpoint_budget entries
     K = std::max<int64_t>(1, (nc * M + checkpoint_budget - 1) / std::max<int64_t>(1, checkpoint_budget));
     hash.assign(nc + 1, 0);
-    evict_targets.assign(nc, {});
-    evicted_at.assign(nc, {});
-    by_runner.assign(nc, {});
+    evict_targets = std::vector<SmallList>(nc);
+    evicted_at = std::vector<SmallList>(nc);
+    by_runner = std::vector<SmallList>(nc);
     step_cost.assign(nc, 0);
     ck_size.assign(nc / K + 1, 0);
     ck_vals.assign((nc / K + 1) * M, 0);
@@ -176,12 +237,18 @@ struct Annealer : torch::CustomClassHolder {
     pred_mark.assign(n, 0);
     span_of.assign(n, -1);
     rlist.reserve(M + 1);
+    rent.reserve(M + 1);
     cur_cost = rebuild();
     best_cost_ = cur_cost;
     best_order_ = order;
   }
 
   // ---------------------------------------------------------------- positions under the move
+  // Position under the move of a neuron other than the moved one, from its current position p.
+  inline int64_t shifted(int64_t p) const {
+    if (!mv || p < wa || p > wb) return p;
+    return mi < mj ? p - 1 : p + 1;
+  }
   inline int64_t tpos(int32_t w) const {
     const int64_t p = pos[w];
     if (!mv || p < wa || p > wb) return p;
@@ -199,41 +266,69 @@ struct Annealer : torch::CustomClassHolder {
     return 2 * tpos(w);
   }
   // Next-use key of value u among reads at positions >= t: tpos(consumer) * n + u, or kNone.
-  int64_t next_use(int32_t u, int64_t t) const {
+  // ne: the in-edge of that next read (-1 if none).
+  int64_t next_use(int32_t u, int64_t t, int32_t& ne) const {
     const int32_t* lo = cons.data() + out_ptr[u];
     const int32_t* hi = cons.data() + out_ptr[u + 1];
     const int64_t t2 = 2 * t;
     const int32_t* it = std::lower_bound(lo, hi, t2, [&](int32_t w, int64_t key) { return sort_key2(w) < key; });
     int64_t best = kNone;
+    ne = -1;
     while (it != hi) {
       if (mv && *it == mx) {
         ++it;
         continue;
       }
       best = tpos(*it);
+      ne = cslot[it - cons.data()].edge;
       break;
     }
-    if (mv && pred_mark[u] && mj >= t && mj < best) best = mj;
+    if (mv && pred_mark[u] && mj >= t && mj < best) {
+      best = mj;
+      ne = pred_edge[u];
+    }
     return best == kNone ? kNone : best * n + u;
+  }
+  int64_t next_use(int32_t u, int64_t t) const {
+    int32_t ne;
+    return next_use(u, t, ne);
   }
 
   // Next-use key of u among readers after step t, starting the scan at index k of u's consumer list,
   // when every listed reader from k on is read after t (true after the current reader's own entry
   // unless the current reader is the moved neuron, and from k = 0 for a just-computed value).
-  inline int64_t next_from(int32_t u, int64_t k, int64_t t) const {
+  inline int64_t next_from(int32_t u, int64_t k, int64_t t, int32_t& ne) const {
     const int64_t base = out_ptr[u], len = out_ptr[u + 1] - base;
-    while (k < len && mv && cons[base + k] == mx) ++k;
-    int64_t best = k < len ? tpos(cons[base + k]) : kNone;
-    if (mv && pred_mark[u] && mj > t && mj < best) best = mj;
+    const Slot* sl = cslot.data() + base;
+    while (k < len && mv && sl[k].pos == mi) ++k;  // the moved neuron's own entry (it sits at mi)
+    int64_t best = kNone;
+    ne = -1;
+    if (k < len) {
+      best = shifted(sl[k].pos);
+      ne = sl[k].edge;
+    }
+    if (mv && pred_mark[u] && mj > t && mj < best) {
+      best = mj;
+      ne = pred_edge[u];
+    }
     return best == kNone ? kNone : best * n + u;
   }
 
   // ---------------------------------------------------------------- simulation
+  // Zobrist key of (value, state): a 64-bit mix of a distinct input per pair (no table: a table lookup
+  // per resident-set change was a cache miss).
+  static inline uint64_t zobrist(int32_t u, uint8_t state) {
+    uint64_t z = ((static_cast<uint64_t>(u) << 1) | (state - 1)) * 0x9E3779B97F4A7C15ULL + 0xC0FFEEULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+  }
   inline void add_res(int32_t u, uint8_t state) {
     res[u] = state;
     ridx[u] = static_cast<int32_t>(rlist.size());
     rlist.push_back(u);
-    h ^= Z[state - 1][u];
+    rent.push_back(0);  // set with the value's key
+    h ^= zobrist(u, state);
   }
   inline void heap_place(int64_t i, int64_t key, int32_t u) {
     hk[i] = key;
@@ -276,12 +371,14 @@ struct Annealer : torch::CustomClassHolder {
   }
   inline void del_res(int32_t u) {
     if (hpos[u] >= 0) heap_remove(u);
-    h ^= Z[res[u] - 1][u];
+    h ^= zobrist(u, res[u]);
     res[u] = 0;
     const int32_t last = rlist.back();
     rlist[ridx[u]] = last;
+    rent[ridx[u]] = rent.back();
     ridx[last] = ridx[u];
     rlist.pop_back();
+    rent.pop_back();
     ridx[u] = -1;
   }
   inline void push_key(int32_t u, int64_t key) {  // keys only grow while a value is resident
@@ -362,6 +459,7 @@ struct Annealer : torch::CustomClassHolder {
       ridx[u] = -1;
     }
     rlist.clear();
+    rent.clear();
     for (int64_t i = 0; i < hsize; ++i) hpos[hv[i]] = -1;
     hsize = 0;
     cnt = 0;
@@ -372,18 +470,41 @@ struct Annealer : torch::CustomClassHolder {
     clear_state();
     const int64_t k = c / K;
     const int32_t* vals = ck_vals.data() + k * M;
-    for (int32_t q = 0; q < ck_size[k]; ++q) {
-      const int32_t u = vals[q] >> 1;
-      add_res(u, static_cast<uint8_t>(1 + (vals[q] & 1)));
-      push_key(u, next_use(u, c));
+    const int32_t sz = ck_size[k];
+    rlist.resize(sz);
+    rent.resize(sz);
+    for (int32_t q = 0; q < sz; ++q) {  // independent iterations: their cache misses overlap
+      const int32_t e = vals[q] >> 1, dirty = vals[q] & 1;
+      const int32_t u = in_src[e];
+      res[u] = static_cast<uint8_t>(1 + dirty);  // add_res without the hash: it is hash[c] (set below)
+      ridx[u] = q;
+      rlist[q] = u;
+      // The stored reader edst[e] is at or after c (moves since the capture stayed on one side of c);
+      // it is still u's next reader unless another reader of u now sits between c and it.
+      const int64_t kk = cidx[e];
+      int64_t key;
+      const Slot* sl = cslot.data() + out_ptr[u];
+      if (!(mv && pred_mark[u]) && (kk == 0 || sl[kk - 1].pos < c)) {
+        key = shifted(sl[kk].pos) * n + u;  // the reader is not the moved neuron (u is not its source)
+        rent[q] = vals[q];
+      } else {
+        int32_t ne;
+        key = next_use(u, c, ne);
+        rent[q] = (ne << 1) | dirty;
+      }
+      heap_place(q, key, u);
     }
-    cnt = static_cast<int64_t>(rlist.size());
+    hsize = sz;  // heapify bottom-up (O(M)); the top two keys do not depend on the layout
+    for (int64_t i = hsize / 2 - 1; i >= 0; --i) sift_down(i);
+    cnt = sz;
+    h = hash[c];
   }
+
   void save_checkpoint(int64_t t) {
     const int64_t k = t / K;
     int32_t* vals = ck_vals.data() + k * M;
     ck_size[k] = static_cast<int32_t>(rlist.size());
-    for (size_t q = 0; q < rlist.size(); ++q) vals[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
+    std::copy(rent.begin(), rent.end(), vals);
   }
   // One step: compute neuron torder(t).
   void forget_evictions(int64_t t) {
@@ -426,7 +547,7 @@ struct Annealer : torch::CustomClassHolder {
       if (sp.from == s && fits(sp)) return true;
     const int32_t* vals = ck_vals.data() + s * M;
     for (int32_t q = 0; q < ck_size[s]; ++q) {
-      const int32_t k = span_of[vals[q] >> 1];
+      const int32_t k = span_of[in_src[vals[q] >> 1]];
       if (k >= 0 && fits(src_span[k])) return true;
     }
     return false;
@@ -517,22 +638,26 @@ struct Annealer : torch::CustomClassHolder {
         ++io;  // load
         add_res(u, 1);
       }
-      const int64_t nu = (mv && v == mx) ? next_use(u, t + 1) : next_from(u, cidx[e] + 1, t);
+      int32_t ne;
+      const int64_t nu = (mv && v == mx) ? next_use(u, t + 1, ne) : next_from(u, cidx[e] + 1, t, ne);
       if (nu == kNone) {  // last read: store an unstored output, then drop
         if (res[u] == 2 && is_out[u]) ++io;
         del_res(u);
         --cnt;
       } else {
         push_key(u, nu);
+        rent[ridx[u]] = (ne << 1) | (res[u] == 2 ? 1 : 0);
       }
     }
-    const int64_t nu = next_from(v, 0, t);  // every reader of v comes after it
+    int32_t ne;
+    const int64_t nu = next_from(v, 0, t, ne);  // every reader of v comes after it
     if (nu == kNone) {
       if (is_out[v]) ++io;
       --cnt;
     } else {
       add_res(v, 2);
       push_key(v, nu);
+      rent.back() = (ne << 1) | 1;
     }
   }
   // Full replay of the current order, rewriting all baseline data. Returns the activation I/O.
@@ -609,12 +734,12 @@ struct Annealer : torch::CustomClassHolder {
     sc_ck_size.push_back(static_cast<int32_t>(sz));
     sc_ck.resize(off + sz);
     int32_t* d = sc_ck.data() + off;
-    for (size_t q = 0; q < sz; ++q) d[q] = (rlist[q] << 1) | (res[rlist[q]] == 2 ? 1 : 0);
+    std::copy(rent.begin(), rent.end(), d);
   }
   // Write what the last evaluation captured into the baseline data (before apply_move).
   void commit_move() {
     const int64_t c = last_c, stop = stop_;
-    size_t ck = 0, off = 0;
+    size_t ck = 0, off = 0, q = 0;
     for (int64_t t = c; t < stop; ++t) {
       hash[t] = sc_hash[t - c];
       step_cost[t] = sc_cost[t - c];
@@ -624,7 +749,22 @@ struct Annealer : torch::CustomClassHolder {
         std::copy(sc_ck.begin() + off, sc_ck.begin() + off + sc_ck_size[ck], ck_vals.begin() + k * M);
         off += sc_ck_size[ck++];
       }
-      forget_evictions(t);
+      // Most replayed steps make the same eviction decisions as before: keep those records as they are
+      // (re-indexing them would touch per-position lists at far-away, uncached positions).
+      size_t q1 = q;
+      while (q1 < sc_recs.size() && sc_recs[q1].s == t) ++q1;
+      const auto& old = evict_targets[t];
+      bool same = old.size() == q1 - q;
+      for (size_t k = 0; same && k < old.size(); ++k) {
+        const Rec& a = recs[old[k]];
+        const Rec& b = sc_recs[q + k];
+        same = a.uv == b.uv && a.p == b.p && a.ur == b.ur && a.r == b.r;
+      }
+      if (!same) {
+        forget_evictions(t);
+        for (size_t k = q; k < q1; ++k) add_rec(sc_recs[k]);
+      }
+      q = q1;
     }
     if (stop == nc) {
       hash[nc] = sc_final_h;
@@ -633,7 +773,6 @@ struct Annealer : torch::CustomClassHolder {
         std::copy(sc_ck.begin() + off, sc_ck.begin() + off + sc_ck_size[ck], ck_vals.begin() + (nc / K) * M);
       }
     }
-    for (const Rec& rec : sc_recs) add_rec(rec);
   }
   int64_t stop_ = 0;
 
@@ -644,7 +783,10 @@ struct Annealer : torch::CustomClassHolder {
     mj = j;
     wa = std::min(i, j);
     wb = std::max(i, j);
-    for (int64_t e = in_ptr[x]; e < in_ptr[x + 1]; ++e) pred_mark[in_src[e]] = 1;
+    for (int64_t e = in_ptr[x]; e < in_ptr[x + 1]; ++e) {
+      pred_mark[in_src[e]] = 1;
+      pred_edge[in_src[e]] = static_cast<int32_t>(e);
+    }
   }
   void clear_move() {
     for (int64_t e = in_ptr[mx]; e < in_ptr[mx + 1]; ++e) pred_mark[in_src[e]] = 0;
@@ -676,8 +818,14 @@ struct Annealer : torch::CustomClassHolder {
         const int32_t w = lo[k];
         const int32_t* s0 = in_src.data() + in_ptr[w];
         const int32_t* s1 = in_src.data() + in_ptr[w + 1];
-        cidx[std::lower_bound(s0, s1, u) - in_src.data()] = static_cast<int32_t>(k);
+        const int64_t ew = std::lower_bound(s0, s1, u) - in_src.data();
+        cidx[ew] = static_cast<int32_t>(k);
+        cslot[out_ptr[u] + k].edge = static_cast<int32_t>(ew);
       }
+    }
+    for (int64_t t = std::min(i, j); t <= std::max(i, j); ++t) {  // every read by a neuron that moved
+      const int32_t y = order[t];
+      for (int64_t e = in_ptr[y]; e < in_ptr[y + 1]; ++e) cslot[out_ptr[in_src[e]] + cidx[e]].pos = static_cast<int32_t>(t);
     }
   }
 
