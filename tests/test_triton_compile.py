@@ -57,49 +57,31 @@ for io_t in ("fp32", "fp16", "bf16"):
                            target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
         assert len(k.asm["cubin"]) > 1000
         print("compiled level", io_t, BT, len(k.asm["cubin"]))
-    rsig = {}
-    for n in tk._iosparse_level_rows_kernel.arg_names:
-        if n in ("R", "BT", "KC"):
-            rsig[n] = "constexpr"
-        elif n in ("w_ptr", "b_ptr"):
-            rsig[n] = "*" + io_t
-        elif n == "vals_ptr":
-            rsig[n] = "*fp32"
-        elif n == "in_ptr_ptr":
-            rsig[n] = "*i64"
-        elif n.endswith("_ptr"):
-            rsig[n] = "*i32"
-        elif n in ("lo", "hi"):
-            rsig[n] = "fp32"
-        else:
-            rsig[n] = "i64" if n in ("B", "stride_v") else "i32"
-    for R, BT, KC, warps in ((128, 1, 32, 8), (2, 64, 32, 8)):  # level_rows at B = 1 and B = 64
-        k = triton.compile(ASTSource(tk._iosparse_level_rows_kernel, rsig, constexprs={"R": R, "BT": BT, "KC": KC}),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        assert len(k.asm["cubin"]) > 1000
-        print("compiled level rows", io_t, R, BT, len(k.asm["cubin"]))
-    bsig = {}
-    for n in tk._iosparse_level_block_kernel.arg_names:
-        if n in ("R", "BT", "UC", "USE_DOT"):
-            bsig[n] = "constexpr"
-        elif n in ("w_ptr", "b_ptr"):
-            bsig[n] = "*" + io_t
-        elif n == "vals_ptr":
-            bsig[n] = "*fp32"
-        elif n == "blk_uptr_ptr":
-            bsig[n] = "*i64"
-        elif n.endswith("_ptr"):
-            bsig[n] = "*i32"
-        elif n in ("lo", "hi"):
-            bsig[n] = "fp32"
-        else:
-            bsig[n] = "i64" if n in ("B", "stride_v") else "i32"
-    for R, BT, UC, warps in ((16, 64, 16, 4), (16, 1, 16, 1)):
-        consts = {"R": R, "BT": BT, "UC": UC, "USE_DOT": BT >= 16}
-        k = triton.compile(ASTSource(tk._iosparse_level_block_kernel, bsig, constexprs=consts),
-                           target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
-        assert len(k.asm["cubin"]) > 1000
-        print("compiled level blocks", io_t, R, BT, len(k.asm["cubin"]))
+    for kern, i64_ptr, shapes in (
+            # level_rows at B = 1 and B = 64; blocks of 32 neurons: broadcast form (1 column), dot form (64)
+            (tk._iosparse_level_rows_kernel, "in_ptr_ptr", [({"R": 128, "BT": 1, "KC": 32}, 8),
+                                                            ({"R": 8, "BT": 64, "KC": 32}, 8)]),
+            (tk._iosparse_level_block_kernel, "blk_uptr_ptr", [({"R": 32, "BT": 1, "UC": 16, "USE_DOT": False}, 2),
+                                                               ({"R": 32, "BT": 64, "UC": 16, "USE_DOT": True}, 4)])):
+        sig = {}
+        for n in kern.arg_names:
+            if n in shapes[0][0]:
+                sig[n] = "constexpr"
+            elif n in ("w_ptr", "b_ptr"):
+                sig[n] = "*" + io_t
+            elif n == "vals_ptr":
+                sig[n] = "*fp32"
+            elif n.endswith("_ptr"):
+                sig[n] = "*i64" if n == i64_ptr else "*i32"
+            elif n in ("lo", "hi"):
+                sig[n] = "fp32"
+            else:
+                sig[n] = "i64" if n in ("B", "stride_v") else "i32"
+        for consts, warps in shapes:
+            k = triton.compile(ASTSource(kern, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps})
+            assert len(k.asm["cubin"]) > 1000
+            print("compiled", kern.__name__, io_t, consts, len(k.asm["cubin"]))
 """
 
 
