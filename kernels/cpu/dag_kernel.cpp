@@ -54,15 +54,22 @@ enum NetIndex {
   NET_DENSE_EDGE_PTR,    // int64 [L+1] per layer range in dense_edge (layered only)
   NET_DENSE_OUT_POS,     // int64 [n_out] column of each output in the last layer (layered only)
   NET_PROG_GROUP_PTR,    // int64 [n_groups+1] positions computed together (program.group_positions)
+  NET_PANEL_PTR,         // int64 [P+1] panel p reads sources panel_src[panel_ptr[p]:panel_ptr[p+1]]
+  NET_PANEL_SRC,         // int32 [U]   source neuron of each panel column
+  NET_PANEL_ROW_PTR,     // int64 [P+1] panel p computes neurons panel_target[panel_row_ptr[p]:...] (1..8)
+  NET_PANEL_TARGET,      // int64 [n_computed]
+  NET_PANEL_EDGE_PTR,    // int64 [P+1] panel p's [U_p][R_p] block of edge ids in panel_edge
+  NET_PANEL_EDGE,        // int32 [sum U_p R_p] edge id, or -1 (weight 0) where the source does not feed the row
   NET_COUNT
 };
 
 // Order of the int[] `config` argument (torch_iosparse/ops.py::CONFIG_KEYS).
 enum ConfigIndex {
   CFG_N_INPUTS = 0, CFG_N_NEURONS, CFG_N_OUTPUTS, CFG_MEMORY, CFG_N_SLOW, CFG_BATCH_TILE, CFG_STRATEGY,
-  CFG_LEVEL_MAX_BATCH, CFG_DENSE_MIN_BATCH, CFG_LAYERED, CFG_COUNT
+  CFG_LEVEL_MAX_BATCH, CFG_DENSE_MIN_BATCH, CFG_LAYERED, CFG_PANEL_MIN_BATCH, CFG_PANEL_TILE, CFG_COUNT
 };
-enum Strategy { STRAT_AUTO = 0, STRAT_PROGRAM = 1, STRAT_LEVEL = 2, STRAT_DENSE = 3 };
+enum Strategy { STRAT_AUTO = 0, STRAT_PROGRAM = 1, STRAT_LEVEL = 2, STRAT_DENSE = 3, STRAT_PANEL = 4 };
+constexpr int MAX_PANEL_ROWS = 8;
 enum Opcode : int32_t { OP_LOAD = 1, OP_FMA = 2, OP_FINISH = 3, OP_STORE = 4 };
 
 struct Net {
@@ -82,6 +89,13 @@ struct Net {
   const int64_t* prog_output_rows;
   const int64_t* prog_group_ptr;
   int64_t n_groups;
+  int64_t panel_min_batch, panel_tile, n_panels, n_panel_edges;
+  const int64_t* panel_ptr;
+  const int32_t* panel_src;
+  const int64_t* panel_row_ptr;
+  const int64_t* panel_target;
+  const int64_t* panel_edge_ptr;
+  const int32_t* panel_edge;
 };
 
 void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
@@ -155,6 +169,44 @@ void validate_indices(const Net& n, at::TensorList net_t) {
     for (int64_t j = 0; j < n.n_outputs; ++j)
       if (dop[j] < 0 || dop[j] >= cols) bad("dense_out_pos");
   }
+  if (n.n_panels > 0) {
+    // Panels must cover every computed neuron once and every edge once, read only sources computed by
+    // an earlier panel (or inputs), and each edge cell must join its column's source to its row's target.
+    const int64_t P = n.n_panels;
+    if (n.panel_ptr[0] != 0 || n.panel_row_ptr[0] != 0 || n.panel_edge_ptr[0] != 0) bad("panel pointers");
+    if (n.panel_row_ptr[P] != n.n_computed || n.panel_edge_ptr[P] != n.n_panel_edges) bad("panel pointers");
+    std::vector<uint8_t> done(n.n_neurons, 0);
+    std::fill(done.begin(), done.begin() + n.n_inputs, uint8_t(1));
+    std::vector<uint8_t> edge_seen(n.n_edges, 0);
+    int64_t edges_used = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t u0 = n.panel_ptr[p], u1 = n.panel_ptr[p + 1], r0 = n.panel_row_ptr[p], r1 = n.panel_row_ptr[p + 1];
+      const int64_t R = r1 - r0;
+      if (u1 < u0 || R < 1 || R > MAX_PANEL_ROWS || n.panel_edge_ptr[p + 1] - n.panel_edge_ptr[p] != (u1 - u0) * R)
+        bad("panel sizes");
+      for (int64_t u = u0; u < u1; ++u) {
+        const int32_t s = n.panel_src[u];
+        if (s < 0 || s >= n.n_neurons || !done[s]) bad("panel_src");
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = n.panel_target[r];
+        if (t < n.n_inputs || t >= n.n_neurons || done[t]) bad("panel_target");
+      }
+      for (int64_t u = u0; u < u1; ++u)
+        for (int64_t r = 0; r < R; ++r) {
+          const int32_t e = n.panel_edge[n.panel_edge_ptr[p] + (u - u0) * R + r];
+          if (e == -1) continue;
+          const int64_t t = n.panel_target[r0 + r];
+          if (e < 0 || e >= n.n_edges || edge_seen[e] || n.in_src[e] != n.panel_src[u] || e < n.in_ptr[t] ||
+              e >= n.in_ptr[t + 1])
+            bad("panel_edge");
+          edge_seen[e] = 1;
+          ++edges_used;
+        }
+      for (int64_t r = r0; r < r1; ++r) done[n.panel_target[r]] = 1;
+    }
+    if (edges_used != n.n_edges) bad("panel_edge does not cover every edge");
+  }
   last_key = std::move(key);
 }
 
@@ -213,6 +265,25 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   for (int64_t g = 0; g < n.n_groups; ++g)
     TORCH_CHECK_VALUE(n.prog_group_ptr[g + 1] - n.prog_group_ptr[g] >= 1 &&
                       n.prog_group_ptr[g + 1] - n.prog_group_ptr[g] <= 4, "iosparse: bad group in prog_group_ptr");
+  n.panel_min_batch = config[CFG_PANEL_MIN_BATCH];
+  n.panel_tile = config[CFG_PANEL_TILE];
+  check_buffer(net_t[NET_PANEL_PTR], "panel_ptr", at::kLong, -1);
+  check_buffer(net_t[NET_PANEL_SRC], "panel_src", at::kInt, -1);
+  check_buffer(net_t[NET_PANEL_ROW_PTR], "panel_row_ptr", at::kLong, net_t[NET_PANEL_PTR].numel());
+  check_buffer(net_t[NET_PANEL_TARGET], "panel_target", at::kLong, -1);
+  check_buffer(net_t[NET_PANEL_EDGE_PTR], "panel_edge_ptr", at::kLong, net_t[NET_PANEL_PTR].numel());
+  check_buffer(net_t[NET_PANEL_EDGE], "panel_edge", at::kInt, -1);
+  n.n_panels = std::max<int64_t>(0, net_t[NET_PANEL_PTR].numel() - 1);
+  n.n_panel_edges = net_t[NET_PANEL_EDGE].numel();
+  n.panel_ptr = net_t[NET_PANEL_PTR].data_ptr<int64_t>();
+  n.panel_src = net_t[NET_PANEL_SRC].data_ptr<int32_t>();
+  n.panel_row_ptr = net_t[NET_PANEL_ROW_PTR].data_ptr<int64_t>();
+  n.panel_target = net_t[NET_PANEL_TARGET].data_ptr<int64_t>();
+  n.panel_edge_ptr = net_t[NET_PANEL_EDGE_PTR].data_ptr<int64_t>();
+  n.panel_edge = net_t[NET_PANEL_EDGE].data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(n.n_panels == 0 || (net_t[NET_PANEL_TARGET].numel() == n.n_computed &&
+                                        n.panel_ptr[n.n_panels] == net_t[NET_PANEL_SRC].numel()),
+                    "iosparse: network buffers are corrupt or belong to another network (panel sizes)");
   n.n_levels = net_t[NET_LEVEL_PTR].numel() - 1;
   n.n_ops = net_t[NET_PROG_OPS].numel() / 3;
   n.in_ptr = net_t[NET_IN_PTR].data_ptr<int64_t>();
@@ -436,6 +507,24 @@ void poison(T* p, int64_t n) {
   std::fill(p, p + n, std::numeric_limits<T>::quiet_NaN());
 }
 
+// Tile row i = feature i of the tile's nb batch rows (x row-major [nb, n_in]). Feature-outer loop: the
+// writes are contiguous and the nb input rows being read stay in L1.
+template <typename T>
+void transpose_in(const T* x, int64_t n_in, int64_t nb, int64_t BT, T* tile) {
+  for (int64_t i = 0; i < n_in; ++i) {
+    T* dst = tile + i * BT;
+    for (int64_t c = 0; c < nb; ++c) dst[c] = x[c * n_in + i];
+  }
+}
+// y[c, j] = tile[rows[j], c] for the tile's nb batch rows.
+template <typename T>
+void gather_out(const T* tile, const int64_t* rows, int64_t n_out, int64_t nb, int64_t BT, T* y) {
+  for (int64_t j = 0; j < n_out; ++j) {
+    const T* src = tile + rows[j] * BT;
+    for (int64_t c = 0; c < nb; ++c) y[c * n_out + j] = src[c];
+  }
+}
+
 template <typename T>
 void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y) {
   // NV vectors of 64 bytes per tile: the batch_tile in columns rounded to a supported width.
@@ -462,14 +551,126 @@ void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T*
       // Transposed input tile: slow row i = feature i of the tile's columns (zero padded).
       if (nb < BT)
         for (int64_t i = 0; i < n_in; ++i) std::fill(sl + i * BT + nb, sl + (i + 1) * BT, T(0));
-      for (int64_t c = 0; c < nb; ++c) {
-        const T* xr = x + (b0 + c) * n_in;
-        for (int64_t i = 0; i < n_in; ++i) sl[i * BT + c] = xr[i];
-      }
+      transpose_in<T>(x + b0 * n_in, n_in, nb, BT, sl);
       fn(net, w, b, slots, sl);
-      for (int64_t c = 0; c < nb; ++c) {
-        T* yr = y + (b0 + c) * n_out;
-        for (int64_t j = 0; j < n_out; ++j) yr[j] = sl[net.prog_output_rows[j] * BT + c];
+      gather_out<T>(sl, net.prog_output_rows, n_out, nb, BT, y + b0 * n_out);
+    }
+  });
+}
+
+// ------------------------------------------------------------------------------------------ panel
+// Layer-by-layer SpMM with register blocking across outputs. A panel computes R (1..8) neurons of one
+// level together over the union of their sources (ops.prepare / build_panels groups neurons that share
+// sources, e.g. the sliding windows of RadiX-Net layers): each source vector of the tile is loaded once
+// and multiplied into R accumulator sets, with a zero weight where the source does not feed a row. Panels
+// that follow each other share most sources, so those come from L1. Values: vals[n_neurons][BT] per tile.
+// This path does not follow the plan's slot schedule (every value of the tile lives in one buffer).
+// Row of neuron v in the tile buffer. Layers like RadiX-Net's read sources 32 or 1024 rows apart: with a
+// plain v * BT layout those rows fall into one or two cache sets (power-of-two strides) and evict each
+// other. One padding row every 16 rows and another every 1024 spread such strides over the sets.
+inline int64_t panel_row(int64_t v) { return v + (v >> 4) + (v >> 10); }
+
+template <typename T, int NV, int R>
+__attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, const T* __restrict pw,
+                                                     const T* __restrict b, T* __restrict vals) {
+  using V = typename Vec64<T>::type;
+  constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
+  const int64_t u0 = net.panel_ptr[p], u1 = net.panel_ptr[p + 1];
+  const int64_t* tg = net.panel_target + net.panel_row_ptr[p];
+  const T* wp = pw + net.panel_edge_ptr[p];
+  const int32_t* src = net.panel_src;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r) {
+    const T bv = b[tg[r]];
+    for (int j = 0; j < NV; ++j) acc[r][j] = V{} + bv;
+  }
+  for (int64_t u = u0; u < u1; ++u, wp += R) {
+    const V* s = reinterpret_cast<const V*>(vals + panel_row(src[u]) * BT);
+    for (int j = 0; j < NV; ++j) {
+      const V sv = s[j];
+      for (int r = 0; r < R; ++r) acc[r][j] += wp[r] * sv;
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    finish_vec<T, NV>(net, tg[r], acc[r], reinterpret_cast<V*>(vals + panel_row(tg[r]) * BT));
+}
+
+template <typename T, int NV>
+__attribute__((always_inline)) inline void panel_tile_body(const Net& net, const T* __restrict pw,
+                                                           const T* __restrict b, T* __restrict vals) {
+  for (int64_t p = 0; p < net.n_panels; ++p) {
+    switch (net.panel_row_ptr[p + 1] - net.panel_row_ptr[p]) {
+      case 1: panel_run<T, NV, 1>(net, p, pw, b, vals); break;
+      case 2: panel_run<T, NV, 2>(net, p, pw, b, vals); break;
+      case 3: panel_run<T, NV, 3>(net, p, pw, b, vals); break;
+      case 4: panel_run<T, NV, 4>(net, p, pw, b, vals); break;
+      case 5: panel_run<T, NV, 5>(net, p, pw, b, vals); break;
+      case 6: panel_run<T, NV, 6>(net, p, pw, b, vals); break;
+      case 7: panel_run<T, NV, 7>(net, p, pw, b, vals); break;
+      default: panel_run<T, NV, 8>(net, p, pw, b, vals); break;
+    }
+  }
+}
+template <typename T, int NV>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma,avx2"))) void panel_tile_avx512(
+    const Net& net, const T* pw, const T* b, T* vals, T*) {
+  panel_tile_body<T, NV>(net, pw, b, vals);
+}
+template <typename T, int NV>
+__attribute__((target("avx2,fma"))) void panel_tile_avx2(const Net& net, const T* pw, const T* b, T* vals, T*) {
+  panel_tile_body<T, NV>(net, pw, b, vals);
+}
+template <typename T, int NV>
+void panel_tile_generic(const Net& net, const T* pw, const T* b, T* vals, T*) {
+  panel_tile_body<T, NV>(net, pw, b, vals);
+}
+template <typename T, int NV>
+TileFn<T> pick_panel_fn() {
+  switch (detect_isa()) {
+    case ISA_AVX512: return &panel_tile_avx512<T, NV>;
+    case ISA_AVX2: return &panel_tile_avx2<T, NV>;
+    default: return &panel_tile_generic<T, NV>;
+  }
+}
+
+template <typename T>
+void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y) {
+  TORCH_CHECK_VALUE(net.n_panels > 0, "iosparse: the panel strategy needs panels (ops.prepare builds them)");
+  // Weights in panel order, zeros where a source does not feed a row (one pass over the edges per call).
+  // The calling thread's scratch: reused across calls (no page faults), read-only inside the region below.
+  const int64_t E = net.n_panel_edges;
+  T* pw = scratch<T>(3, E);
+  at::parallel_for(0, E, 1 << 16, [&](int64_t s, int64_t e) {
+    for (int64_t k = s; k < e; ++k) {
+      const int32_t ed = net.panel_edge[k];
+      pw[k] = ed >= 0 ? w[ed] : T(0);
+    }
+  });
+  // One or two 64-byte vectors per value: R <= 8 rows x NV vectors of accumulators stay in registers.
+  const int64_t lanes = int64_t(64 / sizeof(T));
+  int nv = net.panel_tile >= 4 * lanes ? 4 : net.panel_tile >= 2 * lanes ? 2 : 1;
+  const int64_t threads = at::get_num_threads();
+  while (nv > 1 && (nv / 2) * lanes >= B) nv /= 2;
+  while (nv > 1 && (B + nv * lanes - 1) / (nv * lanes) < threads) nv /= 2;
+  TileFn<T> fn = nv == 4 ? pick_panel_fn<T, 4>() : nv == 2 ? pick_panel_fn<T, 2>() : pick_panel_fn<T, 1>();
+  const int64_t BT = nv * lanes;
+  const int64_t n_tiles = (B + BT - 1) / BT;
+  const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
+  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+    const int64_t rows = panel_row(net.n_neurons - 1) + 1;
+    T* vals = scratch<T>(2, rows * BT);
+    if (poison_enabled()) poison(vals, rows * BT);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b0 = t * BT, nb = std::min(BT, B - b0);
+      for (int64_t i = 0; i < n_in; ++i) {
+        T* dst = vals + panel_row(i) * BT;
+        for (int64_t c = 0; c < nb; ++c) dst[c] = x[(b0 + c) * n_in + i];
+        std::fill(dst + nb, dst + BT, T(0));
+      }
+      fn(net, pw, b, vals, nullptr);
+      for (int64_t j = 0; j < n_out; ++j) {
+        const T* src = vals + panel_row(net.outputs[j]) * BT;
+        for (int64_t c = 0; c < nb; ++c) y[(b0 + c) * n_out + j] = src[c];
       }
     }
   });
@@ -815,12 +1016,15 @@ at::Tensor dense_forward(const Net& net, const at::Tensor& x, const at::Tensor& 
 
 int64_t choose_strategy(const Net& net, int64_t B) {
   if (net.strategy != STRAT_AUTO) {
+    TORCH_CHECK_VALUE(net.strategy >= STRAT_PROGRAM && net.strategy <= STRAT_PANEL, "iosparse: unknown strategy ",
+                      net.strategy);
     TORCH_CHECK_VALUE(net.strategy != STRAT_DENSE || net.layered,
                       "iosparse: the dense strategy needs a layered network (edges only between consecutive levels)");
     return net.strategy;
   }
   if (net.layered && B >= net.dense_min_batch) return STRAT_DENSE;
   if (B <= net.level_max_batch) return STRAT_LEVEL;
+  if (net.n_panels > 0 && B >= net.panel_min_batch) return STRAT_PANEL;
   return STRAT_PROGRAM;
 }
 
@@ -843,6 +1047,8 @@ at::Tensor dag_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, 
     scalar_t* yp = y.data_ptr<scalar_t>();
     if (strategy == STRAT_PROGRAM) {
       program_forward<scalar_t>(net, xp, B, wp, bp, yp);
+    } else if (strategy == STRAT_PANEL) {
+      panel_forward<scalar_t>(net, xp, B, wp, bp, yp);
     } else {
       auto vals = aligned_buffer<scalar_t>(net.n_neurons * B);
       if (poison_enabled()) poison(vals.get(), net.n_neurons * B);
@@ -944,17 +1150,160 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dag_backward_cpu(const at::Tensor
   return {gx, gw, gb};
 }
 
+// ------------------------------------------------------------------------------------------ panel builder
+// Groups each level's neurons into panels of up to max_rows rows that share sources (see panel_run).
+// Greedy, per level: a panel starts at a seed neuron and grows by the unvisited neuron of the same level
+// sharing the most sources with the last row added, while useful multiply-adds / (rows x union of
+// sources) stays >= min_efficiency; the neuron that did not fit seeds the next panel, so consecutive
+// panels slide along chains of overlapping source sets. Neighbours are found through the sources' out-
+// edges, at most scan_limit sources per row and scan_limit out-edges per source (bounded work on
+// dense-ish levels). Returns (panel_ptr, panel_src, panel_row_ptr, panel_target, panel_edge_ptr,
+// panel_edge) as described at NetIndex.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_panels_cpu(
+    const at::Tensor& in_ptr_t, const at::Tensor& in_src_t, const at::Tensor& level_ptr_t,
+    const at::Tensor& level_neuron_t, int64_t n_neurons, int64_t max_rows, double min_efficiency,
+    int64_t scan_limit) {
+  TORCH_CHECK_VALUE(max_rows >= 1 && max_rows <= MAX_PANEL_ROWS, "iosparse: max_rows must be in 1..",
+                    int(MAX_PANEL_ROWS), ", got ", max_rows);
+  TORCH_CHECK_VALUE(scan_limit >= 1, "iosparse: scan_limit must be >= 1");
+  check_buffer(in_ptr_t, "in_ptr", at::kLong, n_neurons + 1);
+  check_buffer(in_src_t, "in_src", at::kInt, -1);
+  check_buffer(level_ptr_t, "level_ptr", at::kLong, -1);
+  check_buffer(level_neuron_t, "level_neuron", at::kLong, -1);
+  const int64_t* in_ptr = in_ptr_t.data_ptr<int64_t>();
+  const int32_t* in_src = in_src_t.data_ptr<int32_t>();
+  const int64_t* level_ptr = level_ptr_t.data_ptr<int64_t>();
+  const int64_t* level_neuron = level_neuron_t.data_ptr<int64_t>();
+  const int64_t m = in_src_t.numel(), L = level_ptr_t.numel() - 1, nc = level_neuron_t.numel();
+  TORCH_CHECK_VALUE(in_ptr[0] == 0 && in_ptr[n_neurons] == m && L >= 0 && level_ptr[0] == 0 &&
+                    level_ptr[L] == nc, "iosparse: build_panels: inconsistent structure buffers");
+  for (int64_t e = 0; e < m; ++e)
+    TORCH_CHECK_VALUE(in_src[e] >= 0 && in_src[e] < n_neurons, "iosparse: build_panels: in_src out of range");
+  std::vector<int64_t> level_of(n_neurons, -1);
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t p = level_ptr[l]; p < level_ptr[l + 1]; ++p) {
+      const int64_t v = level_neuron[p];
+      TORCH_CHECK_VALUE(v >= 0 && v < n_neurons && level_of[v] < 0, "iosparse: build_panels: bad level_neuron");
+      level_of[v] = l;
+    }
+  // Out-edges (target of each edge, grouped by source).
+  std::vector<int64_t> out_ptr(n_neurons + 1, 0);
+  for (int64_t e = 0; e < m; ++e) ++out_ptr[in_src[e] + 1];
+  for (int64_t u = 0; u < n_neurons; ++u) out_ptr[u + 1] += out_ptr[u];
+  std::vector<int64_t> out_dst(m), fill(out_ptr.begin(), out_ptr.end() - 1);
+  for (int64_t v = 0; v < n_neurons; ++v)
+    for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) out_dst[fill[in_src[e]]++] = v;
+
+  std::vector<uint8_t> visited(n_neurons, 0);
+  std::vector<int32_t> count(n_neurons, 0);
+  std::vector<int64_t> stamp(n_neurons, -1), local(n_neurons, 0), touched;
+  std::vector<int64_t> panel_ptr{0}, row_ptr{0}, edge_ptr{0}, targets;
+  std::vector<int32_t> psrc, pedge;
+  int64_t panel_id = 0;
+  auto best_neighbour = [&](int64_t last, int64_t level) -> int64_t {
+    touched.clear();
+    const int64_t e_end = std::min(in_ptr[last + 1], in_ptr[last] + scan_limit);
+    for (int64_t e = in_ptr[last]; e < e_end; ++e) {
+      const int64_t u = in_src[e];
+      const int64_t o_end = std::min(out_ptr[u + 1], out_ptr[u] + scan_limit);
+      for (int64_t o = out_ptr[u]; o < o_end; ++o) {
+        const int64_t t = out_dst[o];
+        if (visited[t] || level_of[t] != level) continue;
+        if (count[t]++ == 0) touched.push_back(t);
+      }
+    }
+    int64_t best = -1;
+    int32_t best_count = 0;
+    for (int64_t t : touched) {
+      if (count[t] > best_count || (count[t] == best_count && t < best)) best = t, best_count = count[t];
+      count[t] = 0;
+    }
+    return best;
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    int64_t cursor = level_ptr[l], seed = -1;
+    for (;;) {
+      if (seed < 0) {
+        while (cursor < level_ptr[l + 1] && visited[level_neuron[cursor]]) ++cursor;
+        if (cursor == level_ptr[l + 1]) break;
+        seed = level_neuron[cursor];
+      }
+      // Grow one panel from the seed.
+      std::vector<int64_t> rows{seed};
+      visited[seed] = 1;
+      const int64_t u_begin = int64_t(psrc.size());
+      auto add_sources = [&](int64_t v) {
+        for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) {
+          const int64_t u = in_src[e];
+          if (stamp[u] != panel_id) {
+            stamp[u] = panel_id;
+            local[u] = int64_t(psrc.size()) - u_begin;
+            psrc.push_back(int32_t(u));
+          }
+        }
+      };
+      add_sources(seed);
+      int64_t useful = in_ptr[seed + 1] - in_ptr[seed], next = -1;
+      for (;;) {
+        const int64_t cand = best_neighbour(rows.back(), l);
+        if (cand < 0) break;
+        if (int64_t(rows.size()) == max_rows) { next = cand; break; }
+        int64_t fresh = 0;
+        for (int64_t e = in_ptr[cand]; e < in_ptr[cand + 1]; ++e) fresh += stamp[in_src[e]] != panel_id;
+        const int64_t U = int64_t(psrc.size()) - u_begin + fresh;
+        const int64_t use = useful + in_ptr[cand + 1] - in_ptr[cand];
+        if (double(use) < min_efficiency * double(U) * double(rows.size() + 1)) { next = cand; break; }
+        rows.push_back(cand);
+        visited[cand] = 1;
+        useful = use;
+        add_sources(cand);
+      }
+      // Edge block [U][R]; a repeated (source, row) pair (multi-edge) gets an extra column of its own.
+      const int64_t R = int64_t(rows.size());
+      std::vector<int32_t> block(size_t(psrc.size() - u_begin) * R, -1);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t e = in_ptr[rows[r]]; e < in_ptr[rows[r] + 1]; ++e) {
+          size_t cell = size_t(local[in_src[e]]) * R + r;
+          if (block[cell] != -1) {
+            psrc.push_back(in_src[e]);
+            block.resize(block.size() + R, -1);
+            cell = block.size() - R + r;
+          }
+          block[cell] = int32_t(e);
+        }
+      pedge.insert(pedge.end(), block.begin(), block.end());
+      targets.insert(targets.end(), rows.begin(), rows.end());
+      panel_ptr.push_back(int64_t(psrc.size()));
+      row_ptr.push_back(int64_t(targets.size()));
+      edge_ptr.push_back(int64_t(pedge.size()));
+      ++panel_id;
+      seed = next;
+    }
+  }
+  TORCH_CHECK(int64_t(pedge.size()) < (int64_t(1) << 31), "iosparse: build_panels: too many panel cells");
+  auto i64 = [](const std::vector<int64_t>& v) {
+    return at::from_blob(const_cast<int64_t*>(v.data()), {int64_t(v.size())}, at::kLong).clone();
+  };
+  auto i32 = [](const std::vector<int32_t>& v) {
+    return at::from_blob(const_cast<int32_t*>(v.data()), {int64_t(v.size())}, at::kInt).clone();
+  };
+  return {i64(panel_ptr), i32(psrc), i64(row_ptr), i64(targets), i64(edge_ptr), i32(pedge)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(iosparse, m) {
   m.def("dag_forward(Tensor x, Tensor weight, Tensor bias, Tensor[] net, int[] config) -> Tensor");
   m.def("dag_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor[] net, int[] config) -> "
         "(Tensor, Tensor, Tensor)");
+  m.def("build_panels(Tensor in_ptr, Tensor in_src, Tensor level_ptr, Tensor level_neuron, int n_neurons, "
+        "int max_rows, float min_efficiency, int scan_limit) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(iosparse, CPU, m) {
   m.impl("dag_forward", &dag_forward_cpu);
   m.impl("dag_backward", &dag_backward_cpu);
+  m.impl("build_panels", &build_panels_cpu);
 }
 
 }  // namespace iosparse
