@@ -350,26 +350,30 @@ struct Vec64<double> {
 // dst = act(acc). The cheap kinds stay in vector registers (the comparisons keep NaN, like PyTorch);
 // the transcendental ones go through the scalar formulas.
 template <typename T, int NV>
-__attribute__((always_inline)) inline void finish_vec(const Net& net, int64_t v,
-                                                      const typename Vec64<T>::type* acc,
-                                                      typename Vec64<T>::type* dst) {
+__attribute__((always_inline)) inline void finish_vec_with(int8_t ac, T lo_s, T hi_s,
+                                                           const typename Vec64<T>::type* acc,
+                                                           typename Vec64<T>::type* dst) {
   using V = typename Vec64<T>::type;
   constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
-  const int8_t ac = net.act_code[v];
   if (ac == ACT_RELU) {
     const V zero = V{};
     for (int j = 0; j < NV; ++j) dst[j] = acc[j] < zero ? zero : acc[j];
   } else if (ac == ACT_HARDTANH) {
-    const V lo = V{} + T(net.act_param[2 * v]), hi = V{} + T(net.act_param[2 * v + 1]);
+    const V lo = V{} + lo_s, hi = V{} + hi_s;
     for (int j = 0; j < NV; ++j) {
       const V a = acc[j] < lo ? lo : acc[j];
       dst[j] = a > hi ? hi : a;
     }
   } else {
     for (int j = 0; j < NV; ++j) dst[j] = acc[j];
-    if (ac != ACT_IDENTITY)
-      act_inplace<T>(ac, reinterpret_cast<T*>(dst), BT, T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]));
+    if (ac != ACT_IDENTITY) act_inplace<T>(ac, reinterpret_cast<T*>(dst), BT, lo_s, hi_s);
   }
+}
+template <typename T, int NV>
+__attribute__((always_inline)) inline void finish_vec(const Net& net, int64_t v,
+                                                      const typename Vec64<T>::type* acc,
+                                                      typename Vec64<T>::type* dst) {
+  finish_vec_with<T, NV>(net.act_code[v], T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]), acc, dst);
 }
 
 // A group of G consecutive positions with identical sources read from identical slots (see
@@ -507,23 +511,34 @@ void poison(T* p, int64_t n) {
   std::fill(p, p + n, std::numeric_limits<T>::quiet_NaN());
 }
 
-// Tile row i = feature i of the tile's nb batch rows (x row-major [nb, n_in]). Feature-outer loop: the
-// writes are contiguous and the nb input rows being read stay in L1.
-template <typename T>
-void transpose_in(const T* x, int64_t n_in, int64_t nb, int64_t BT, T* tile) {
-  for (int64_t i = 0; i < n_in; ++i) {
-    T* dst = tile + i * BT;
-    for (int64_t c = 0; c < nb; ++c) dst[c] = x[c * n_in + i];
+// Tile row row_of(i) = feature i of the tile's nb batch rows (x row-major [nb, n_in]), zero padded to BT.
+// Blocks of 64 features: each batch row is read in contiguous runs, the block's tile rows stay in L1.
+template <typename T, typename RowOf>
+void transpose_in(const T* x, int64_t n_in, int64_t nb, int64_t BT, T* tile, RowOf row_of) {
+  constexpr int64_t FB = 64;
+  for (int64_t i0 = 0; i0 < n_in; i0 += FB) {
+    const int64_t i1 = std::min(n_in, i0 + FB);
+    for (int64_t c = 0; c < nb; ++c) {
+      const T* xr = x + c * n_in;
+      for (int64_t i = i0; i < i1; ++i) tile[row_of(i) * BT + c] = xr[i];
+    }
+    for (int64_t i = i0; i < i1; ++i) std::fill(tile + row_of(i) * BT + nb, tile + (row_of(i) + 1) * BT, T(0));
   }
 }
-// y[c, j] = tile[rows[j], c] for the tile's nb batch rows.
-template <typename T>
-void gather_out(const T* tile, const int64_t* rows, int64_t n_out, int64_t nb, int64_t BT, T* y) {
-  for (int64_t j = 0; j < n_out; ++j) {
-    const T* src = tile + rows[j] * BT;
-    for (int64_t c = 0; c < nb; ++c) y[c * n_out + j] = src[c];
+// y[c, j] = tile[row_of(rows[j]), c] for the tile's nb batch rows; blocks of 64 outputs, so y is written
+// in contiguous runs (a fresh output is page-faulted in order) and the block's tile rows stay in L1.
+template <typename T, typename RowOf>
+void gather_out(const T* tile, const int64_t* rows, int64_t n_out, int64_t nb, int64_t BT, T* y, RowOf row_of) {
+  constexpr int64_t OB = 64;
+  for (int64_t j0 = 0; j0 < n_out; j0 += OB) {
+    const int64_t j1 = std::min(n_out, j0 + OB);
+    for (int64_t c = 0; c < nb; ++c) {
+      T* yr = y + c * n_out;
+      for (int64_t j = j0; j < j1; ++j) yr[j] = tile[row_of(rows[j]) * BT + c];
+    }
   }
 }
+inline int64_t same_row(int64_t v) { return v; }
 
 template <typename T>
 void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y) {
@@ -549,11 +564,9 @@ void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T*
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * BT, nb = std::min(BT, B - b0);
       // Transposed input tile: slow row i = feature i of the tile's columns (zero padded).
-      if (nb < BT)
-        for (int64_t i = 0; i < n_in; ++i) std::fill(sl + i * BT + nb, sl + (i + 1) * BT, T(0));
-      transpose_in<T>(x + b0 * n_in, n_in, nb, BT, sl);
+      transpose_in<T>(x + b0 * n_in, n_in, nb, BT, sl, same_row);
       fn(net, w, b, slots, sl);
-      gather_out<T>(sl, net.prog_output_rows, n_out, nb, BT, y + b0 * n_out);
+      gather_out<T>(sl, net.prog_output_rows, n_out, nb, BT, y + b0 * n_out, same_row);
     }
   });
 }
@@ -569,10 +582,19 @@ void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T*
 // plain v * BT layout those rows fall into one or two cache sets (power-of-two strides) and evict each
 // other. One padding row every 16 rows and another every 1024 spread such strides over the sets.
 inline int64_t panel_row(int64_t v) { return v + (v >> 4) + (v >> 10); }
+constexpr int64_t PANEL_PREFETCH = 120;
+
+// Bias and activation of each panel row, gathered once per call in panel order (per tile they would be
+// scattered reads, one per neuron).
+template <typename T>
+struct RowParams {
+  T bias, lo, hi;
+  int32_t code;
+};
 
 template <typename T, int NV, int R>
 __attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, const T* __restrict pw,
-                                                     const T* __restrict b, T* __restrict vals) {
+                                                     const RowParams<T>* __restrict rows, T* __restrict vals) {
   using V = typename Vec64<T>::type;
   constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
   const int64_t u0 = net.panel_ptr[p], u1 = net.panel_ptr[p + 1];
@@ -580,11 +602,18 @@ __attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, 
   const T* wp = pw + net.panel_edge_ptr[p];
   const int32_t* src = net.panel_src;
   V acc[R][NV];
-  for (int r = 0; r < R; ++r) {
-    const T bv = b[tg[r]];
-    for (int j = 0; j < NV; ++j) acc[r][j] = V{} + bv;
-  }
+  // Panels two ahead write scattered rows (permuted layers): fetch those for writing now.
+  const int64_t row_end = net.panel_row_ptr[p] + 2 * R;
+  for (int r = 0; r < R && row_end + r < net.n_computed; ++r)
+    __builtin_prefetch(vals + panel_row(net.panel_target[row_end + r]) * BT, 1);
+  const RowParams<T>* rp = rows + net.panel_row_ptr[p];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = V{} + rp[r].bias;
+  // Sources PANEL_PREFETCH columns ahead (into the next panels) are prefetched: most come from L1 (shared
+  // with the previous panel), the new ones from L2/L3 at rows the hardware prefetcher cannot guess.
+  const int64_t last = net.panel_ptr[net.n_panels] - 1;
   for (int64_t u = u0; u < u1; ++u, wp += R) {
+    __builtin_prefetch(vals + panel_row(src[std::min(u + PANEL_PREFETCH, last)]) * BT);
     const V* s = reinterpret_cast<const V*>(vals + panel_row(src[u]) * BT);
     for (int j = 0; j < NV; ++j) {
       const V sv = s[j];
@@ -592,40 +621,43 @@ __attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, 
     }
   }
   for (int r = 0; r < R; ++r)
-    finish_vec<T, NV>(net, tg[r], acc[r], reinterpret_cast<V*>(vals + panel_row(tg[r]) * BT));
+    finish_vec_with<T, NV>(int8_t(rp[r].code), rp[r].lo, rp[r].hi, acc[r],
+                           reinterpret_cast<V*>(vals + panel_row(tg[r]) * BT));
 }
 
 template <typename T, int NV>
 __attribute__((always_inline)) inline void panel_tile_body(const Net& net, const T* __restrict pw,
-                                                           const T* __restrict b, T* __restrict vals) {
+                                                           const RowParams<T>* __restrict rows, T* __restrict vals) {
   for (int64_t p = 0; p < net.n_panels; ++p) {
     switch (net.panel_row_ptr[p + 1] - net.panel_row_ptr[p]) {
-      case 1: panel_run<T, NV, 1>(net, p, pw, b, vals); break;
-      case 2: panel_run<T, NV, 2>(net, p, pw, b, vals); break;
-      case 3: panel_run<T, NV, 3>(net, p, pw, b, vals); break;
-      case 4: panel_run<T, NV, 4>(net, p, pw, b, vals); break;
-      case 5: panel_run<T, NV, 5>(net, p, pw, b, vals); break;
-      case 6: panel_run<T, NV, 6>(net, p, pw, b, vals); break;
-      case 7: panel_run<T, NV, 7>(net, p, pw, b, vals); break;
-      default: panel_run<T, NV, 8>(net, p, pw, b, vals); break;
+      case 1: panel_run<T, NV, 1>(net, p, pw, rows, vals); break;
+      case 2: panel_run<T, NV, 2>(net, p, pw, rows, vals); break;
+      case 3: panel_run<T, NV, 3>(net, p, pw, rows, vals); break;
+      case 4: panel_run<T, NV, 4>(net, p, pw, rows, vals); break;
+      case 5: panel_run<T, NV, 5>(net, p, pw, rows, vals); break;
+      case 6: panel_run<T, NV, 6>(net, p, pw, rows, vals); break;
+      case 7: panel_run<T, NV, 7>(net, p, pw, rows, vals); break;
+      default: panel_run<T, NV, 8>(net, p, pw, rows, vals); break;
     }
   }
 }
 template <typename T, int NV>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma,avx2"))) void panel_tile_avx512(
-    const Net& net, const T* pw, const T* b, T* vals, T*) {
-  panel_tile_body<T, NV>(net, pw, b, vals);
+    const Net& net, const T* pw, const RowParams<T>* rows, T* vals) {
+  panel_tile_body<T, NV>(net, pw, rows, vals);
 }
 template <typename T, int NV>
-__attribute__((target("avx2,fma"))) void panel_tile_avx2(const Net& net, const T* pw, const T* b, T* vals, T*) {
-  panel_tile_body<T, NV>(net, pw, b, vals);
+__attribute__((target("avx2,fma"))) void panel_tile_avx2(const Net& net, const T* pw, const RowParams<T>* rows, T* vals) {
+  panel_tile_body<T, NV>(net, pw, rows, vals);
 }
 template <typename T, int NV>
-void panel_tile_generic(const Net& net, const T* pw, const T* b, T* vals, T*) {
-  panel_tile_body<T, NV>(net, pw, b, vals);
+void panel_tile_generic(const Net& net, const T* pw, const RowParams<T>* rows, T* vals) {
+  panel_tile_body<T, NV>(net, pw, rows, vals);
 }
+template <typename T>
+using PanelFn = void (*)(const Net&, const T*, const RowParams<T>*, T*);
 template <typename T, int NV>
-TileFn<T> pick_panel_fn() {
+PanelFn<T> pick_panel_fn() {
   switch (detect_isa()) {
     case ISA_AVX512: return &panel_tile_avx512<T, NV>;
     case ISA_AVX2: return &panel_tile_avx2<T, NV>;
@@ -646,32 +678,30 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
       pw[k] = ed >= 0 ? w[ed] : T(0);
     }
   });
+  RowParams<T>* rows = scratch<RowParams<T>>(0, net.n_computed);
+  for (int64_t r = 0; r < net.n_computed; ++r) {
+    const int64_t v = net.panel_target[r];
+    rows[r] = RowParams<T>{b[v], T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]), int32_t(net.act_code[v])};
+  }
   // One or two 64-byte vectors per value: R <= 8 rows x NV vectors of accumulators stay in registers.
   const int64_t lanes = int64_t(64 / sizeof(T));
   int nv = net.panel_tile >= 4 * lanes ? 4 : net.panel_tile >= 2 * lanes ? 2 : 1;
   const int64_t threads = at::get_num_threads();
   while (nv > 1 && (nv / 2) * lanes >= B) nv /= 2;
   while (nv > 1 && (B + nv * lanes - 1) / (nv * lanes) < threads) nv /= 2;
-  TileFn<T> fn = nv == 4 ? pick_panel_fn<T, 4>() : nv == 2 ? pick_panel_fn<T, 2>() : pick_panel_fn<T, 1>();
+  PanelFn<T> fn = nv == 4 ? pick_panel_fn<T, 4>() : nv == 2 ? pick_panel_fn<T, 2>() : pick_panel_fn<T, 1>();
   const int64_t BT = nv * lanes;
   const int64_t n_tiles = (B + BT - 1) / BT;
   const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
   at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t rows = panel_row(net.n_neurons - 1) + 1;
-    T* vals = scratch<T>(2, rows * BT);
-    if (poison_enabled()) poison(vals, rows * BT);
+    const int64_t tile_rows = panel_row(net.n_neurons - 1) + 1;
+    T* vals = scratch<T>(2, tile_rows * BT);
+    if (poison_enabled()) poison(vals, tile_rows * BT);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = t * BT, nb = std::min(BT, B - b0);
-      for (int64_t i = 0; i < n_in; ++i) {
-        T* dst = vals + panel_row(i) * BT;
-        for (int64_t c = 0; c < nb; ++c) dst[c] = x[(b0 + c) * n_in + i];
-        std::fill(dst + nb, dst + BT, T(0));
-      }
-      fn(net, pw, b, vals, nullptr);
-      for (int64_t j = 0; j < n_out; ++j) {
-        const T* src = vals + panel_row(net.outputs[j]) * BT;
-        for (int64_t c = 0; c < nb; ++c) y[(b0 + c) * n_out + j] = src[c];
-      }
+      transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, panel_row);
+      fn(net, pw, rows, vals);
+      gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, panel_row);
     }
   });
 }
