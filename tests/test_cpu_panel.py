@@ -235,3 +235,32 @@ def test_panel_isa_fallbacks(isa):
     env = dict(os.environ, IOSPARSE_ISA=isa, IOSPARSE_POISON="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_concurrent_callers_on_the_chunk_pool():
+    """Program and panel tiles run on the shared chunk pool (one job at a time): callers from several
+    Python threads at once all get their own, correct results."""
+    import threading
+    torch.set_num_threads(2)
+    dag = radix_net(256, 3, 16)
+    net = ops.prepare(dag)
+    w, b = dag.weight.float(), dag.bias.float()
+    xs = [torch.rand(70 + 13 * i, 256) for i in range(6)]
+    want = [dag.forward_reference(x.double()).float() for x in xs]
+    errors = []
+
+    def worker(i):
+        try:
+            for rep in range(5):
+                s = ("program", "panel")[(i + rep) % 2]
+                got = ops.dag_forward(xs[i], w, b, net.buffers, dict(net.meta, strategy=ops.STRATEGIES[s]))
+                torch.testing.assert_close(got, want[i], **tol(torch.float32))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[0]

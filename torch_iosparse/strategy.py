@@ -17,8 +17,8 @@ Cost model (seconds; rates measured on the development machine, see docs/cpu-ker
     dense(B)   = dense_weights * B / (DENSE_RATE * threads) + dense_weights * SCATTER_COST
     panel(B)   = panel_cells * ceil(B / tile) * tile / (panel_rate * min(threads, tiles)) + PANEL_OVERHEAD
                  (only when panels hold >= PANEL_MIN_ROWS rows on average: single-row panels are a slower
-                 level path). panel_rate: PANEL_RATE_L2 while two levels of a tile fit half the per-core L2,
-                 PANEL_RATE_L2_FULL while they fit L2, else PANEL_RATE_L3 (measured on RadiX-Net widths
+                 level path). panel_rate: PANEL_RATE_L2 while two levels of a tile fit the per-core L2,
+                 PANEL_RATE_L2_FULL while they fit 4x L2 (sources prefetched), else PANEL_RATE_L3 (measured on RadiX-Net widths
                  4096 / 16384 / 65536, 1 thread). When panels compete, the program term also charges its
                  slot traffic: (loads + stores) * MOVE_COST per column (the plan's exact I/O at its M).
 The kernel's order of precedence: dense (B >= dense_min_batch), level (B <= level_max_batch), panel
@@ -43,9 +43,9 @@ CALL_OVERHEAD = 10e-6   # seconds per call
 DENSE_RATE = 40e9       # GEMM multiply-adds per second per thread
 SCATTER_COST = 0.4e-9   # seconds per dense weight to scatter the edge weights into a dense matrix
 
-PANEL_RATE_L2 = 19e9       # panel cells (edges + zero-weight fill) x columns per second per thread
-PANEL_RATE_L2_FULL = 12.5e9
-PANEL_RATE_L3 = 6e9
+PANEL_RATE_L2 = 29e9       # panel cells (edges + zero-weight fill) x columns per second per thread
+PANEL_RATE_L2_FULL = 24e9  # (RadiX-Net widths 4096 / 16384 / 65536 at B=256, 32-column tiles, 1 thread)
+PANEL_RATE_L3 = 10e9
 PANEL_OVERHEAD = 30e-6
 PANEL_MIN_ROWS = 2.0
 
@@ -86,7 +86,7 @@ def model_times(meta: Dict, batch: int, threads: int, dense_weights: int) -> Dic
         tile = max(1, int(meta["panel_tile"]))
         ptiles = max(1, math.ceil(batch / tile))
         working = 2 * int(meta.get("max_level_width", 0)) * tile * 4
-        rate = PANEL_RATE_L2 if working <= info.l2_bytes // 2 else PANEL_RATE_L2_FULL if working <= info.l2_bytes \
+        rate = PANEL_RATE_L2 if working <= info.l2_bytes else PANEL_RATE_L2_FULL if working <= 4 * info.l2_bytes \
             else PANEL_RATE_L3
         t["panel"] = int(meta["panel_cells"]) * ptiles * tile / (rate * min(threads, ptiles)) + PANEL_OVERHEAD
         moves = int(meta.get("loads", 0)) + int(meta.get("stores", 0))

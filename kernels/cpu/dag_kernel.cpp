@@ -540,6 +540,113 @@ void gather_out(const T* tile, const int64_t* rows, int64_t n_out, int64_t nb, i
 }
 inline int64_t same_row(int64_t v) { return v; }
 
+// Level-path parallelism that never waits for a descheduled thread.
+// at::parallel_for (OpenMP) forks and joins once per level: on a busy machine every join waits for the
+// slowest thread to be scheduled again (measured: 14-40x slower than one thread at batch 1). Instead the
+// calling thread posts one job for the whole network and works through its chunks itself; helper threads
+// (a small private pool) claim chunks too if they wake up in time. A chunk of level l starts only when all
+// chunks of earlier levels are done, and the caller returns as soon as every chunk is done, so a helper
+// that is never scheduled costs nothing, and one that is descheduled holds back at most one chunk.
+// The claim word packs (generation, next chunk, chunk count) so a late helper cannot claim a chunk of a
+// finished job (compare-and-swap on the whole word).
+class ChunkPool {
+ public:
+  using Fn = void (*)(const void* ctx, int64_t chunk);
+  static ChunkPool& get() { return *instance(); }
+  // Runs fn(ctx, c) for c in [0, n_chunks); chunk c may start once done >= first_of_level[c].
+  void run(Fn fn, const void* ctx, int64_t n_chunks, const int64_t* wait_for, int64_t helpers) {
+    std::lock_guard<std::mutex> run_lock(run_mutex_);  // one job at a time (concurrent callers queue)
+    ensure_helpers(helpers);
+    fn_ = fn;
+    ctx_ = ctx;
+    wait_for_ = wait_for;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (gen_counter_ = (gen_counter_ + 1) & 0xFFFFFF);
+    word_.store(pack(gen, 0, uint64_t(n_chunks)), std::memory_order_release);
+    {
+      std::lock_guard<std::mutex> lk(sleep_mutex_);
+      posted_ = gen;
+    }
+    sleep_cv_.notify_all();
+    while (work_once()) {
+    }
+    // Chunks claimed by helpers may still be running: wait for them (each holds at most one).
+    for (int spin = 0; done_.load(std::memory_order_acquire) < n_chunks; ++spin) {
+      if (spin < 4096) _mm_pause(); else std::this_thread::yield();
+    }
+  }
+
+ private:
+  // Leaked on purpose: detached helpers outlive exit handlers. A fork() child has none of the helpers and
+  // may inherit a mutex locked by a parent thread that is gone there: it starts from a fresh pool.
+  static ChunkPool*& instance() {
+    static ChunkPool* pool = [] {
+      pthread_atfork(nullptr, nullptr, [] { instance() = new ChunkPool(); });
+      return new ChunkPool();
+    }();
+    return pool;
+  }
+  static uint64_t pack(uint64_t gen, uint64_t next, uint64_t total) { return (gen << 40) | (next << 20) | total; }
+  // Claims and runs one chunk; false when none is left.
+  bool work_once() {
+    uint64_t w = word_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t next = (w >> 20) & 0xFFFFF, total = w & 0xFFFFF;
+      if (next >= total) return false;
+      if (word_.compare_exchange_weak(w, w + (uint64_t(1) << 20), std::memory_order_acq_rel)) {
+        // Claimed: the caller waits for this chunk, so the job fields below are this job's.
+        const int64_t need = wait_for_[next];
+        for (int spin = 0; done_.load(std::memory_order_acquire) < need; ++spin) {
+          if (spin < 4096) _mm_pause(); else std::this_thread::yield();
+        }
+        fn_(ctx_, int64_t(next));
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        return true;
+      }
+    }
+  }
+  void ensure_helpers(int64_t helpers) {
+    while (int64_t(n_helpers_) < helpers) {
+      std::thread([this] { helper_loop(); }).detach();
+      ++n_helpers_;
+    }
+  }
+  void helper_loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(sleep_mutex_);
+        sleep_cv_.wait(lk, [&] { return posted_ != seen; });
+        seen = posted_;
+      }
+      while (work_once()) {
+      }
+    }
+  }
+  std::mutex run_mutex_, sleep_mutex_;
+  std::condition_variable sleep_cv_;
+  std::atomic<uint64_t> word_{0};
+  std::atomic<int64_t> done_{0};
+  uint64_t gen_counter_ = 0, posted_ = 0;
+  size_t n_helpers_ = 0;
+  Fn fn_ = nullptr;
+  const void* ctx_ = nullptr;
+  const int64_t* wait_for_ = nullptr;
+};
+
+// Runs f(c) for c in [0, n_chunks) on the calling thread and the pool's helpers (chunk c starts once
+// wait_for[c] chunks are done); serially inside a parallel region or with one thread.
+template <typename F>
+void run_chunked(int64_t n_chunks, const int64_t* wait_for, const F& f) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (threads <= 1 || n_chunks <= 1) {
+    for (int64_t c = 0; c < n_chunks; ++c) f(c);
+    return;
+  }
+  ChunkPool::get().run([](const void* ctx, int64_t c) { (*static_cast<const F*>(ctx))(c); }, &f, n_chunks,
+                       wait_for, threads - 1);
+}
+
 template <typename T>
 void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y) {
   // NV vectors of 64 bytes per tile: the batch_tile in columns rounded to a supported width.
@@ -554,20 +661,21 @@ void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T*
   const int64_t BT = nv * int64_t(64 / sizeof(T));
   const int64_t n_tiles = (B + BT - 1) / BT;
   const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+  // Tiles go to the calling thread and the chunk pool (not an OpenMP region: on a busy machine a join
+  // waits for a descheduled thread; here the caller takes every tile no helper has claimed).
+  const std::vector<int64_t> wait_for(n_tiles, 0);
+  run_chunked(n_tiles, wait_for.data(), [&](int64_t t) {
     T* slots = scratch<T>(0, net.memory * BT);
     T* sl = scratch<T>(1, net.n_slow * BT);
     if (poison_enabled()) {
       poison(slots, net.memory * BT);
       poison(sl, net.n_slow * BT);
     }
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b0 = t * BT, nb = std::min(BT, B - b0);
-      // Transposed input tile: slow row i = feature i of the tile's columns (zero padded).
-      transpose_in<T>(x + b0 * n_in, n_in, nb, BT, sl, same_row);
-      fn(net, w, b, slots, sl);
-      gather_out<T>(sl, net.prog_output_rows, n_out, nb, BT, y + b0 * n_out, same_row);
-    }
+    const int64_t b0 = t * BT, nb = std::min(BT, B - b0);
+    // Transposed input tile: slow row i = feature i of the tile's columns (zero padded).
+    transpose_in<T>(x + b0 * n_in, n_in, nb, BT, sl, same_row);
+    fn(net, w, b, slots, sl);
+    gather_out<T>(sl, net.prog_output_rows, n_out, nb, BT, y + b0 * n_out, same_row);
   });
 }
 
@@ -672,12 +780,6 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   // The calling thread's scratch: reused across calls (no page faults), read-only inside the region below.
   const int64_t E = net.n_panel_edges;
   T* pw = scratch<T>(3, E);
-  at::parallel_for(0, E, 1 << 16, [&](int64_t s, int64_t e) {
-    for (int64_t k = s; k < e; ++k) {
-      const int32_t ed = net.panel_edge[k];
-      pw[k] = ed >= 0 ? w[ed] : T(0);
-    }
-  });
   RowParams<T>* rows = scratch<RowParams<T>>(0, net.n_computed);
   for (int64_t r = 0; r < net.n_computed; ++r) {
     const int64_t v = net.panel_target[r];
@@ -693,16 +795,27 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   const int64_t BT = nv * lanes;
   const int64_t n_tiles = (B + BT - 1) / BT;
   const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
-    const int64_t tile_rows = panel_row(net.n_neurons - 1) + 1;
+  // One job on the chunk pool (see program_forward): first the weight slices, then the tiles, which
+  // start once every slice is done.
+  constexpr int64_t PW_CHUNK = 1 << 18;
+  const int64_t n_pw = (E + PW_CHUNK - 1) / PW_CHUNK;
+  std::vector<int64_t> wait_for(n_pw + n_tiles, 0);
+  std::fill(wait_for.begin() + n_pw, wait_for.end(), n_pw);
+  const int64_t tile_rows = panel_row(net.n_neurons - 1) + 1;
+  run_chunked(n_pw + n_tiles, wait_for.data(), [&](int64_t c) {
+    if (c < n_pw) {
+      for (int64_t k = c * PW_CHUNK, e = std::min(E, (c + 1) * PW_CHUNK); k < e; ++k) {
+        const int32_t ed = net.panel_edge[k];
+        pw[k] = ed >= 0 ? w[ed] : T(0);
+      }
+      return;
+    }
     T* vals = scratch<T>(2, tile_rows * BT);
     if (poison_enabled()) poison(vals, tile_rows * BT);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b0 = t * BT, nb = std::min(BT, B - b0);
-      transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, panel_row);
-      fn(net, pw, rows, vals);
-      gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, panel_row);
-    }
+    const int64_t t = c - n_pw, b0 = t * BT, nb = std::min(BT, B - b0);
+    transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, panel_row);
+    fn(net, pw, rows, vals);
+    gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, panel_row);
   });
 }
 
@@ -832,100 +945,6 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
     std::memcpy(out + c0, acc, nc * sizeof(T));
   }
 }
-
-// Level-path parallelism that never waits for a descheduled thread.
-// at::parallel_for (OpenMP) forks and joins once per level: on a busy machine every join waits for the
-// slowest thread to be scheduled again (measured: 14-40x slower than one thread at batch 1). Instead the
-// calling thread posts one job for the whole network and works through its chunks itself; helper threads
-// (a small private pool) claim chunks too if they wake up in time. A chunk of level l starts only when all
-// chunks of earlier levels are done, and the caller returns as soon as every chunk is done, so a helper
-// that is never scheduled costs nothing, and one that is descheduled holds back at most one chunk.
-// The claim word packs (generation, next chunk, chunk count) so a late helper cannot claim a chunk of a
-// finished job (compare-and-swap on the whole word).
-class ChunkPool {
- public:
-  using Fn = void (*)(const void* ctx, int64_t chunk);
-  static ChunkPool& get() { return *instance(); }
-  // Runs fn(ctx, c) for c in [0, n_chunks); chunk c may start once done >= first_of_level[c].
-  void run(Fn fn, const void* ctx, int64_t n_chunks, const int64_t* wait_for, int64_t helpers) {
-    std::lock_guard<std::mutex> run_lock(run_mutex_);  // one job at a time (concurrent callers queue)
-    ensure_helpers(helpers);
-    fn_ = fn;
-    ctx_ = ctx;
-    wait_for_ = wait_for;
-    done_.store(0, std::memory_order_relaxed);
-    const uint64_t gen = (gen_counter_ = (gen_counter_ + 1) & 0xFFFFFF);
-    word_.store(pack(gen, 0, uint64_t(n_chunks)), std::memory_order_release);
-    {
-      std::lock_guard<std::mutex> lk(sleep_mutex_);
-      posted_ = gen;
-    }
-    sleep_cv_.notify_all();
-    while (work_once()) {
-    }
-    // Chunks claimed by helpers may still be running: wait for them (each holds at most one).
-    for (int spin = 0; done_.load(std::memory_order_acquire) < n_chunks; ++spin) {
-      if (spin < 4096) _mm_pause(); else std::this_thread::yield();
-    }
-  }
-
- private:
-  // Leaked on purpose: detached helpers outlive exit handlers. A fork() child has none of the helpers and
-  // may inherit a mutex locked by a parent thread that is gone there: it starts from a fresh pool.
-  static ChunkPool*& instance() {
-    static ChunkPool* pool = [] {
-      pthread_atfork(nullptr, nullptr, [] { instance() = new ChunkPool(); });
-      return new ChunkPool();
-    }();
-    return pool;
-  }
-  static uint64_t pack(uint64_t gen, uint64_t next, uint64_t total) { return (gen << 40) | (next << 20) | total; }
-  // Claims and runs one chunk; false when none is left.
-  bool work_once() {
-    uint64_t w = word_.load(std::memory_order_acquire);
-    for (;;) {
-      const uint64_t next = (w >> 20) & 0xFFFFF, total = w & 0xFFFFF;
-      if (next >= total) return false;
-      if (word_.compare_exchange_weak(w, w + (uint64_t(1) << 20), std::memory_order_acq_rel)) {
-        // Claimed: the caller waits for this chunk, so the job fields below are this job's.
-        const int64_t need = wait_for_[next];
-        for (int spin = 0; done_.load(std::memory_order_acquire) < need; ++spin) {
-          if (spin < 4096) _mm_pause(); else std::this_thread::yield();
-        }
-        fn_(ctx_, int64_t(next));
-        done_.fetch_add(1, std::memory_order_acq_rel);
-        return true;
-      }
-    }
-  }
-  void ensure_helpers(int64_t helpers) {
-    while (int64_t(n_helpers_) < helpers) {
-      std::thread([this] { helper_loop(); }).detach();
-      ++n_helpers_;
-    }
-  }
-  void helper_loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lk(sleep_mutex_);
-        sleep_cv_.wait(lk, [&] { return posted_ != seen; });
-        seen = posted_;
-      }
-      while (work_once()) {
-      }
-    }
-  }
-  std::mutex run_mutex_, sleep_mutex_;
-  std::condition_variable sleep_cv_;
-  std::atomic<uint64_t> word_{0};
-  std::atomic<int64_t> done_{0};
-  uint64_t gen_counter_ = 0, posted_ = 0;
-  size_t n_helpers_ = 0;
-  Fn fn_ = nullptr;
-  const void* ctx_ = nullptr;
-  const int64_t* wait_for_ = nullptr;
-};
 
 // Work (multiply-adds) per chunk of the level path, and the least work per forward worth waking helpers
 // for (below it one thread is faster than any hand-off). Tunable: IOSPARSE_LEVEL_CHUNK / IOSPARSE_LEVEL_SERIAL.
