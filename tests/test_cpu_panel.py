@@ -264,3 +264,17 @@ def test_concurrent_callers_on_the_chunk_pool():
     for t in threads:
         t.join()
     assert not errors, errors[0]
+
+
+def test_wrong_layered_flag_raises():
+    """The panel path keeps only two levels of a layered net (ping-pong rows) and the dense path builds
+    one matrix per layer: a layered flag on a net with skip edges must raise, not compute garbage."""
+    dag = SparseDAG.from_edges(2, [0, 1, 2, 0], [2, 2, 3, 3], [1.0, 2.0, 3.0, 4.0], [0.0] * 4, dtype=torch.float32)
+    net = ops.prepare(dag, memory=None)
+    assert net.meta["layered"] == 0  # edge 0 -> 3 skips a level
+    x = torch.randn(40, 2)
+    for s in ("panel", "program", "level"):
+        with pytest.raises(ValueError, match="layered"):
+            ops.dag_forward(x, dag.weight, dag.bias, net.buffers, dict(net.meta, layered=1, strategy=ops.STRATEGIES[s]))
+    torch.testing.assert_close(ops.dag_forward(x, dag.weight, dag.bias, net.buffers, dict(net.meta, strategy=4)),
+                               dag.forward_reference(x))

@@ -96,6 +96,7 @@ struct Net {
   const int64_t* panel_target;
   const int64_t* panel_edge_ptr;
   const int32_t* panel_edge;
+  const int32_t* panel_src_row;  // per call (panel_forward): tile-buffer row of each panel column's source
 };
 
 void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
@@ -113,7 +114,7 @@ void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, i
 // is per thread: no lock, so a fork() child cannot inherit one held by another thread.
 void validate_indices(const Net& n, at::TensorList net_t) {
   thread_local std::vector<int64_t> last_key;
-  std::vector<int64_t> key = {n.memory, n.n_slow, n.n_neurons, n.n_inputs, n.n_edges, n.n_outputs};
+  std::vector<int64_t> key = {n.memory, n.n_slow, n.n_neurons, n.n_inputs, n.n_edges, n.n_outputs, n.layered};
   for (const auto& t : net_t) {
     key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
     key.push_back(t.numel());
@@ -168,6 +169,18 @@ void validate_indices(const Net& n, at::TensorList net_t) {
     }
     for (int64_t j = 0; j < n.n_outputs; ++j)
       if (dop[j] < 0 || dop[j] >= cols) bad("dense_out_pos");
+  }
+  if (n.layered) {
+    // The dense path and the panel path's ping-pong buffers rely on it: every edge joins consecutive
+    // levels and every output is on the last level.
+    std::vector<int64_t> level(n.n_neurons, 0);
+    for (int64_t l = 0; l < n.n_levels; ++l)
+      for (int64_t q = n.level_ptr[l]; q < n.level_ptr[l + 1]; ++q) level[n.level_neuron[q]] = l + 1;
+    for (int64_t v = n.n_inputs; v < n.n_neurons; ++v)
+      for (int64_t e = n.in_ptr[v]; e < n.in_ptr[v + 1]; ++e)
+        if (level[n.in_src[e]] + 1 != level[v]) bad("layered flag set but an edge skips a level");
+    for (int64_t j = 0; j < n.n_outputs; ++j)
+      if (level[n.outputs[j]] != n.n_levels) bad("layered flag set but an output is not on the last level");
   }
   if (n.n_panels > 0) {
     // Panels must cover every computed neuron once and every edge once, read only sources computed by
@@ -697,7 +710,7 @@ constexpr int64_t PANEL_PREFETCH = 120;
 template <typename T>
 struct RowParams {
   T bias, lo, hi;
-  int32_t code;
+  int32_t code, row;  // activation; tile-buffer row the neuron is written to
 };
 
 template <typename T, int NV, int R>
@@ -706,14 +719,13 @@ __attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, 
   using V = typename Vec64<T>::type;
   constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
   const int64_t u0 = net.panel_ptr[p], u1 = net.panel_ptr[p + 1];
-  const int64_t* tg = net.panel_target + net.panel_row_ptr[p];
   const T* wp = pw + net.panel_edge_ptr[p];
-  const int32_t* src = net.panel_src;
+  const int32_t* src = net.panel_src_row;
   V acc[R][NV];
   // Panels two ahead write scattered rows (permuted layers): fetch those for writing now.
   const int64_t row_end = net.panel_row_ptr[p] + 2 * R;
   for (int r = 0; r < R && row_end + r < net.n_computed; ++r)
-    __builtin_prefetch(vals + panel_row(net.panel_target[row_end + r]) * BT, 1);
+    __builtin_prefetch(vals + int64_t(rows[row_end + r].row) * BT, 1);
   const RowParams<T>* rp = rows + net.panel_row_ptr[p];
   for (int r = 0; r < R; ++r)
     for (int j = 0; j < NV; ++j) acc[r][j] = V{} + rp[r].bias;
@@ -721,8 +733,8 @@ __attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, 
   // with the previous panel), the new ones from L2/L3 at rows the hardware prefetcher cannot guess.
   const int64_t last = net.panel_ptr[net.n_panels] - 1;
   for (int64_t u = u0; u < u1; ++u, wp += R) {
-    __builtin_prefetch(vals + panel_row(src[std::min(u + PANEL_PREFETCH, last)]) * BT);
-    const V* s = reinterpret_cast<const V*>(vals + panel_row(src[u]) * BT);
+    __builtin_prefetch(vals + int64_t(src[std::min(u + PANEL_PREFETCH, last)]) * BT);
+    const V* s = reinterpret_cast<const V*>(vals + int64_t(src[u]) * BT);
     for (int j = 0; j < NV; ++j) {
       const V sv = s[j];
       for (int r = 0; r < R; ++r) acc[r][j] += wp[r] * sv;
@@ -730,7 +742,7 @@ __attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, 
   }
   for (int r = 0; r < R; ++r)
     finish_vec_with<T, NV>(int8_t(rp[r].code), rp[r].lo, rp[r].hi, acc[r],
-                           reinterpret_cast<V*>(vals + panel_row(tg[r]) * BT));
+                           reinterpret_cast<V*>(vals + int64_t(rp[r].row) * BT));
 }
 
 template <typename T, int NV>
@@ -780,11 +792,38 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   // The calling thread's scratch: reused across calls (no page faults), read-only inside the region below.
   const int64_t E = net.n_panel_edges;
   T* pw = scratch<T>(3, E);
+  // Tile-buffer row of every neuron. Layered nets (every edge joins consecutive levels, outputs on the
+  // last; checked in validate_indices) need two levels at a time: even and odd levels share two
+  // ping-pong halves, so a tile's working set stays 2 x width rows instead of the whole network (at radix
+  // N=65536 L=4: 17 MiB instead of 45 MiB per thread). Other DAGs keep one row per neuron.
+  int32_t* row_of = scratch<int32_t>(0, net.n_neurons);
+  int64_t tile_rows;
+  if (net.layered) {
+    int64_t width = net.n_inputs;
+    for (int64_t l = 0; l < net.n_levels; ++l) width = std::max(width, net.level_ptr[l + 1] - net.level_ptr[l]);
+    const int64_t half = panel_row(width - 1) + 1 + 8;  // +8 rows: the halves start in different cache sets
+    for (int64_t i = 0; i < net.n_inputs; ++i) row_of[i] = int32_t(panel_row(i));
+    for (int64_t l = 0; l < net.n_levels; ++l)
+      for (int64_t q = net.level_ptr[l]; q < net.level_ptr[l + 1]; ++q)
+        row_of[net.level_neuron[q]] = int32_t(((l + 1) & 1) * half + panel_row(q - net.level_ptr[l]));
+    tile_rows = 2 * half;
+  } else {
+    for (int64_t v = 0; v < net.n_neurons; ++v) row_of[v] = int32_t(panel_row(v));
+    tile_rows = panel_row(net.n_neurons - 1) + 1;
+  }
+  TORCH_CHECK(tile_rows < (int64_t(1) << 31), "iosparse: panel path: network too large");
+  const int64_t n_src = net.panel_ptr[net.n_panels];
+  int32_t* src_row = scratch<int32_t>(1, n_src);
+  for (int64_t u = 0; u < n_src; ++u) src_row[u] = row_of[net.panel_src[u]];
+  Net pnet = net;
+  pnet.panel_src_row = src_row;
   RowParams<T>* rows = scratch<RowParams<T>>(0, net.n_computed);
   for (int64_t r = 0; r < net.n_computed; ++r) {
     const int64_t v = net.panel_target[r];
-    rows[r] = RowParams<T>{b[v], T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]), int32_t(net.act_code[v])};
+    rows[r] = RowParams<T>{b[v], T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]), int32_t(net.act_code[v]),
+                           row_of[v]};
   }
+  auto row_fn = [row_of](int64_t v) { return int64_t(row_of[v]); };
   // One or two 64-byte vectors per value: R <= 8 rows x NV vectors of accumulators stay in registers.
   const int64_t lanes = int64_t(64 / sizeof(T));
   int nv = net.panel_tile >= 4 * lanes ? 4 : net.panel_tile >= 2 * lanes ? 2 : 1;
@@ -801,7 +840,6 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   const int64_t n_pw = (E + PW_CHUNK - 1) / PW_CHUNK;
   std::vector<int64_t> wait_for(n_pw + n_tiles, 0);
   std::fill(wait_for.begin() + n_pw, wait_for.end(), n_pw);
-  const int64_t tile_rows = panel_row(net.n_neurons - 1) + 1;
   run_chunked(n_pw + n_tiles, wait_for.data(), [&](int64_t c) {
     if (c < n_pw) {
       for (int64_t k = c * PW_CHUNK, e = std::min(E, (c + 1) * PW_CHUNK); k < e; ++k) {
@@ -813,9 +851,9 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
     T* vals = scratch<T>(2, tile_rows * BT);
     if (poison_enabled()) poison(vals, tile_rows * BT);
     const int64_t t = c - n_pw, b0 = t * BT, nb = std::min(BT, B - b0);
-    transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, panel_row);
-    fn(net, pw, rows, vals);
-    gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, panel_row);
+    transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, row_fn);
+    fn(pnet, pw, rows, vals);
+    gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, row_fn);
   });
 }
 
