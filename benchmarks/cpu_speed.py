@@ -150,7 +150,16 @@ def time_side_by_side(fns: dict, x, rounds: int):
     return best
 
 
-def bench_case(name, dag, batches, rounds, memory="auto", plan_method="two_optimal", check=True):
+def strategy_label(meta, B):
+    s = strategy.chosen(meta, B)
+    if s == "panel":
+        rows = (int(meta["n_neurons"]) - int(meta["n_inputs"])) / max(1, int(meta["panels"]))
+        return f"panel tile={meta['panel_tile']} {rows:.1f} rows/panel"
+    return f"{s} BT={meta['batch_tile']} M={meta['memory']}"
+
+
+def bench_case(name, dag, batches, rounds, memory="auto", plan_method="two_optimal", check=True,
+               with_program=False):
     rows = []
     t0 = time.perf_counter()
     if memory == "auto" and plan_method == "two_optimal":
@@ -168,14 +177,17 @@ def bench_case(name, dag, batches, rounds, memory="auto", plan_method="two_optim
                "torch_csr": csr.torch_forward, "scipy_csr": csr.scipy_forward}
         if dense is not None:
             fns["dense"] = dense
+        if with_program and strategy.chosen(net.meta, B) != "program":
+            prog_meta = dict(net.meta, strategy=ops.STRATEGIES["program"])
+            fns["program"] = lambda x: ops.dag_forward(x, w, b, net.buffers, prog_meta)
         if check:
             ref = csr.torch_forward(x)
             torch.testing.assert_close(fns["ours"](x), ref, rtol=1e-3, atol=1e-3)
         t = time_side_by_side(fns, x, rounds)
-        anchors = {k: v for k, v in t.items() if k != "ours"}
+        anchors = {k: v for k, v in t.items() if k not in ("ours", "program")}
         best_anchor = min(anchors, key=anchors.get)
         rows.append(dict(name=name, B=B, edges=dag.n_edges,
-                         strategy=f"{strategy.chosen(net.meta, B)} BT={net.meta['batch_tile']} M={net.meta['memory']}",
+                         strategy=strategy_label(net.meta, B),
                          times=t,
                          best_anchor=best_anchor, ratio=anchors[best_anchor] / t["ours"], prepare=t_prepare,
                          M=net.meta["memory"]))
@@ -212,7 +224,7 @@ def orders_study(dag, memory, B, rounds, anneal_budget):
 # ---------------------------------------------------------------------- report
 def fmt_rows(rows):
     lines = ["| network | B | edges | ours | dense | torch CSR | scipy CSR | ours G/s | best anchor G/s | ratio | "
-             "strategy |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "strategy | program path |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r["times"]
 
@@ -222,7 +234,7 @@ def fmt_rows(rows):
         gpa = r["B"] * r["edges"] / t[r["best_anchor"]] / 1e9
         lines.append(f"| {r['name']} | {r['B']} | {r['edges']:,} | {ms('ours')} | {ms('dense')} | {ms('torch_csr')} | "
                      f"{ms('scipy_csr')} | {gps:.2f} | {gpa:.2f} ({r['best_anchor']}) | **{r['ratio']:.2f}x** | "
-                     f"{r['strategy']} |")
+                     f"{r['strategy']} | {ms('program')} |")
     return "\n".join(lines)
 
 
@@ -234,6 +246,8 @@ def main():
     ap.add_argument("--no-write", action="store_true", help="print only")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     ap.add_argument("--only", choices=["radix", "mlp", "deep", "orders"], nargs="*")
+    ap.add_argument("--with-program", action="store_true",
+                    help="also time the program path where the automatic strategy picks another one")
     args = ap.parse_args()
     rounds = args.rounds or (3 if args.quick else 5)
     if args.threads:
@@ -254,11 +268,12 @@ def main():
     rows = []
     if "radix" in only:
         for (N, L, B) in tqdm(radix_cfgs, desc="radix"):
-            rows += bench_case(f"radix N={N} L={L}", radix(N, L), [B], rounds)
+            rows += bench_case(f"radix N={N} L={L}", radix(N, L), [B], rounds, with_program=args.with_program)
     if "mlp" in only:
         for s in tqdm(mlp_sparsity, desc="mlp"):
             dag = pruned_mlp(mlp_sizes, s)
-            rows += bench_case(f"MLP {'-'.join(map(str, mlp_sizes))} {int(s * 100)}%", dag, mlp_batches, rounds)
+            rows += bench_case(f"MLP {'-'.join(map(str, mlp_sizes))} {int(s * 100)}%", dag, mlp_batches, rounds,
+                               with_program=args.with_program)
     if "deep" in only:
         for (ni, no, n, m, M, B) in tqdm(deep_cfgs, desc="deep"):
             try:

@@ -24,11 +24,20 @@ from .planning import Plan, plan as make_plan
 # Order of the Tensor[] argument of the op (kernels/cpu/dag_kernel.cpp NetIndex).
 NET_KEYS = ("in_ptr", "in_src", "act_code", "act_param", "outputs", "level_ptr", "level_neuron",
             "prog_neuron", "prog_op_ptr", "prog_ops", "prog_output_rows",
-            "dense_index", "dense_edge", "dense_edge_ptr", "dense_out_pos", "prog_group_ptr")
+            "dense_index", "dense_edge", "dense_edge_ptr", "dense_out_pos", "prog_group_ptr",
+            "panel_ptr", "panel_src", "panel_row_ptr", "panel_target", "panel_edge_ptr", "panel_edge")
+# The panel buffers (kernels/cpu/dag_kernel.cpp "panel"); networks prepared before they existed run without.
+PANEL_KEYS = NET_KEYS[16:]
+_PANEL_DTYPES = {"panel_src": torch.int32, "panel_edge": torch.int32}
 # Order of the int[] argument (kernels/cpu/dag_kernel.cpp ConfigIndex).
 CONFIG_KEYS = ("n_inputs", "n_neurons", "n_outputs", "memory", "n_slow", "batch_tile", "strategy",
-               "level_max_batch", "dense_min_batch", "layered")
-STRATEGIES = {"auto": 0, "program": 1, "level": 2, "dense": 3}
+               "level_max_batch", "dense_min_batch", "layered", "panel_min_batch", "panel_tile")
+STRATEGIES = {"auto": 0, "program": 1, "level": 2, "dense": 3, "panel": 4}
+# Panel construction (build_panels): rows per panel, least useful fraction of a panel's multiply-adds,
+# sources / out-edges scanned per neighbour search.
+PANEL_MAX_ROWS = 8
+PANEL_MIN_EFFICIENCY = 0.75
+PANEL_SCAN_LIMIT = 64
 NEVER = 2**62  # a batch threshold that is never reached
 
 
@@ -118,8 +127,9 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         batch_tile: BT columns per kernel pass. Default: with ``plan=None, memory="auto"``, BT and M are
             chosen together (strategy.choose_tile: the register tile or its halves, whichever predicts
             the fastest run given the exact I/O at its M); otherwise hardware.batch_tile.
-        strategy: ``"auto"`` (pick per batch size, see strategy.py), ``"program"``, ``"level"`` or
-            ``"dense"`` (layered networks only).
+        strategy: ``"auto"`` (pick per batch size, see strategy.py), ``"program"``, ``"level"``,
+            ``"dense"`` (layered networks only) or ``"panel"`` (level by level over panels of neurons
+            that share sources, docs/cpu-kernel.md).
         dtype: the dtype the network will mostly run in (sizes BT and M; any float dtype still works).
         group_size: up to this many consecutive neurons with identical inputs are computed together
             (1..4; 1 disables grouping).
@@ -150,13 +160,18 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
     buffers = structure_buffers(dag)
     buffers.update(program_mod.program_tensors(prog))
     buffers["prog_group_ptr"] = _t64(program_mod.group_positions(prog, dag, max_group=group_size))
+    buffers.update(panel_buffers(buffers))
     layered = int(buffers["dense_index"].numel() == dag.n_edges and dag.n_edges > 0)
+    max_width = max([dag.n_inputs] + torch.diff(buffers["level_ptr"]).tolist())
     meta = {
         "n_inputs": dag.n_inputs, "n_neurons": dag.n_neurons, "n_outputs": dag.n_outputs,
         "memory": prog.memory, "n_slow": prog.n_slow, "batch_tile": bt, "strategy": STRATEGIES[strategy],
         "level_max_batch": 0, "dense_min_batch": NEVER, "layered": layered,
         "n_edges": dag.n_edges, "n_levels": int(buffers["level_ptr"].numel() - 1),
         "loads": prog.io.loads, "stores": prog.io.stores,
+        "panel_min_batch": NEVER, "panel_tile": hardware.panel_tile(dtype, max_width),
+        "panel_cells": int(buffers["panel_edge"].numel()), "panels": int(buffers["panel_ptr"].numel() - 1),
+        "max_level_width": max_width,
     }
     net = CompiledNetwork(buffers, meta, plan, prog)
     if tile_info is not None:
@@ -167,7 +182,27 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
     return net
 
 
+def panel_buffers(buffers: Dict[str, torch.Tensor], max_rows: int = PANEL_MAX_ROWS,
+                  min_efficiency: float = PANEL_MIN_EFFICIENCY, scan_limit: int = PANEL_SCAN_LIMIT
+                  ) -> Dict[str, torch.Tensor]:
+    """The panel tensors (neurons of a level computed together over the union of their sources) built
+    from the structure buffers by the native greedy builder (kernels/cpu/dag_kernel.cpp, build_panels)."""
+    _native.ops()
+    n = int(buffers["in_ptr"].numel() - 1)
+    out = torch.ops.iosparse.build_panels(buffers["in_ptr"].cpu(), buffers["in_src"].cpu(), buffers["level_ptr"].cpu(),
+                                          buffers["level_neuron"].cpu(), n, int(max_rows), float(min_efficiency),
+                                          int(scan_limit))
+    return dict(zip(PANEL_KEYS, out))
+
+
 def _op_args(buffers: Dict[str, torch.Tensor], meta: Dict[str, Union[int, float]]):
+    if any(k not in buffers for k in PANEL_KEYS) and all(k not in buffers for k in PANEL_KEYS):
+        ref = buffers.get("in_ptr")
+        dev = ref.device if isinstance(ref, torch.Tensor) else None
+        buffers = dict(buffers, **{k: torch.zeros(0, dtype=_PANEL_DTYPES.get(k, torch.int64), device=dev)
+                                   for k in PANEL_KEYS})
+    if "panel_min_batch" not in meta:
+        meta = dict(meta, panel_min_batch=NEVER, panel_tile=0)
     try:
         net = [buffers[k] for k in NET_KEYS]
     except KeyError as e:

@@ -15,6 +15,14 @@ Cost model (seconds; rates measured on the development machine, see docs/cpu-ker
                  (33..64 also run four masked vectors, ~3.7 on a fan-in-400 MLP and up to 4.3 on fan-in-32
                  nets: no better than the program, so the model keeps B / 5.5 there.)
     dense(B)   = dense_weights * B / (DENSE_RATE * threads) + dense_weights * SCATTER_COST
+    panel(B)   = panel_cells * ceil(B / tile) * tile / (panel_rate * min(threads, tiles)) + PANEL_OVERHEAD
+                 (only when panels hold >= PANEL_MIN_ROWS rows on average: single-row panels are a slower
+                 level path). panel_rate: PANEL_RATE_L2 while two levels of a tile fit the per-core L2,
+                 PANEL_RATE_L2_FULL while they fit 4x L2 (sources prefetched), else PANEL_RATE_L3 (measured on RadiX-Net widths
+                 4096 / 16384 / 65536, 1 thread). When panels compete, the program term also charges its
+                 slot traffic: (loads + stores) * MOVE_COST per column (the plan's exact I/O at its M).
+The kernel's order of precedence: dense (B >= dense_min_batch), level (B <= level_max_batch), panel
+(B >= panel_min_batch), else program.
 """
 from __future__ import annotations
 
@@ -35,7 +43,13 @@ CALL_OVERHEAD = 10e-6   # seconds per call
 DENSE_RATE = 40e9       # GEMM multiply-adds per second per thread
 SCATTER_COST = 0.4e-9   # seconds per dense weight to scatter the edge weights into a dense matrix
 
-_CACHE: Dict[Tuple, Tuple[int, int]] = {}
+PANEL_RATE_L2 = 29e9       # panel cells (edges + zero-weight fill) x columns per second per thread
+PANEL_RATE_L2_FULL = 24e9  # (RadiX-Net widths 4096 / 16384 / 65536 at B=256, 32-column tiles, 1 thread)
+PANEL_RATE_L3 = 10e9
+PANEL_OVERHEAD = 30e-6
+PANEL_MIN_ROWS = 2.0
+
+_CACHE: Dict[Tuple, Tuple[int, int, int]] = {}
 
 
 def level_columns(batch: int, fan_in: float = 1e9) -> float:
@@ -66,7 +80,24 @@ def model_times(meta: Dict, batch: int, threads: int, dense_weights: int) -> Dic
     }
     if meta.get("layered") and dense_weights:
         t["dense"] = dense_weights * batch / (DENSE_RATE * threads) + dense_weights * SCATTER_COST
+    if panels_useful(meta):
+        from . import hardware
+        info = hardware.detect()
+        tile = max(1, int(meta["panel_tile"]))
+        ptiles = max(1, math.ceil(batch / tile))
+        working = 2 * int(meta.get("max_level_width", 0)) * tile * 4
+        rate = PANEL_RATE_L2 if working <= info.l2_bytes else PANEL_RATE_L2_FULL if working <= 4 * info.l2_bytes \
+            else PANEL_RATE_L3
+        t["panel"] = int(meta["panel_cells"]) * ptiles * tile / (rate * min(threads, ptiles)) + PANEL_OVERHEAD
+        moves = int(meta.get("loads", 0)) + int(meta.get("stores", 0))
+        t["program"] += moves * tiles * 16 * MOVE_COST / min(threads, tiles)
     return t
+
+
+def panels_useful(meta: Dict) -> bool:
+    """Whether the network's panels share sources (>= PANEL_MIN_ROWS rows per panel on average)."""
+    panels = int(meta.get("panels", 0))
+    return panels > 0 and (int(meta["n_neurons"]) - int(meta["n_inputs"])) / panels >= PANEL_MIN_ROWS
 
 
 def _dense_weights(net) -> int:
@@ -99,16 +130,34 @@ def thresholds_from(times_by_batch: Dict[int, Dict[str, float]]) -> Tuple[int, i
     return level_max, dense_min
 
 
+def panel_threshold(times_by_batch: Dict[int, Dict[str, float]], level_max: int, dense_min: int) -> int:
+    """panel_min_batch from per-batch timings: the smallest batch above the level range from which the
+    panel path wins at every larger batch below the dense range (NEVER if none)."""
+    best = {b: min(t, key=t.get) for b, t in times_by_batch.items()}
+    panel_min = NEVER
+    for b in sorted(times_by_batch, reverse=True):
+        if b >= dense_min:
+            continue
+        if b <= level_max or best[b] != "panel":
+            break
+        panel_min = b
+    return panel_min
+
+
 def configure(net, dag=None, calibrate: bool = False, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 256, 1024)):
-    """Set ``net.meta['level_max_batch']`` and ``['dense_min_batch']`` (cost model or measurement)."""
+    """Set ``net.meta['level_max_batch']``, ``['dense_min_batch']`` and ``['panel_min_batch']`` (cost
+    model or measurement)."""
     threads = torch.get_num_threads()
     if calibrate:
-        level_max, dense_min = calibrate_thresholds(net, batches=batches)
+        level_max, dense_min, panel_min = calibrate_thresholds(net, batches=batches)
     else:
         dw = _dense_weights(net)
-        level_max, dense_min = thresholds_from({b: model_times(net.meta, b, threads, dw) for b in batches})
+        times = {b: model_times(net.meta, b, threads, dw) for b in batches}
+        level_max, dense_min = thresholds_from(times)
+        panel_min = panel_threshold(times, level_max, dense_min)
     net.meta["level_max_batch"] = int(level_max)
     net.meta["dense_min_batch"] = int(dense_min)
+    net.meta["panel_min_batch"] = int(panel_min)
     net.info["strategy_source"] = "measured" if calibrate else "cost model"
 
 
@@ -126,7 +175,8 @@ def calibrate_thresholds(net, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 
     n_in = int(net.meta["n_inputs"])
     w = torch.randn(int(net.meta["n_edges"]), dtype=dtype) * 0.1
     b = torch.zeros(int(net.meta["n_neurons"]), dtype=dtype)
-    strategies = ["program", "level"] + (["dense"] if net.meta.get("layered") else [])
+    strategies = ["program", "level"] + (["dense"] if net.meta.get("layered") else []) + \
+        (["panel"] if panels_useful(net.meta) else [])
     times: Dict[int, Dict[str, float]] = {}
     t_start = time.perf_counter()
     for B in sorted(batches):
@@ -143,7 +193,8 @@ def calibrate_thresholds(net, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 
             times[B][s] = best
         if time.perf_counter() - t_start > max_seconds:
             break
-    result = thresholds_from(times)
+    level_max, dense_min = thresholds_from(times)
+    result = (level_max, dense_min, panel_threshold(times, level_max, dense_min))
     net.info["calibration"] = times
     _CACHE[key] = result
     return result
@@ -153,11 +204,13 @@ def chosen(meta: Dict, batch: int) -> str:
     """The strategy the kernel will run for ``batch`` under ``meta`` (mirrors choose_strategy in C++)."""
     s = int(meta["strategy"])
     if s:
-        return {1: "program", 2: "level", 3: "dense"}[s]
+        return {1: "program", 2: "level", 3: "dense", 4: "panel"}[s]
     if meta.get("layered") and batch >= int(meta["dense_min_batch"]):
         return "dense"
     if batch <= int(meta["level_max_batch"]):
         return "level"
+    if int(meta.get("panels", 0)) > 0 and batch >= int(meta.get("panel_min_batch", NEVER)):
+        return "panel"
     return "program"
 
 

@@ -54,15 +54,22 @@ enum NetIndex {
   NET_DENSE_EDGE_PTR,    // int64 [L+1] per layer range in dense_edge (layered only)
   NET_DENSE_OUT_POS,     // int64 [n_out] column of each output in the last layer (layered only)
   NET_PROG_GROUP_PTR,    // int64 [n_groups+1] positions computed together (program.group_positions)
+  NET_PANEL_PTR,         // int64 [P+1] panel p reads sources panel_src[panel_ptr[p]:panel_ptr[p+1]]
+  NET_PANEL_SRC,         // int32 [U]   source neuron of each panel column
+  NET_PANEL_ROW_PTR,     // int64 [P+1] panel p computes neurons panel_target[panel_row_ptr[p]:...] (1..8)
+  NET_PANEL_TARGET,      // int64 [n_computed]
+  NET_PANEL_EDGE_PTR,    // int64 [P+1] panel p's [U_p][R_p] block of edge ids in panel_edge
+  NET_PANEL_EDGE,        // int32 [sum U_p R_p] edge id, or -1 (weight 0) where the source does not feed the row
   NET_COUNT
 };
 
 // Order of the int[] `config` argument (torch_iosparse/ops.py::CONFIG_KEYS).
 enum ConfigIndex {
   CFG_N_INPUTS = 0, CFG_N_NEURONS, CFG_N_OUTPUTS, CFG_MEMORY, CFG_N_SLOW, CFG_BATCH_TILE, CFG_STRATEGY,
-  CFG_LEVEL_MAX_BATCH, CFG_DENSE_MIN_BATCH, CFG_LAYERED, CFG_COUNT
+  CFG_LEVEL_MAX_BATCH, CFG_DENSE_MIN_BATCH, CFG_LAYERED, CFG_PANEL_MIN_BATCH, CFG_PANEL_TILE, CFG_COUNT
 };
-enum Strategy { STRAT_AUTO = 0, STRAT_PROGRAM = 1, STRAT_LEVEL = 2, STRAT_DENSE = 3 };
+enum Strategy { STRAT_AUTO = 0, STRAT_PROGRAM = 1, STRAT_LEVEL = 2, STRAT_DENSE = 3, STRAT_PANEL = 4 };
+constexpr int MAX_PANEL_ROWS = 8;
 enum Opcode : int32_t { OP_LOAD = 1, OP_FMA = 2, OP_FINISH = 3, OP_STORE = 4 };
 
 struct Net {
@@ -82,6 +89,14 @@ struct Net {
   const int64_t* prog_output_rows;
   const int64_t* prog_group_ptr;
   int64_t n_groups;
+  int64_t panel_min_batch, panel_tile, n_panels, n_panel_edges;
+  const int64_t* panel_ptr;
+  const int32_t* panel_src;
+  const int64_t* panel_row_ptr;
+  const int64_t* panel_target;
+  const int64_t* panel_edge_ptr;
+  const int32_t* panel_edge;
+  const int32_t* panel_src_row;  // per call (panel_forward): tile-buffer row of each panel column's source
 };
 
 void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
@@ -99,7 +114,7 @@ void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, i
 // is per thread: no lock, so a fork() child cannot inherit one held by another thread.
 void validate_indices(const Net& n, at::TensorList net_t) {
   thread_local std::vector<int64_t> last_key;
-  std::vector<int64_t> key = {n.memory, n.n_slow, n.n_neurons, n.n_inputs, n.n_edges, n.n_outputs};
+  std::vector<int64_t> key = {n.memory, n.n_slow, n.n_neurons, n.n_inputs, n.n_edges, n.n_outputs, n.layered};
   for (const auto& t : net_t) {
     key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
     key.push_back(t.numel());
@@ -154,6 +169,56 @@ void validate_indices(const Net& n, at::TensorList net_t) {
     }
     for (int64_t j = 0; j < n.n_outputs; ++j)
       if (dop[j] < 0 || dop[j] >= cols) bad("dense_out_pos");
+  }
+  if (n.layered) {
+    // The dense path and the panel path's ping-pong buffers rely on it: every edge joins consecutive
+    // levels and every output is on the last level.
+    std::vector<int64_t> level(n.n_neurons, 0);
+    for (int64_t l = 0; l < n.n_levels; ++l)
+      for (int64_t q = n.level_ptr[l]; q < n.level_ptr[l + 1]; ++q) level[n.level_neuron[q]] = l + 1;
+    for (int64_t v = n.n_inputs; v < n.n_neurons; ++v)
+      for (int64_t e = n.in_ptr[v]; e < n.in_ptr[v + 1]; ++e)
+        if (level[n.in_src[e]] + 1 != level[v]) bad("layered flag set but an edge skips a level");
+    for (int64_t j = 0; j < n.n_outputs; ++j)
+      if (level[n.outputs[j]] != n.n_levels) bad("layered flag set but an output is not on the last level");
+  }
+  if (n.n_panels > 0) {
+    // Panels must cover every computed neuron once and every edge once, read only sources computed by
+    // an earlier panel (or inputs), and each edge cell must join its column's source to its row's target.
+    const int64_t P = n.n_panels;
+    if (n.panel_ptr[0] != 0 || n.panel_row_ptr[0] != 0 || n.panel_edge_ptr[0] != 0) bad("panel pointers");
+    if (n.panel_row_ptr[P] != n.n_computed || n.panel_edge_ptr[P] != n.n_panel_edges) bad("panel pointers");
+    std::vector<uint8_t> done(n.n_neurons, 0);
+    std::fill(done.begin(), done.begin() + n.n_inputs, uint8_t(1));
+    std::vector<uint8_t> edge_seen(n.n_edges, 0);
+    int64_t edges_used = 0;
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t u0 = n.panel_ptr[p], u1 = n.panel_ptr[p + 1], r0 = n.panel_row_ptr[p], r1 = n.panel_row_ptr[p + 1];
+      const int64_t R = r1 - r0;
+      if (u1 < u0 || R < 1 || R > MAX_PANEL_ROWS || n.panel_edge_ptr[p + 1] - n.panel_edge_ptr[p] != (u1 - u0) * R)
+        bad("panel sizes");
+      for (int64_t u = u0; u < u1; ++u) {
+        const int32_t s = n.panel_src[u];
+        if (s < 0 || s >= n.n_neurons || !done[s]) bad("panel_src");
+      }
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t t = n.panel_target[r];
+        if (t < n.n_inputs || t >= n.n_neurons || done[t]) bad("panel_target");
+      }
+      for (int64_t u = u0; u < u1; ++u)
+        for (int64_t r = 0; r < R; ++r) {
+          const int32_t e = n.panel_edge[n.panel_edge_ptr[p] + (u - u0) * R + r];
+          if (e == -1) continue;
+          const int64_t t = n.panel_target[r0 + r];
+          if (e < 0 || e >= n.n_edges || edge_seen[e] || n.in_src[e] != n.panel_src[u] || e < n.in_ptr[t] ||
+              e >= n.in_ptr[t + 1])
+            bad("panel_edge");
+          edge_seen[e] = 1;
+          ++edges_used;
+        }
+      for (int64_t r = r0; r < r1; ++r) done[n.panel_target[r]] = 1;
+    }
+    if (edges_used != n.n_edges) bad("panel_edge does not cover every edge");
   }
   last_key = std::move(key);
 }
@@ -213,6 +278,25 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   for (int64_t g = 0; g < n.n_groups; ++g)
     TORCH_CHECK_VALUE(n.prog_group_ptr[g + 1] - n.prog_group_ptr[g] >= 1 &&
                       n.prog_group_ptr[g + 1] - n.prog_group_ptr[g] <= 4, "iosparse: bad group in prog_group_ptr");
+  n.panel_min_batch = config[CFG_PANEL_MIN_BATCH];
+  n.panel_tile = config[CFG_PANEL_TILE];
+  check_buffer(net_t[NET_PANEL_PTR], "panel_ptr", at::kLong, -1);
+  check_buffer(net_t[NET_PANEL_SRC], "panel_src", at::kInt, -1);
+  check_buffer(net_t[NET_PANEL_ROW_PTR], "panel_row_ptr", at::kLong, net_t[NET_PANEL_PTR].numel());
+  check_buffer(net_t[NET_PANEL_TARGET], "panel_target", at::kLong, -1);
+  check_buffer(net_t[NET_PANEL_EDGE_PTR], "panel_edge_ptr", at::kLong, net_t[NET_PANEL_PTR].numel());
+  check_buffer(net_t[NET_PANEL_EDGE], "panel_edge", at::kInt, -1);
+  n.n_panels = std::max<int64_t>(0, net_t[NET_PANEL_PTR].numel() - 1);
+  n.n_panel_edges = net_t[NET_PANEL_EDGE].numel();
+  n.panel_ptr = net_t[NET_PANEL_PTR].data_ptr<int64_t>();
+  n.panel_src = net_t[NET_PANEL_SRC].data_ptr<int32_t>();
+  n.panel_row_ptr = net_t[NET_PANEL_ROW_PTR].data_ptr<int64_t>();
+  n.panel_target = net_t[NET_PANEL_TARGET].data_ptr<int64_t>();
+  n.panel_edge_ptr = net_t[NET_PANEL_EDGE_PTR].data_ptr<int64_t>();
+  n.panel_edge = net_t[NET_PANEL_EDGE].data_ptr<int32_t>();
+  TORCH_CHECK_VALUE(n.n_panels == 0 || (net_t[NET_PANEL_TARGET].numel() == n.n_computed &&
+                                        n.panel_ptr[n.n_panels] == net_t[NET_PANEL_SRC].numel()),
+                    "iosparse: network buffers are corrupt or belong to another network (panel sizes)");
   n.n_levels = net_t[NET_LEVEL_PTR].numel() - 1;
   n.n_ops = net_t[NET_PROG_OPS].numel() / 3;
   n.in_ptr = net_t[NET_IN_PTR].data_ptr<int64_t>();
@@ -279,26 +363,30 @@ struct Vec64<double> {
 // dst = act(acc). The cheap kinds stay in vector registers (the comparisons keep NaN, like PyTorch);
 // the transcendental ones go through the scalar formulas.
 template <typename T, int NV>
-__attribute__((always_inline)) inline void finish_vec(const Net& net, int64_t v,
-                                                      const typename Vec64<T>::type* acc,
-                                                      typename Vec64<T>::type* dst) {
+__attribute__((always_inline)) inline void finish_vec_with(int8_t ac, T lo_s, T hi_s,
+                                                           const typename Vec64<T>::type* acc,
+                                                           typename Vec64<T>::type* dst) {
   using V = typename Vec64<T>::type;
   constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
-  const int8_t ac = net.act_code[v];
   if (ac == ACT_RELU) {
     const V zero = V{};
     for (int j = 0; j < NV; ++j) dst[j] = acc[j] < zero ? zero : acc[j];
   } else if (ac == ACT_HARDTANH) {
-    const V lo = V{} + T(net.act_param[2 * v]), hi = V{} + T(net.act_param[2 * v + 1]);
+    const V lo = V{} + lo_s, hi = V{} + hi_s;
     for (int j = 0; j < NV; ++j) {
       const V a = acc[j] < lo ? lo : acc[j];
       dst[j] = a > hi ? hi : a;
     }
   } else {
     for (int j = 0; j < NV; ++j) dst[j] = acc[j];
-    if (ac != ACT_IDENTITY)
-      act_inplace<T>(ac, reinterpret_cast<T*>(dst), BT, T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]));
+    if (ac != ACT_IDENTITY) act_inplace<T>(ac, reinterpret_cast<T*>(dst), BT, lo_s, hi_s);
   }
+}
+template <typename T, int NV>
+__attribute__((always_inline)) inline void finish_vec(const Net& net, int64_t v,
+                                                      const typename Vec64<T>::type* acc,
+                                                      typename Vec64<T>::type* dst) {
+  finish_vec_with<T, NV>(net.act_code[v], T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]), acc, dst);
 }
 
 // A group of G consecutive positions with identical sources read from identical slots (see
@@ -436,6 +524,142 @@ void poison(T* p, int64_t n) {
   std::fill(p, p + n, std::numeric_limits<T>::quiet_NaN());
 }
 
+// Tile row row_of(i) = feature i of the tile's nb batch rows (x row-major [nb, n_in]), zero padded to BT.
+// Blocks of 64 features: each batch row is read in contiguous runs, the block's tile rows stay in L1.
+template <typename T, typename RowOf>
+void transpose_in(const T* x, int64_t n_in, int64_t nb, int64_t BT, T* tile, RowOf row_of) {
+  constexpr int64_t FB = 64;
+  for (int64_t i0 = 0; i0 < n_in; i0 += FB) {
+    const int64_t i1 = std::min(n_in, i0 + FB);
+    for (int64_t c = 0; c < nb; ++c) {
+      const T* xr = x + c * n_in;
+      for (int64_t i = i0; i < i1; ++i) tile[row_of(i) * BT + c] = xr[i];
+    }
+    for (int64_t i = i0; i < i1; ++i) std::fill(tile + row_of(i) * BT + nb, tile + (row_of(i) + 1) * BT, T(0));
+  }
+}
+// y[c, j] = tile[row_of(rows[j]), c] for the tile's nb batch rows; blocks of 64 outputs, so y is written
+// in contiguous runs (a fresh output is page-faulted in order) and the block's tile rows stay in L1.
+template <typename T, typename RowOf>
+void gather_out(const T* tile, const int64_t* rows, int64_t n_out, int64_t nb, int64_t BT, T* y, RowOf row_of) {
+  constexpr int64_t OB = 64;
+  for (int64_t j0 = 0; j0 < n_out; j0 += OB) {
+    const int64_t j1 = std::min(n_out, j0 + OB);
+    for (int64_t c = 0; c < nb; ++c) {
+      T* yr = y + c * n_out;
+      for (int64_t j = j0; j < j1; ++j) yr[j] = tile[row_of(rows[j]) * BT + c];
+    }
+  }
+}
+inline int64_t same_row(int64_t v) { return v; }
+
+// Level-path parallelism that never waits for a descheduled thread.
+// at::parallel_for (OpenMP) forks and joins once per level: on a busy machine every join waits for the
+// slowest thread to be scheduled again (measured: 14-40x slower than one thread at batch 1). Instead the
+// calling thread posts one job for the whole network and works through its chunks itself; helper threads
+// (a small private pool) claim chunks too if they wake up in time. A chunk of level l starts only when all
+// chunks of earlier levels are done, and the caller returns as soon as every chunk is done, so a helper
+// that is never scheduled costs nothing, and one that is descheduled holds back at most one chunk.
+// The claim word packs (generation, next chunk, chunk count) so a late helper cannot claim a chunk of a
+// finished job (compare-and-swap on the whole word).
+class ChunkPool {
+ public:
+  using Fn = void (*)(const void* ctx, int64_t chunk);
+  static ChunkPool& get() { return *instance(); }
+  // Runs fn(ctx, c) for c in [0, n_chunks); chunk c may start once done >= first_of_level[c].
+  void run(Fn fn, const void* ctx, int64_t n_chunks, const int64_t* wait_for, int64_t helpers) {
+    std::lock_guard<std::mutex> run_lock(run_mutex_);  // one job at a time (concurrent callers queue)
+    ensure_helpers(helpers);
+    fn_ = fn;
+    ctx_ = ctx;
+    wait_for_ = wait_for;
+    done_.store(0, std::memory_order_relaxed);
+    const uint64_t gen = (gen_counter_ = (gen_counter_ + 1) & 0xFFFFFF);
+    word_.store(pack(gen, 0, uint64_t(n_chunks)), std::memory_order_release);
+    {
+      std::lock_guard<std::mutex> lk(sleep_mutex_);
+      posted_ = gen;
+    }
+    sleep_cv_.notify_all();
+    while (work_once()) {
+    }
+    // Chunks claimed by helpers may still be running: wait for them (each holds at most one).
+    for (int spin = 0; done_.load(std::memory_order_acquire) < n_chunks; ++spin) {
+      if (spin < 4096) _mm_pause(); else std::this_thread::yield();
+    }
+  }
+
+ private:
+  // Leaked on purpose: detached helpers outlive exit handlers. A fork() child has none of the helpers and
+  // may inherit a mutex locked by a parent thread that is gone there: it starts from a fresh pool.
+  static ChunkPool*& instance() {
+    static ChunkPool* pool = [] {
+      pthread_atfork(nullptr, nullptr, [] { instance() = new ChunkPool(); });
+      return new ChunkPool();
+    }();
+    return pool;
+  }
+  static uint64_t pack(uint64_t gen, uint64_t next, uint64_t total) { return (gen << 40) | (next << 20) | total; }
+  // Claims and runs one chunk; false when none is left.
+  bool work_once() {
+    uint64_t w = word_.load(std::memory_order_acquire);
+    for (;;) {
+      const uint64_t next = (w >> 20) & 0xFFFFF, total = w & 0xFFFFF;
+      if (next >= total) return false;
+      if (word_.compare_exchange_weak(w, w + (uint64_t(1) << 20), std::memory_order_acq_rel)) {
+        // Claimed: the caller waits for this chunk, so the job fields below are this job's.
+        const int64_t need = wait_for_[next];
+        for (int spin = 0; done_.load(std::memory_order_acquire) < need; ++spin) {
+          if (spin < 4096) _mm_pause(); else std::this_thread::yield();
+        }
+        fn_(ctx_, int64_t(next));
+        done_.fetch_add(1, std::memory_order_acq_rel);
+        return true;
+      }
+    }
+  }
+  void ensure_helpers(int64_t helpers) {
+    while (int64_t(n_helpers_) < helpers) {
+      std::thread([this] { helper_loop(); }).detach();
+      ++n_helpers_;
+    }
+  }
+  void helper_loop() {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(sleep_mutex_);
+        sleep_cv_.wait(lk, [&] { return posted_ != seen; });
+        seen = posted_;
+      }
+      while (work_once()) {
+      }
+    }
+  }
+  std::mutex run_mutex_, sleep_mutex_;
+  std::condition_variable sleep_cv_;
+  std::atomic<uint64_t> word_{0};
+  std::atomic<int64_t> done_{0};
+  uint64_t gen_counter_ = 0, posted_ = 0;
+  size_t n_helpers_ = 0;
+  Fn fn_ = nullptr;
+  const void* ctx_ = nullptr;
+  const int64_t* wait_for_ = nullptr;
+};
+
+// Runs f(c) for c in [0, n_chunks) on the calling thread and the pool's helpers (chunk c starts once
+// wait_for[c] chunks are done); serially inside a parallel region or with one thread.
+template <typename F>
+void run_chunked(int64_t n_chunks, const int64_t* wait_for, const F& f) {
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (threads <= 1 || n_chunks <= 1) {
+    for (int64_t c = 0; c < n_chunks; ++c) f(c);
+    return;
+  }
+  ChunkPool::get().run([](const void* ctx, int64_t c) { (*static_cast<const F*>(ctx))(c); }, &f, n_chunks,
+                       wait_for, threads - 1);
+}
+
 template <typename T>
 void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y) {
   // NV vectors of 64 bytes per tile: the batch_tile in columns rounded to a supported width.
@@ -450,28 +674,186 @@ void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T*
   const int64_t BT = nv * int64_t(64 / sizeof(T));
   const int64_t n_tiles = (B + BT - 1) / BT;
   const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
-  at::parallel_for(0, n_tiles, 1, [&](int64_t t0, int64_t t1) {
+  // Tiles go to the calling thread and the chunk pool (not an OpenMP region: on a busy machine a join
+  // waits for a descheduled thread; here the caller takes every tile no helper has claimed).
+  const std::vector<int64_t> wait_for(n_tiles, 0);
+  run_chunked(n_tiles, wait_for.data(), [&](int64_t t) {
     T* slots = scratch<T>(0, net.memory * BT);
     T* sl = scratch<T>(1, net.n_slow * BT);
     if (poison_enabled()) {
       poison(slots, net.memory * BT);
       poison(sl, net.n_slow * BT);
     }
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b0 = t * BT, nb = std::min(BT, B - b0);
-      // Transposed input tile: slow row i = feature i of the tile's columns (zero padded).
-      if (nb < BT)
-        for (int64_t i = 0; i < n_in; ++i) std::fill(sl + i * BT + nb, sl + (i + 1) * BT, T(0));
-      for (int64_t c = 0; c < nb; ++c) {
-        const T* xr = x + (b0 + c) * n_in;
-        for (int64_t i = 0; i < n_in; ++i) sl[i * BT + c] = xr[i];
-      }
-      fn(net, w, b, slots, sl);
-      for (int64_t c = 0; c < nb; ++c) {
-        T* yr = y + (b0 + c) * n_out;
-        for (int64_t j = 0; j < n_out; ++j) yr[j] = sl[net.prog_output_rows[j] * BT + c];
-      }
+    const int64_t b0 = t * BT, nb = std::min(BT, B - b0);
+    // Transposed input tile: slow row i = feature i of the tile's columns (zero padded).
+    transpose_in<T>(x + b0 * n_in, n_in, nb, BT, sl, same_row);
+    fn(net, w, b, slots, sl);
+    gather_out<T>(sl, net.prog_output_rows, n_out, nb, BT, y + b0 * n_out, same_row);
+  });
+}
+
+// ------------------------------------------------------------------------------------------ panel
+// Layer-by-layer SpMM with register blocking across outputs. A panel computes R (1..8) neurons of one
+// level together over the union of their sources (ops.prepare / build_panels groups neurons that share
+// sources, e.g. the sliding windows of RadiX-Net layers): each source vector of the tile is loaded once
+// and multiplied into R accumulator sets, with a zero weight where the source does not feed a row. Panels
+// that follow each other share most sources, so those come from L1. Values: vals[n_neurons][BT] per tile.
+// This path does not follow the plan's slot schedule (every value of the tile lives in one buffer).
+// Row of neuron v in the tile buffer. Layers like RadiX-Net's read sources 32 or 1024 rows apart: with a
+// plain v * BT layout those rows fall into one or two cache sets (power-of-two strides) and evict each
+// other. One padding row every 16 rows and another every 1024 spread such strides over the sets.
+inline int64_t panel_row(int64_t v) { return v + (v >> 4) + (v >> 10); }
+constexpr int64_t PANEL_PREFETCH = 120;
+
+// Bias and activation of each panel row, gathered once per call in panel order (per tile they would be
+// scattered reads, one per neuron).
+template <typename T>
+struct RowParams {
+  T bias, lo, hi;
+  int32_t code, row;  // activation; tile-buffer row the neuron is written to
+};
+
+template <typename T, int NV, int R>
+__attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, const T* __restrict pw,
+                                                     const RowParams<T>* __restrict rows, T* __restrict vals) {
+  using V = typename Vec64<T>::type;
+  constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
+  const int64_t u0 = net.panel_ptr[p], u1 = net.panel_ptr[p + 1];
+  const T* wp = pw + net.panel_edge_ptr[p];
+  const int32_t* src = net.panel_src_row;
+  V acc[R][NV];
+  // Panels two ahead write scattered rows (permuted layers): fetch those for writing now.
+  const int64_t row_end = net.panel_row_ptr[p] + 2 * R;
+  for (int r = 0; r < R && row_end + r < net.n_computed; ++r)
+    __builtin_prefetch(vals + int64_t(rows[row_end + r].row) * BT, 1);
+  const RowParams<T>* rp = rows + net.panel_row_ptr[p];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < NV; ++j) acc[r][j] = V{} + rp[r].bias;
+  // Sources PANEL_PREFETCH columns ahead (into the next panels) are prefetched: most come from L1 (shared
+  // with the previous panel), the new ones from L2/L3 at rows the hardware prefetcher cannot guess.
+  const int64_t last = net.panel_ptr[net.n_panels] - 1;
+  for (int64_t u = u0; u < u1; ++u, wp += R) {
+    __builtin_prefetch(vals + int64_t(src[std::min(u + PANEL_PREFETCH, last)]) * BT);
+    const V* s = reinterpret_cast<const V*>(vals + int64_t(src[u]) * BT);
+    for (int j = 0; j < NV; ++j) {
+      const V sv = s[j];
+      for (int r = 0; r < R; ++r) acc[r][j] += wp[r] * sv;
     }
+  }
+  for (int r = 0; r < R; ++r)
+    finish_vec_with<T, NV>(int8_t(rp[r].code), rp[r].lo, rp[r].hi, acc[r],
+                           reinterpret_cast<V*>(vals + int64_t(rp[r].row) * BT));
+}
+
+template <typename T, int NV>
+__attribute__((always_inline)) inline void panel_tile_body(const Net& net, const T* __restrict pw,
+                                                           const RowParams<T>* __restrict rows, T* __restrict vals) {
+  for (int64_t p = 0; p < net.n_panels; ++p) {
+    switch (net.panel_row_ptr[p + 1] - net.panel_row_ptr[p]) {
+      case 1: panel_run<T, NV, 1>(net, p, pw, rows, vals); break;
+      case 2: panel_run<T, NV, 2>(net, p, pw, rows, vals); break;
+      case 3: panel_run<T, NV, 3>(net, p, pw, rows, vals); break;
+      case 4: panel_run<T, NV, 4>(net, p, pw, rows, vals); break;
+      case 5: panel_run<T, NV, 5>(net, p, pw, rows, vals); break;
+      case 6: panel_run<T, NV, 6>(net, p, pw, rows, vals); break;
+      case 7: panel_run<T, NV, 7>(net, p, pw, rows, vals); break;
+      default: panel_run<T, NV, 8>(net, p, pw, rows, vals); break;
+    }
+  }
+}
+template <typename T, int NV>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma,avx2"))) void panel_tile_avx512(
+    const Net& net, const T* pw, const RowParams<T>* rows, T* vals) {
+  panel_tile_body<T, NV>(net, pw, rows, vals);
+}
+template <typename T, int NV>
+__attribute__((target("avx2,fma"))) void panel_tile_avx2(const Net& net, const T* pw, const RowParams<T>* rows, T* vals) {
+  panel_tile_body<T, NV>(net, pw, rows, vals);
+}
+template <typename T, int NV>
+void panel_tile_generic(const Net& net, const T* pw, const RowParams<T>* rows, T* vals) {
+  panel_tile_body<T, NV>(net, pw, rows, vals);
+}
+template <typename T>
+using PanelFn = void (*)(const Net&, const T*, const RowParams<T>*, T*);
+template <typename T, int NV>
+PanelFn<T> pick_panel_fn() {
+  switch (detect_isa()) {
+    case ISA_AVX512: return &panel_tile_avx512<T, NV>;
+    case ISA_AVX2: return &panel_tile_avx2<T, NV>;
+    default: return &panel_tile_generic<T, NV>;
+  }
+}
+
+template <typename T>
+void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y) {
+  TORCH_CHECK_VALUE(net.n_panels > 0, "iosparse: the panel strategy needs panels (ops.prepare builds them)");
+  // Weights in panel order, zeros where a source does not feed a row (one pass over the edges per call).
+  // The calling thread's scratch: reused across calls (no page faults), read-only inside the region below.
+  const int64_t E = net.n_panel_edges;
+  T* pw = scratch<T>(3, E);
+  // Tile-buffer row of every neuron. Layered nets (every edge joins consecutive levels, outputs on the
+  // last; checked in validate_indices) need two levels at a time: even and odd levels share two
+  // ping-pong halves, so a tile's working set stays 2 x width rows instead of the whole network (at radix
+  // N=65536 L=4: 17 MiB instead of 45 MiB per thread). Other DAGs keep one row per neuron.
+  int32_t* row_of = scratch<int32_t>(0, net.n_neurons);
+  int64_t tile_rows;
+  if (net.layered) {
+    int64_t width = net.n_inputs;
+    for (int64_t l = 0; l < net.n_levels; ++l) width = std::max(width, net.level_ptr[l + 1] - net.level_ptr[l]);
+    const int64_t half = panel_row(width - 1) + 1 + 8;  // +8 rows: the halves start in different cache sets
+    for (int64_t i = 0; i < net.n_inputs; ++i) row_of[i] = int32_t(panel_row(i));
+    for (int64_t l = 0; l < net.n_levels; ++l)
+      for (int64_t q = net.level_ptr[l]; q < net.level_ptr[l + 1]; ++q)
+        row_of[net.level_neuron[q]] = int32_t(((l + 1) & 1) * half + panel_row(q - net.level_ptr[l]));
+    tile_rows = 2 * half;
+  } else {
+    for (int64_t v = 0; v < net.n_neurons; ++v) row_of[v] = int32_t(panel_row(v));
+    tile_rows = panel_row(net.n_neurons - 1) + 1;
+  }
+  TORCH_CHECK(tile_rows < (int64_t(1) << 31), "iosparse: panel path: network too large");
+  const int64_t n_src = net.panel_ptr[net.n_panels];
+  int32_t* src_row = scratch<int32_t>(1, n_src);
+  for (int64_t u = 0; u < n_src; ++u) src_row[u] = row_of[net.panel_src[u]];
+  Net pnet = net;
+  pnet.panel_src_row = src_row;
+  RowParams<T>* rows = scratch<RowParams<T>>(0, net.n_computed);
+  for (int64_t r = 0; r < net.n_computed; ++r) {
+    const int64_t v = net.panel_target[r];
+    rows[r] = RowParams<T>{b[v], T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]), int32_t(net.act_code[v]),
+                           row_of[v]};
+  }
+  auto row_fn = [row_of](int64_t v) { return int64_t(row_of[v]); };
+  // One or two 64-byte vectors per value: R <= 8 rows x NV vectors of accumulators stay in registers.
+  const int64_t lanes = int64_t(64 / sizeof(T));
+  int nv = net.panel_tile >= 4 * lanes ? 4 : net.panel_tile >= 2 * lanes ? 2 : 1;
+  const int64_t threads = at::get_num_threads();
+  while (nv > 1 && (nv / 2) * lanes >= B) nv /= 2;
+  while (nv > 1 && (B + nv * lanes - 1) / (nv * lanes) < threads) nv /= 2;
+  PanelFn<T> fn = nv == 4 ? pick_panel_fn<T, 4>() : nv == 2 ? pick_panel_fn<T, 2>() : pick_panel_fn<T, 1>();
+  const int64_t BT = nv * lanes;
+  const int64_t n_tiles = (B + BT - 1) / BT;
+  const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
+  // One job on the chunk pool (see program_forward): first the weight slices, then the tiles, which
+  // start once every slice is done.
+  constexpr int64_t PW_CHUNK = 1 << 18;
+  const int64_t n_pw = (E + PW_CHUNK - 1) / PW_CHUNK;
+  std::vector<int64_t> wait_for(n_pw + n_tiles, 0);
+  std::fill(wait_for.begin() + n_pw, wait_for.end(), n_pw);
+  run_chunked(n_pw + n_tiles, wait_for.data(), [&](int64_t c) {
+    if (c < n_pw) {
+      for (int64_t k = c * PW_CHUNK, e = std::min(E, (c + 1) * PW_CHUNK); k < e; ++k) {
+        const int32_t ed = net.panel_edge[k];
+        pw[k] = ed >= 0 ? w[ed] : T(0);
+      }
+      return;
+    }
+    T* vals = scratch<T>(2, tile_rows * BT);
+    if (poison_enabled()) poison(vals, tile_rows * BT);
+    const int64_t t = c - n_pw, b0 = t * BT, nb = std::min(BT, B - b0);
+    transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, row_fn);
+    fn(pnet, pw, rows, vals);
+    gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, row_fn);
   });
 }
 
@@ -602,100 +984,6 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
   }
 }
 
-// Level-path parallelism that never waits for a descheduled thread.
-// at::parallel_for (OpenMP) forks and joins once per level: on a busy machine every join waits for the
-// slowest thread to be scheduled again (measured: 14-40x slower than one thread at batch 1). Instead the
-// calling thread posts one job for the whole network and works through its chunks itself; helper threads
-// (a small private pool) claim chunks too if they wake up in time. A chunk of level l starts only when all
-// chunks of earlier levels are done, and the caller returns as soon as every chunk is done, so a helper
-// that is never scheduled costs nothing, and one that is descheduled holds back at most one chunk.
-// The claim word packs (generation, next chunk, chunk count) so a late helper cannot claim a chunk of a
-// finished job (compare-and-swap on the whole word).
-class ChunkPool {
- public:
-  using Fn = void (*)(const void* ctx, int64_t chunk);
-  static ChunkPool& get() { return *instance(); }
-  // Runs fn(ctx, c) for c in [0, n_chunks); chunk c may start once done >= first_of_level[c].
-  void run(Fn fn, const void* ctx, int64_t n_chunks, const int64_t* wait_for, int64_t helpers) {
-    std::lock_guard<std::mutex> run_lock(run_mutex_);  // one job at a time (concurrent callers queue)
-    ensure_helpers(helpers);
-    fn_ = fn;
-    ctx_ = ctx;
-    wait_for_ = wait_for;
-    done_.store(0, std::memory_order_relaxed);
-    const uint64_t gen = (gen_counter_ = (gen_counter_ + 1) & 0xFFFFFF);
-    word_.store(pack(gen, 0, uint64_t(n_chunks)), std::memory_order_release);
-    {
-      std::lock_guard<std::mutex> lk(sleep_mutex_);
-      posted_ = gen;
-    }
-    sleep_cv_.notify_all();
-    while (work_once()) {
-    }
-    // Chunks claimed by helpers may still be running: wait for them (each holds at most one).
-    for (int spin = 0; done_.load(std::memory_order_acquire) < n_chunks; ++spin) {
-      if (spin < 4096) _mm_pause(); else std::this_thread::yield();
-    }
-  }
-
- private:
-  // Leaked on purpose: detached helpers outlive exit handlers. A fork() child has none of the helpers and
-  // may inherit a mutex locked by a parent thread that is gone there: it starts from a fresh pool.
-  static ChunkPool*& instance() {
-    static ChunkPool* pool = [] {
-      pthread_atfork(nullptr, nullptr, [] { instance() = new ChunkPool(); });
-      return new ChunkPool();
-    }();
-    return pool;
-  }
-  static uint64_t pack(uint64_t gen, uint64_t next, uint64_t total) { return (gen << 40) | (next << 20) | total; }
-  // Claims and runs one chunk; false when none is left.
-  bool work_once() {
-    uint64_t w = word_.load(std::memory_order_acquire);
-    for (;;) {
-      const uint64_t next = (w >> 20) & 0xFFFFF, total = w & 0xFFFFF;
-      if (next >= total) return false;
-      if (word_.compare_exchange_weak(w, w + (uint64_t(1) << 20), std::memory_order_acq_rel)) {
-        // Claimed: the caller waits for this chunk, so the job fields below are this job's.
-        const int64_t need = wait_for_[next];
-        for (int spin = 0; done_.load(std::memory_order_acquire) < need; ++spin) {
-          if (spin < 4096) _mm_pause(); else std::this_thread::yield();
-        }
-        fn_(ctx_, int64_t(next));
-        done_.fetch_add(1, std::memory_order_acq_rel);
-        return true;
-      }
-    }
-  }
-  void ensure_helpers(int64_t helpers) {
-    while (int64_t(n_helpers_) < helpers) {
-      std::thread([this] { helper_loop(); }).detach();
-      ++n_helpers_;
-    }
-  }
-  void helper_loop() {
-    uint64_t seen = 0;
-    for (;;) {
-      {
-        std::unique_lock<std::mutex> lk(sleep_mutex_);
-        sleep_cv_.wait(lk, [&] { return posted_ != seen; });
-        seen = posted_;
-      }
-      while (work_once()) {
-      }
-    }
-  }
-  std::mutex run_mutex_, sleep_mutex_;
-  std::condition_variable sleep_cv_;
-  std::atomic<uint64_t> word_{0};
-  std::atomic<int64_t> done_{0};
-  uint64_t gen_counter_ = 0, posted_ = 0;
-  size_t n_helpers_ = 0;
-  Fn fn_ = nullptr;
-  const void* ctx_ = nullptr;
-  const int64_t* wait_for_ = nullptr;
-};
-
 // Work (multiply-adds) per chunk of the level path, and the least work per forward worth waking helpers
 // for (below it one thread is faster than any hand-off). Tunable: IOSPARSE_LEVEL_CHUNK / IOSPARSE_LEVEL_SERIAL.
 int64_t env_int(const char* name, int64_t fallback) {
@@ -815,12 +1103,15 @@ at::Tensor dense_forward(const Net& net, const at::Tensor& x, const at::Tensor& 
 
 int64_t choose_strategy(const Net& net, int64_t B) {
   if (net.strategy != STRAT_AUTO) {
+    TORCH_CHECK_VALUE(net.strategy >= STRAT_PROGRAM && net.strategy <= STRAT_PANEL, "iosparse: unknown strategy ",
+                      net.strategy);
     TORCH_CHECK_VALUE(net.strategy != STRAT_DENSE || net.layered,
                       "iosparse: the dense strategy needs a layered network (edges only between consecutive levels)");
     return net.strategy;
   }
   if (net.layered && B >= net.dense_min_batch) return STRAT_DENSE;
   if (B <= net.level_max_batch) return STRAT_LEVEL;
+  if (net.n_panels > 0 && B >= net.panel_min_batch) return STRAT_PANEL;
   return STRAT_PROGRAM;
 }
 
@@ -843,6 +1134,8 @@ at::Tensor dag_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, 
     scalar_t* yp = y.data_ptr<scalar_t>();
     if (strategy == STRAT_PROGRAM) {
       program_forward<scalar_t>(net, xp, B, wp, bp, yp);
+    } else if (strategy == STRAT_PANEL) {
+      panel_forward<scalar_t>(net, xp, B, wp, bp, yp);
     } else {
       auto vals = aligned_buffer<scalar_t>(net.n_neurons * B);
       if (poison_enabled()) poison(vals.get(), net.n_neurons * B);
@@ -944,17 +1237,160 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dag_backward_cpu(const at::Tensor
   return {gx, gw, gb};
 }
 
+// ------------------------------------------------------------------------------------------ panel builder
+// Groups each level's neurons into panels of up to max_rows rows that share sources (see panel_run).
+// Greedy, per level: a panel starts at a seed neuron and grows by the unvisited neuron of the same level
+// sharing the most sources with the last row added, while useful multiply-adds / (rows x union of
+// sources) stays >= min_efficiency; the neuron that did not fit seeds the next panel, so consecutive
+// panels slide along chains of overlapping source sets. Neighbours are found through the sources' out-
+// edges, at most scan_limit sources per row and scan_limit out-edges per source (bounded work on
+// dense-ish levels). Returns (panel_ptr, panel_src, panel_row_ptr, panel_target, panel_edge_ptr,
+// panel_edge) as described at NetIndex.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_panels_cpu(
+    const at::Tensor& in_ptr_t, const at::Tensor& in_src_t, const at::Tensor& level_ptr_t,
+    const at::Tensor& level_neuron_t, int64_t n_neurons, int64_t max_rows, double min_efficiency,
+    int64_t scan_limit) {
+  TORCH_CHECK_VALUE(max_rows >= 1 && max_rows <= MAX_PANEL_ROWS, "iosparse: max_rows must be in 1..",
+                    int(MAX_PANEL_ROWS), ", got ", max_rows);
+  TORCH_CHECK_VALUE(scan_limit >= 1, "iosparse: scan_limit must be >= 1");
+  check_buffer(in_ptr_t, "in_ptr", at::kLong, n_neurons + 1);
+  check_buffer(in_src_t, "in_src", at::kInt, -1);
+  check_buffer(level_ptr_t, "level_ptr", at::kLong, -1);
+  check_buffer(level_neuron_t, "level_neuron", at::kLong, -1);
+  const int64_t* in_ptr = in_ptr_t.data_ptr<int64_t>();
+  const int32_t* in_src = in_src_t.data_ptr<int32_t>();
+  const int64_t* level_ptr = level_ptr_t.data_ptr<int64_t>();
+  const int64_t* level_neuron = level_neuron_t.data_ptr<int64_t>();
+  const int64_t m = in_src_t.numel(), L = level_ptr_t.numel() - 1, nc = level_neuron_t.numel();
+  TORCH_CHECK_VALUE(in_ptr[0] == 0 && in_ptr[n_neurons] == m && L >= 0 && level_ptr[0] == 0 &&
+                    level_ptr[L] == nc, "iosparse: build_panels: inconsistent structure buffers");
+  for (int64_t e = 0; e < m; ++e)
+    TORCH_CHECK_VALUE(in_src[e] >= 0 && in_src[e] < n_neurons, "iosparse: build_panels: in_src out of range");
+  std::vector<int64_t> level_of(n_neurons, -1);
+  for (int64_t l = 0; l < L; ++l)
+    for (int64_t p = level_ptr[l]; p < level_ptr[l + 1]; ++p) {
+      const int64_t v = level_neuron[p];
+      TORCH_CHECK_VALUE(v >= 0 && v < n_neurons && level_of[v] < 0, "iosparse: build_panels: bad level_neuron");
+      level_of[v] = l;
+    }
+  // Out-edges (target of each edge, grouped by source).
+  std::vector<int64_t> out_ptr(n_neurons + 1, 0);
+  for (int64_t e = 0; e < m; ++e) ++out_ptr[in_src[e] + 1];
+  for (int64_t u = 0; u < n_neurons; ++u) out_ptr[u + 1] += out_ptr[u];
+  std::vector<int64_t> out_dst(m), fill(out_ptr.begin(), out_ptr.end() - 1);
+  for (int64_t v = 0; v < n_neurons; ++v)
+    for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) out_dst[fill[in_src[e]]++] = v;
+
+  std::vector<uint8_t> visited(n_neurons, 0);
+  std::vector<int32_t> count(n_neurons, 0);
+  std::vector<int64_t> stamp(n_neurons, -1), local(n_neurons, 0), touched;
+  std::vector<int64_t> panel_ptr{0}, row_ptr{0}, edge_ptr{0}, targets;
+  std::vector<int32_t> psrc, pedge;
+  int64_t panel_id = 0;
+  auto best_neighbour = [&](int64_t last, int64_t level) -> int64_t {
+    touched.clear();
+    const int64_t e_end = std::min(in_ptr[last + 1], in_ptr[last] + scan_limit);
+    for (int64_t e = in_ptr[last]; e < e_end; ++e) {
+      const int64_t u = in_src[e];
+      const int64_t o_end = std::min(out_ptr[u + 1], out_ptr[u] + scan_limit);
+      for (int64_t o = out_ptr[u]; o < o_end; ++o) {
+        const int64_t t = out_dst[o];
+        if (visited[t] || level_of[t] != level) continue;
+        if (count[t]++ == 0) touched.push_back(t);
+      }
+    }
+    int64_t best = -1;
+    int32_t best_count = 0;
+    for (int64_t t : touched) {
+      if (count[t] > best_count || (count[t] == best_count && t < best)) best = t, best_count = count[t];
+      count[t] = 0;
+    }
+    return best;
+  };
+  for (int64_t l = 0; l < L; ++l) {
+    int64_t cursor = level_ptr[l], seed = -1;
+    for (;;) {
+      if (seed < 0) {
+        while (cursor < level_ptr[l + 1] && visited[level_neuron[cursor]]) ++cursor;
+        if (cursor == level_ptr[l + 1]) break;
+        seed = level_neuron[cursor];
+      }
+      // Grow one panel from the seed.
+      std::vector<int64_t> rows{seed};
+      visited[seed] = 1;
+      const int64_t u_begin = int64_t(psrc.size());
+      auto add_sources = [&](int64_t v) {
+        for (int64_t e = in_ptr[v]; e < in_ptr[v + 1]; ++e) {
+          const int64_t u = in_src[e];
+          if (stamp[u] != panel_id) {
+            stamp[u] = panel_id;
+            local[u] = int64_t(psrc.size()) - u_begin;
+            psrc.push_back(int32_t(u));
+          }
+        }
+      };
+      add_sources(seed);
+      int64_t useful = in_ptr[seed + 1] - in_ptr[seed], next = -1;
+      for (;;) {
+        const int64_t cand = best_neighbour(rows.back(), l);
+        if (cand < 0) break;
+        if (int64_t(rows.size()) == max_rows) { next = cand; break; }
+        int64_t fresh = 0;
+        for (int64_t e = in_ptr[cand]; e < in_ptr[cand + 1]; ++e) fresh += stamp[in_src[e]] != panel_id;
+        const int64_t U = int64_t(psrc.size()) - u_begin + fresh;
+        const int64_t use = useful + in_ptr[cand + 1] - in_ptr[cand];
+        if (double(use) < min_efficiency * double(U) * double(rows.size() + 1)) { next = cand; break; }
+        rows.push_back(cand);
+        visited[cand] = 1;
+        useful = use;
+        add_sources(cand);
+      }
+      // Edge block [U][R]; a repeated (source, row) pair (multi-edge) gets an extra column of its own.
+      const int64_t R = int64_t(rows.size());
+      std::vector<int32_t> block(size_t(psrc.size() - u_begin) * R, -1);
+      for (int64_t r = 0; r < R; ++r)
+        for (int64_t e = in_ptr[rows[r]]; e < in_ptr[rows[r] + 1]; ++e) {
+          size_t cell = size_t(local[in_src[e]]) * R + r;
+          if (block[cell] != -1) {
+            psrc.push_back(in_src[e]);
+            block.resize(block.size() + R, -1);
+            cell = block.size() - R + r;
+          }
+          block[cell] = int32_t(e);
+        }
+      pedge.insert(pedge.end(), block.begin(), block.end());
+      targets.insert(targets.end(), rows.begin(), rows.end());
+      panel_ptr.push_back(int64_t(psrc.size()));
+      row_ptr.push_back(int64_t(targets.size()));
+      edge_ptr.push_back(int64_t(pedge.size()));
+      ++panel_id;
+      seed = next;
+    }
+  }
+  TORCH_CHECK(int64_t(pedge.size()) < (int64_t(1) << 31), "iosparse: build_panels: too many panel cells");
+  auto i64 = [](const std::vector<int64_t>& v) {
+    return at::from_blob(const_cast<int64_t*>(v.data()), {int64_t(v.size())}, at::kLong).clone();
+  };
+  auto i32 = [](const std::vector<int32_t>& v) {
+    return at::from_blob(const_cast<int32_t*>(v.data()), {int64_t(v.size())}, at::kInt).clone();
+  };
+  return {i64(panel_ptr), i32(psrc), i64(row_ptr), i64(targets), i64(edge_ptr), i32(pedge)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(iosparse, m) {
   m.def("dag_forward(Tensor x, Tensor weight, Tensor bias, Tensor[] net, int[] config) -> Tensor");
   m.def("dag_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor[] net, int[] config) -> "
         "(Tensor, Tensor, Tensor)");
+  m.def("build_panels(Tensor in_ptr, Tensor in_src, Tensor level_ptr, Tensor level_neuron, int n_neurons, "
+        "int max_rows, float min_efficiency, int scan_limit) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(iosparse, CPU, m) {
   m.impl("dag_forward", &dag_forward_cpu);
   m.impl("dag_backward", &dag_backward_cpu);
+  m.impl("build_panels", &build_panels_cpu);
 }
 
 }  // namespace iosparse
