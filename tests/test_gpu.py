@@ -98,6 +98,8 @@ def test_choose_gpu_path(monkeypatch):
     assert gpu.choose_gpu_path(1, gpu.STRATEGY_PROGRAM, "cpu") == "program"
     assert gpu.choose_gpu_path(10**6, gpu.STRATEGY_LEVEL, "cpu") == "level"
     assert gpu.choose_gpu_path(10**6, gpu.STRATEGY_DENSE, "cpu") == "level"
+    assert gpu.choose_gpu_path(10**6, gpu.STRATEGY_PANEL, "cpu") == "level"
+    assert gpu.STRATEGY_PANEL == ops.STRATEGIES["panel"] and gpu.STRATEGY_LEVEL == ops.STRATEGIES["level"]
     # auto: the level kernel at every batch size (the plan executor measured 25-100x slower on an H100)
     assert gpu.choose_gpu_path(1, gpu.STRATEGY_AUTO, "cpu") == "level"
     assert gpu.choose_gpu_path(10**6, gpu.STRATEGY_AUTO, "cpu") == "level"

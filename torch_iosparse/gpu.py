@@ -83,19 +83,19 @@ def level_program_from_buffers(net: Sequence[torch.Tensor], config: Sequence[int
     return lp
 
 
-STRATEGY_AUTO, STRATEGY_PROGRAM, STRATEGY_LEVEL, STRATEGY_DENSE = 0, 1, 2, 3
+STRATEGY_AUTO, STRATEGY_PROGRAM, STRATEGY_LEVEL, STRATEGY_DENSE, STRATEGY_PANEL = 0, 1, 2, 3, 4
 
 
 def choose_gpu_path(batch: int, strategy: int, device) -> str:
     """``"program"`` (the plan executor) or ``"level"`` (the level kernel) for one CUDA call.
 
-    The op's strategy decides when it is explicit ("program"; "level" and "dense" run the level
-    kernel). For "auto": ``IOSPARSE_GPU_STRATEGY`` (program | level) if set, else the level kernel. On an
-    H100 the plan executor (one program per batch tile walking the whole plan, latency-bound) measured
+    The op's strategy decides when it is explicit ("program"; "level", "dense" and "panel" run the level
+    kernels, whose source-sharing blocks are the GPU twin of the CPU's panels). For "auto":
+    ``IOSPARSE_GPU_STRATEGY`` (program | level) if set, else the level kernels. On an H100 the plan executor (one program per batch tile walking the whole plan, latency-bound) measured
     25-100x slower than the level kernel at every batch size (benchmarks/RESULTS.md, docs/gpu.md)."""
     if strategy == STRATEGY_PROGRAM:
         return "program"
-    if strategy in (STRATEGY_LEVEL, STRATEGY_DENSE):
+    if strategy in (STRATEGY_LEVEL, STRATEGY_DENSE, STRATEGY_PANEL):  # panel: the CPU twin of the GPU's blocks
         return "level"
     env = os.environ.get("IOSPARSE_GPU_STRATEGY", "").strip().lower()
     if env in ("program", "level"):
