@@ -27,6 +27,9 @@
 #include <condition_variable>
 #include <mutex>
 #include <thread>
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 #include <pthread.h>
 #include <vector>
@@ -785,13 +788,99 @@ PanelFn<T> pick_panel_fn() {
   }
 }
 
+// Panel-ordered weights cached across calls (the gather is a full pass over the edges: ~15 % of a radix
+// N=65536 B=256 call, more at small batch). An entry is valid for one weight tensor at one value of its
+// version counter, which every in-place update through PyTorch bumps (optimizer steps, add_, copy_ under
+// no_grad, load_state_dict); the entry holds a reference to the weight and to the panel layout, so their
+// memory cannot be freed and reused by another tensor at the same address while the entry lives.
+// Writes that bypass the version counter (through `.data`, numpy views, raw pointers) are NOT seen:
+// IOSPARSE_PANEL_WEIGHT_CACHE=0 (read per call) or iosparse::clear_panel_weight_cache() handle those.
+// Inference tensors have no version counter and are never cached.
+struct PanelWeightEntry {
+  at::Tensor weight, panel_edge, pw;
+  int64_t version = 0;
+  uint64_t stamp = 0;
+};
+constexpr size_t PANEL_CACHE_ENTRIES = 4;
+std::mutex panel_cache_mutex;
+std::vector<PanelWeightEntry> panel_cache;
+uint64_t panel_cache_clock = 0;
+
+bool panel_cache_enabled() {
+  const char* s = std::getenv("IOSPARSE_PANEL_WEIGHT_CACHE");
+  return !(s && s[0] == '0');
+}
+
+bool same_tensor_memory(const at::Tensor& a, const at::Tensor& b) {
+  return a.defined() && b.defined() && a.storage().unsafeGetStorageImpl() == b.storage().unsafeGetStorageImpl() &&
+         a.storage_offset() == b.storage_offset() && a.numel() == b.numel() && a.scalar_type() == b.scalar_type();
+}
+
+// A hit also compares 64 cells (spread over the layout, shifted every call) with the weights they come
+// from: whole-tensor writes that bypass the version counter (`p.data.add_(...)` in hand-written SGD) are
+// then caught; a write to a few single elements through `.data` may still be missed.
 template <typename T>
-void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y) {
-  TORCH_CHECK_VALUE(net.n_panels > 0, "iosparse: the panel strategy needs panels (ops.prepare builds them)");
-  // Weights in panel order, zeros where a source does not feed a row (one pass over the edges per call).
-  // The calling thread's scratch: reused across calls (no page faults), read-only inside the region below.
+bool panel_weights_spot_check(const Net& net, const T* w, const T* pw, uint64_t salt) {
   const int64_t E = net.n_panel_edges;
-  T* pw = scratch<T>(3, E);
+  if (E == 0) return true;
+  constexpr int64_t SAMPLES = 64;
+  const int64_t step = std::max<int64_t>(1, E / SAMPLES), shift = int64_t((salt * 2654435761u) % uint64_t(step));
+  for (int64_t i = 0; i < SAMPLES; ++i) {
+    const int64_t k = (i * step + shift) % E;
+    const int32_t ed = net.panel_edge[k];
+    const T want = ed >= 0 ? w[ed] : T(0);
+    if (std::memcmp(&want, pw + k, sizeof(T)) != 0) return false;
+  }
+  return true;
+}
+
+void clear_panel_weight_cache() {
+  std::lock_guard<std::mutex> lock(panel_cache_mutex);
+  panel_cache.clear();
+}
+
+int64_t panel_weight_cache_size() {
+  std::lock_guard<std::mutex> lock(panel_cache_mutex);
+  return int64_t(panel_cache.size());
+}
+
+template <typename T>
+void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y, const at::Tensor& weight_t,
+                   const at::Tensor& panel_edge_t) {
+  TORCH_CHECK_VALUE(net.n_panels > 0, "iosparse: the panel strategy needs panels (ops.prepare builds them)");
+  // Weights in panel order, zeros where a source does not feed a row: from the cache when this weight
+  // tensor at this version was gathered before, else one pass over the edges (filled by the job below and
+  // then put into the cache).
+  const int64_t E = net.n_panel_edges;
+  const bool cacheable = panel_cache_enabled() && !weight_t.is_inference();
+  const int64_t version = cacheable ? int64_t(weight_t._version()) : 0;
+  at::Tensor pw_t;
+  bool hit = false;
+  if (cacheable) {
+    std::lock_guard<std::mutex> lock(panel_cache_mutex);
+    for (size_t i = 0; i < panel_cache.size(); ++i) {
+      PanelWeightEntry& e = panel_cache[i];
+      if (!same_tensor_memory(e.panel_edge, panel_edge_t)) continue;
+      if (same_tensor_memory(e.weight, weight_t) && e.version == version &&
+          panel_weights_spot_check(net, weight_t.data_ptr<T>(), e.pw.data_ptr<T>(), panel_cache_clock)) {
+        e.stamp = ++panel_cache_clock;
+        pw_t = e.pw;
+        hit = true;
+        break;
+      }
+      // Same network, other weights or a newer version (training): refill that buffer, taken out of the
+      // cache meanwhile, unless another call is still reading it.
+      if (e.pw.use_count() == 1 && e.pw.scalar_type() == weight_t.scalar_type()) pw_t = std::move(e.pw);
+      panel_cache.erase(panel_cache.begin() + i);
+      break;
+    }
+  }
+  if (!cacheable) {
+    pw_t = at::Tensor();
+  } else if (!pw_t.defined()) {
+    pw_t = at::empty({std::max<int64_t>(E, 1)}, weight_t.options());
+  }
+  T* pw = cacheable ? pw_t.data_ptr<T>() : scratch<T>(3, E);
   // Tile-buffer row of every neuron. Layered nets (every edge joins consecutive levels, outputs on the
   // last; checked in validate_indices) need two levels at a time: even and odd levels share two
   // ping-pong halves, so a tile's working set stays 2 x width rows instead of the whole network (at radix
@@ -837,7 +926,7 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   // One job on the chunk pool (see program_forward): first the weight slices, then the tiles, which
   // start once every slice is done.
   constexpr int64_t PW_CHUNK = 1 << 18;
-  const int64_t n_pw = (E + PW_CHUNK - 1) / PW_CHUNK;
+  const int64_t n_pw = hit ? 0 : (E + PW_CHUNK - 1) / PW_CHUNK;
   std::vector<int64_t> wait_for(n_pw + n_tiles, 0);
   std::fill(wait_for.begin() + n_pw, wait_for.end(), n_pw);
   run_chunked(n_pw + n_tiles, wait_for.data(), [&](int64_t c) {
@@ -855,6 +944,15 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
     fn(pnet, pw, rows, vals);
     gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, row_fn);
   });
+  if (cacheable && !hit) {
+    std::lock_guard<std::mutex> lock(panel_cache_mutex);
+    if (panel_cache.size() >= PANEL_CACHE_ENTRIES) {
+      auto oldest = std::min_element(panel_cache.begin(), panel_cache.end(),
+                                     [](const PanelWeightEntry& a, const PanelWeightEntry& c) { return a.stamp < c.stamp; });
+      panel_cache.erase(oldest);
+    }
+    panel_cache.push_back(PanelWeightEntry{weight_t, panel_edge_t, pw_t, version, ++panel_cache_clock});
+  }
 }
 
 // ------------------------------------------------------------------------------------------ level
@@ -1115,6 +1213,24 @@ int64_t choose_strategy(const Net& net, int64_t B) {
   return STRAT_PROGRAM;
 }
 
+// A fresh multi-MiB output is page-faulted in 4 KiB pages on its first write (radix N=65536 B=256: 64 MiB,
+// ~25 ms of a ~150 ms call, the allocator returns freshly mapped memory every call). Asking for
+// transparent huge pages on its 2 MiB-aligned interior (madvise needs a page-aligned start; the
+// allocator's pointer is only 64-byte aligned) cuts that first touch to ~10 ms where THP is in "madvise"
+// mode. A hint only: failures are ignored.
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t HUGE = uintptr_t(1) << 21;
+  if (bytes < 2 * HUGE) return;
+  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + HUGE - 1) & ~(HUGE - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + bytes) & ~(HUGE - 1);
+  if (e > a) (void)madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 at::Tensor dag_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
                            at::TensorList net_t, at::IntArrayRef config) {
   Net net = unpack(x_in, weight_in, bias_in, net_t, config);
@@ -1123,6 +1239,7 @@ at::Tensor dag_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, 
   const int64_t B = x_in.size(0);
   at::Tensor y = at::empty({B, net.n_outputs}, x_in.options());
   if (B == 0) return y;
+  advise_huge_pages(y.data_ptr(), size_t(y.nbytes()));
   if (poison_enabled()) AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "poison", [&] { poison(y.data_ptr<scalar_t>(), y.numel()); });
   const int64_t strategy = choose_strategy(net, B);
   if (strategy == STRAT_DENSE) return dense_forward(net, x_in, weight_in, bias_in, net_t);
@@ -1135,7 +1252,7 @@ at::Tensor dag_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, 
     if (strategy == STRAT_PROGRAM) {
       program_forward<scalar_t>(net, xp, B, wp, bp, yp);
     } else if (strategy == STRAT_PANEL) {
-      panel_forward<scalar_t>(net, xp, B, wp, bp, yp);
+      panel_forward<scalar_t>(net, xp, B, wp, bp, yp, weight, net_t[NET_PANEL_EDGE]);
     } else {
       auto vals = aligned_buffer<scalar_t>(net.n_neurons * B);
       if (poison_enabled()) poison(vals.get(), net.n_neurons * B);
@@ -1380,6 +1497,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(iosparse, m) {
+  // Device-independent helpers of the panel path's weight cache (dag_forward, "panel").
+  m.def("clear_panel_weight_cache() -> ()", &clear_panel_weight_cache);
+  m.def("panel_weight_cache_size() -> int", &panel_weight_cache_size);
   m.def("dag_forward(Tensor x, Tensor weight, Tensor bias, Tensor[] net, int[] config) -> Tensor");
   m.def("dag_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor bias, Tensor[] net, int[] config) -> "
         "(Tensor, Tensor, Tensor)");
