@@ -144,8 +144,8 @@ def test_switch_off_and_clear():
     # A write to a single element that bypasses the version counter (.data) is not seen until the
     # cache is cleared (documented limit; the spot check of 64 cells may or may not sample it).
     w.data[7] += 1.0
-    torch.ops.iosparse.clear_panel_weight_cache()
-    assert cache_size() == 0
+    ops.clear_panel_weight_cache()
+    assert cache_size() == 0 == ops.panel_weight_cache_size()
     check(dag, bufs, meta, w, b, x)
 
 

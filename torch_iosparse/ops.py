@@ -195,6 +195,23 @@ def panel_buffers(buffers: Dict[str, torch.Tensor], max_rows: int = PANEL_MAX_RO
     return dict(zip(PANEL_KEYS, out))
 
 
+def clear_panel_weight_cache() -> None:
+    """Drop the CPU panel path's cached panel-ordered weights (and the references it holds to weight tensors).
+
+    The cache (docs/cpu-kernel.md, "Weight cache") notices every in-place update made through PyTorch (the
+    tensor's version counter) and whole-tensor writes through ``.data``; call this after writing single
+    weights in a way that bypasses the version counter (``weight.data[i] = ...``, numpy views, raw pointers),
+    or set ``IOSPARSE_PANEL_WEIGHT_CACHE=0`` to switch the cache off."""
+    _native.ops()
+    torch.ops.iosparse.clear_panel_weight_cache()
+
+
+def panel_weight_cache_size() -> int:
+    """Number of (weight tensor, network) entries the CPU panel path holds now (at most 4)."""
+    _native.ops()
+    return int(torch.ops.iosparse.panel_weight_cache_size())
+
+
 def _op_args(buffers: Dict[str, torch.Tensor], meta: Dict[str, Union[int, float]]):
     if any(k not in buffers for k in PANEL_KEYS) and all(k not in buffers for k in PANEL_KEYS):
         ref = buffers.get("in_ptr")
