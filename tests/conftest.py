@@ -18,3 +18,17 @@ import pytest  # noqa: E402
 def _private_plan_cache(tmp_path, monkeypatch):
     """Every test gets its own on-disk plan cache, so no test reads another's plans or the user's."""
     monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def poison_buffers():
+    """Every kernel call fills its output and scratch buffers with NaN first (IOSPARSE_POISON), so an
+    element that is read before being written, or never written, fails the comparison. Use with
+    ``pytestmark = pytest.mark.usefixtures("poison_buffers")``."""
+    old = os.environ.get("IOSPARSE_POISON")
+    os.environ["IOSPARSE_POISON"] = "1"
+    yield
+    if old is None:
+        del os.environ["IOSPARSE_POISON"]
+    else:
+        os.environ["IOSPARSE_POISON"] = old

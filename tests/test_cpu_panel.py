@@ -19,15 +19,7 @@ from torch_iosparse import SparseDAG, ops, strategy
 from torch_iosparse.generate import radix_net
 
 
-@pytest.fixture(autouse=True, scope="module")
-def poison_buffers():
-    old = os.environ.get("IOSPARSE_POISON")
-    os.environ["IOSPARSE_POISON"] = "1"
-    yield
-    if old is None:
-        del os.environ["IOSPARSE_POISON"]
-    else:
-        os.environ["IOSPARSE_POISON"] = old
+pytestmark = pytest.mark.usefixtures("poison_buffers")  # conftest: outputs filled with NaN before each call
 
 
 def with_panels(net, max_rows=8, min_efficiency=0.75, tile=None):

@@ -19,17 +19,7 @@ from torch_iosparse.planning import PlanError
 BATCHES = [0, 1, 3, 17, 64, 1000]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def poison_buffers():
-    """Every kernel call fills its output and scratch buffers with NaN first (IOSPARSE_POISON), so an
-    element that is read before being written, or never written, fails the comparison."""
-    old = os.environ.get("IOSPARSE_POISON")
-    os.environ["IOSPARSE_POISON"] = "1"
-    yield
-    if old is None:
-        del os.environ["IOSPARSE_POISON"]
-    else:
-        os.environ["IOSPARSE_POISON"] = old
+pytestmark = pytest.mark.usefixtures("poison_buffers")  # conftest: outputs filled with NaN before each call
 
 
 def tol(dtype):
