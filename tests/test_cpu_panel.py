@@ -3,9 +3,6 @@ share sources are computed together over the union of their sources. Forward == 
 random DAGs, every activation, both dtypes, every tile and panel shape; outputs poisoned; corrupt panel
 buffers raise; the builder groups sliding-window (RadiX-Net) layers; the strategy picks it where the model
 says it wins."""
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from test_ops import pruned_mlp, radix_like, run, tol
+from test_ops import pruned_mlp, radix_like, run, run_under_isa, tol
 from test_program import ALL_ACTIVATIONS, random_dags
 from torch_iosparse import SparseDAG, ops, strategy
 from torch_iosparse.generate import radix_net
@@ -224,9 +221,7 @@ def test_panel_isa_fallbacks(isa):
         "        y = ops.dag_forward(x, dag.weight.to(dt), dag.bias.to(dt), net.buffers, dict(net.meta, panel_tile=tile))\n"
         "        torch.testing.assert_close(y, dag.forward_reference(x.double()).to(dt), rtol=2e-4, atol=2e-4)\n"
         "print('ok')\n")
-    env = dict(os.environ, IOSPARSE_ISA=isa, IOSPARSE_POISON="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
+    run_under_isa(isa, code)
 
 
 def test_concurrent_callers_on_the_chunk_pool():

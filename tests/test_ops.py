@@ -260,6 +260,12 @@ def test_vector_isa_fallbacks(isa):
         "    y = ops.dag_forward(x, dag.weight.to(dt), dag.bias.to(dt), net.buffers, net.meta)\n"
         "    torch.testing.assert_close(y, dag.forward_reference(x.double()).to(dt), rtol=2e-4, atol=2e-4)\n"
         "print('ok')\n")
+    run_under_isa(isa, code)
+
+
+def run_under_isa(isa: str, code: str):
+    """Run ``code`` in a fresh interpreter with the kernel's ISA forced (IOSPARSE_ISA) and outputs
+    poisoned; it must print 'ok'."""
     env = dict(os.environ, IOSPARSE_ISA=isa, IOSPARSE_POISON="1")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]

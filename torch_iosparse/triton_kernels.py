@@ -585,13 +585,13 @@ class LevelProgram:
     n_neurons: int
     n_edges: int
     # source-sharing blocks (see _iosparse_level_block_kernel), block_rows neurons each:
-    blk_rows: Optional[torch.Tensor] = None   # int32 [n_blocks * R] neuron ids, -1 pads the last block
-    blk_uptr: Optional[torch.Tensor] = None   # int64 [n_blocks + 1] offsets into blk_src (multiples of UC)
-    blk_src: Optional[torch.Tensor] = None    # int32 distinct sources per block, -1 pads
-    blk_edge: Optional[torch.Tensor] = None   # int32 per block [R, width] edge ids, -1 where no edge
-    seg_blocks: tuple = ()      # host per segment: (first block, n_blocks, reuse = edges / distinct sources)
-    block_rows: int = 0
-    block_chunk: int = 0
+    blk_rows: torch.Tensor      # int32 [n_blocks * R] neuron ids, -1 pads the last block
+    blk_uptr: torch.Tensor      # int64 [n_blocks + 1] offsets into blk_src (multiples of UC)
+    blk_src: torch.Tensor       # int32 distinct sources per block, -1 pads
+    blk_edge: torch.Tensor      # int32 per block [R, width] edge ids, -1 where no edge
+    seg_blocks: tuple           # host per segment: (first block, n_blocks, reuse = edges / distinct sources)
+    block_rows: int
+    block_chunk: int
 
     @property
     def device(self) -> torch.device:
@@ -652,19 +652,25 @@ def encode_levels(in_ptr, in_src, level_ptr, level_neuron, act_code, act_lo, act
         block_chunk=int(block_chunk))
 
 
+def _segment_edges(ptr: np.ndarray, rows: np.ndarray):
+    """(deg, reader, edge ids) of the in-edges of ``rows``, row by row: ``reader`` is the position in
+    ``rows`` of each edge's neuron."""
+    deg = ptr[rows + 1] - ptr[rows]
+    first = np.concatenate([[0], np.cumsum(deg)[:-1]])
+    eid = np.repeat(ptr[rows] - first, deg) + np.arange(int(deg.sum()))
+    return deg, np.repeat(np.arange(rows.size), deg), eid
+
+
 def _sharing_order(ptr: np.ndarray, src: np.ndarray, rows: np.ndarray) -> np.ndarray:
     """An order of ``rows`` (one level segment) that puts neurons with overlapping source sets next to each
     other: by the smallest source s0, as (s0 mod g, s0 div g) where g is the typical gap between a
     neuron's consecutive sources. A RadiX-Net layer of stride g reads {b + d*g}: neurons b, b+g, b+2g...
     share all but one source, and this key makes them neighbours (for g = 1 it is plain s0 order). On
     unstructured sparsity the order is harmless (nothing to share)."""
-    deg = ptr[rows + 1] - ptr[rows]
+    deg, row_of, eid = _segment_edges(ptr, rows)
     if rows.size < 2 or not deg.any():
         return np.arange(rows.size)
-    starts = ptr[rows]
-    idx = np.repeat(starts - np.concatenate([[0], np.cumsum(deg)[:-1]]), deg) + np.arange(int(deg.sum()))
-    es = src[idx]  # the segment's in-edges, row by row (sorted by source inside a row)
-    row_of = np.repeat(np.arange(rows.size), deg)
+    es = src[eid]  # the segment's in-edges, row by row (sorted by source inside a row)
     s0 = np.full(rows.size, -1, dtype=np.int64)
     s0[row_of[::-1]] = es[::-1]  # first (smallest) source of each row
     same_row = row_of[1:] == row_of[:-1]
@@ -687,10 +693,8 @@ def source_blocks(ptr: np.ndarray, src: np.ndarray, ln: np.ndarray, segments, R:
         nb = -(-count // R)
         blk_rows = np.full(nb * R, -1, dtype=np.int64)
         blk_rows[:count] = seg
-        deg = ptr[seg + 1] - ptr[seg]
+        deg, pos, eid = _segment_edges(ptr, seg)  # pos: position of each edge's reader in the segment
         m = int(deg.sum())
-        pos = np.repeat(np.arange(count), deg)  # position of each edge's reader in the segment
-        eid = np.repeat(ptr[seg] - np.concatenate([[0], np.cumsum(deg)[:-1]]), deg) + np.arange(m)
         es = src[eid]
         blk = pos // R
         key = blk * (ptr.size) + es  # (block, source) pairs
