@@ -776,16 +776,18 @@ def level_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, lp:
                 start, B, vals.stride(0), BT=BT, KC=KC, num_warps=max(1, min(4, KC * BT // 256)))
     else:
         sms = _sm_count(x.device)
+        UC = lp.block_chunk
+        use_dot = lp.block_rows >= 16 and UC >= 16 and BT >= 16
+        # auto: blocks with the dot form, or one column; on an H100 the [R, UC, BT] broadcast form gave
+        # wrong sums at R = 16 with BT >= 16 (a Triton 3.6 miscompile; right at BT = 1 and in the
+        # interpreter), so it runs only when forced (blocks=True) and in the interpreter tests
+        auto_blocks = use_dot or BT == 1
+        block_warps = 4 if use_dot else max(1, min(8, lp.block_rows * UC * BT // 256))
         for (start, count, fan, code, lo, hi), (block0, n_blocks, reuse) in zip(lp.segments, lp.seg_blocks):
-            R, UC = lp.block_rows, lp.block_chunk
-            use_dot = R >= 16 and UC >= 16 and BT >= 16
-            # auto: blocks with the dot form, or one column; on an H100 the [R, UC, BT] broadcast form gave
-            # wrong sums at R = 16 with BT >= 16 (a Triton 3.6 miscompile; right at BT = 1 and in the
-            # interpreter), so it runs only when forced (blocks=True) and in the interpreter tests
-            if n_blocks and (blocks or (blocks is None and reuse >= BLOCK_MIN_REUSE and (use_dot or BT == 1))):
+            if n_blocks and (blocks or (blocks is None and reuse >= BLOCK_MIN_REUSE and auto_blocks)):
                 _iosparse_level_block_kernel[(n_blocks, tiles)](
                     vals, w, b, lp.blk_rows, lp.blk_uptr, lp.blk_src, lp.blk_edge, block0, B, vals.stride(0), code,
-                    lo, hi, R=R, BT=BT, UC=UC, USE_DOT=use_dot, num_warps=4 if use_dot else max(1, min(8, R * UC * BT // 256)))
+                    lo, hi, R=lp.block_rows, BT=BT, UC=UC, USE_DOT=use_dot, num_warps=block_warps)
                 continue
             R, KC = level_rows(count, fan, BT, tiles, sms, rows_per_program)
             _iosparse_level_rows_kernel[(triton.cdiv(count, R), tiles)](
