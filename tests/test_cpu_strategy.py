@@ -76,11 +76,11 @@ def test_calibration_measures_and_caches():
     dag = SparseDAG.from_module(pruned_mlp([16, 16, 4], 0.5, [ALL_ACTIVATIONS[1]], dtype=torch.float32))
     net = ops.prepare(dag, calibrate=True)
     assert net.info["strategy_source"] == "measured"
-    assert set(net.info["calibration"][1]) - {"panel"} == {"program", "level", "dense"}
-    lm, dm = net.meta["level_max_batch"], net.meta["dense_min_batch"]
-    assert 0 <= lm < dm
+    assert set(net.info["calibration"][1]) - {"panel"} == {"program", "level", "dense", "block"}
+    lm, dm, bm = net.meta["level_max_batch"], net.meta["dense_min_batch"], net.meta["block_min_batch"]
+    assert 0 <= lm < dm and (bm == ops.NEVER or lm < bm < dm)
     again = ops.prepare(dag, calibrate=True)  # cached: same thresholds, no new measurement
-    assert (again.meta["level_max_batch"], again.meta["dense_min_batch"]) == (lm, dm)
+    assert (again.meta["level_max_batch"], again.meta["dense_min_batch"], again.meta["block_min_batch"]) == (lm, dm, bm)
     assert "calibration" not in again.info
 
 

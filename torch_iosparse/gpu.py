@@ -83,22 +83,22 @@ def level_program_from_buffers(net: Sequence[torch.Tensor], config: Sequence[int
     return lp
 
 
-STRATEGY_AUTO, STRATEGY_PROGRAM, STRATEGY_LEVEL, STRATEGY_DENSE, STRATEGY_PANEL = (
-    ops_mod.STRATEGIES[k] for k in ("auto", "program", "level", "dense", "panel"))
+STRATEGY_AUTO, STRATEGY_PROGRAM, STRATEGY_LEVEL, STRATEGY_DENSE, STRATEGY_PANEL, STRATEGY_BLOCK = (
+    ops_mod.STRATEGIES[k] for k in ("auto", "program", "level", "dense", "panel", "block"))
 
 
 def choose_gpu_path(batch: int, strategy: int, device) -> str:
     """``"program"`` (the plan executor) or ``"level"`` (the level kernel) for one CUDA call.
 
-    The op's strategy decides when it is explicit ("program"; "level", "dense" and "panel" run the level
-    kernels, whose source-sharing blocks are the GPU twin of the CPU's panels). For "auto":
+    The op's strategy decides when it is explicit ("program"; "level", "dense", "panel" and "block" run the
+    level kernels, whose source-sharing blocks are the GPU twin of the CPU's panels and source blocks). For "auto":
     ``IOSPARSE_GPU_STRATEGY`` (program | level) if set, else the level kernels: on an H100 the plan
     executor (one program per batch tile walking the whole plan, latency-bound) measured 25-100x slower
     than the level kernels at every batch size (benchmarks/RESULTS.md, docs/gpu.md). ``batch`` and
     ``device`` do not change the choice today; they stay for a measured rule per device and batch."""
     if strategy == STRATEGY_PROGRAM:
         return "program"
-    if strategy in (STRATEGY_LEVEL, STRATEGY_DENSE, STRATEGY_PANEL):  # panel: the CPU twin of the GPU's blocks
+    if strategy in (STRATEGY_LEVEL, STRATEGY_DENSE, STRATEGY_PANEL, STRATEGY_BLOCK):  # CPU twins of the GPU's blocks
         return "level"
     env = os.environ.get("IOSPARSE_GPU_STRATEGY", "").strip().lower()
     if env in ("program", "level"):

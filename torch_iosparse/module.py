@@ -342,6 +342,9 @@ def _describe_strategy(meta: Dict) -> str:
         rules.append(f"B<={int(meta['level_max_batch'])}:level")
     if int(meta.get("dense_min_batch", ops.NEVER)) < ops.NEVER:
         rules.append(f"B>={int(meta['dense_min_batch'])}:dense")
+    for path, built in (("panel", "panels"), ("block", "block_chunks")):  # below the dense range; panels first
+        if int(meta.get(built, 0)) > 0 and int(meta.get(f"{path}_min_batch", ops.NEVER)) < ops.NEVER:
+            rules.append(f"B>={int(meta[path + '_min_batch'])}:{path}")
     return f"auto({', '.join(rules + ['else program'])})" if rules else "auto(program)"
 
 

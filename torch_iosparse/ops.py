@@ -25,19 +25,28 @@ from .planning import Plan, plan as make_plan
 NET_KEYS = ("in_ptr", "in_src", "act_code", "act_param", "outputs", "level_ptr", "level_neuron",
             "prog_neuron", "prog_op_ptr", "prog_ops", "prog_output_rows",
             "dense_index", "dense_edge", "dense_edge_ptr", "dense_out_pos", "prog_group_ptr",
-            "panel_ptr", "panel_src", "panel_row_ptr", "panel_target", "panel_edge_ptr", "panel_edge")
-# The panel buffers (kernels/cpu/dag_kernel.cpp "panel"); networks prepared before they existed run without.
-PANEL_KEYS = NET_KEYS[16:]
-_PANEL_DTYPES = {"panel_src": torch.int32, "panel_edge": torch.int32}
+            "panel_ptr", "panel_src", "panel_row_ptr", "panel_target", "panel_edge_ptr", "panel_edge",
+            "block_chunk_seg", "block_chunk_row", "block_chunk_edge", "block_seg", "block_local", "block_edge")
+# The panel and block buffers (kernels/cpu/dag_kernel.cpp "panel", "block"); networks prepared before they
+# existed run without.
+PANEL_KEYS = NET_KEYS[16:22]
+BLOCK_KEYS = NET_KEYS[22:]
+_BUFFER_DTYPES = {"panel_src": torch.int32, "panel_edge": torch.int32, "block_seg": torch.int32,
+                  "block_local": torch.uint8, "block_edge": torch.int32}
 # Order of the int[] argument (kernels/cpu/dag_kernel.cpp ConfigIndex).
 CONFIG_KEYS = ("n_inputs", "n_neurons", "n_outputs", "memory", "n_slow", "batch_tile", "strategy",
-               "level_max_batch", "dense_min_batch", "layered", "panel_min_batch", "panel_tile")
-STRATEGIES = {"auto": 0, "program": 1, "level": 2, "dense": 3, "panel": 4}
+               "level_max_batch", "dense_min_batch", "layered", "panel_min_batch", "panel_tile", "block_min_batch")
+STRATEGIES = {"auto": 0, "program": 1, "level": 2, "dense": 3, "panel": 4, "block": 5}
 # Panel construction (build_panels): rows per panel, least useful fraction of a panel's multiply-adds,
 # sources / out-edges scanned per neighbour search.
 PANEL_MAX_ROWS = 8
 PANEL_MIN_EFFICIENCY = 0.75
 PANEL_SCAN_LIMIT = 64
+# Block construction (build_blocks): consecutive source neurons per block (the most one-byte offsets
+# reach; their values for a 64-column tile are 64 KiB, yet measured faster than 128 or 192 on the
+# 4096-wide MLP: fewer, longer segments) and edges per chunk of a level's rows (the unit of parallel work).
+BLOCK_SOURCES = 256
+BLOCK_CHUNK_EDGES = 1 << 16
 NEVER = 2**62  # a batch threshold that is never reached
 
 
@@ -161,6 +170,7 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
     buffers.update(program_mod.program_tensors(prog))
     buffers["prog_group_ptr"] = _t64(program_mod.group_positions(prog, dag, max_group=group_size))
     buffers.update(panel_buffers(buffers))
+    buffers.update(block_buffers(buffers))
     layered = int(buffers["dense_index"].numel() == dag.n_edges and dag.n_edges > 0)
     max_width = max([dag.n_inputs] + torch.diff(buffers["level_ptr"]).tolist())
     meta = {
@@ -172,6 +182,8 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         "panel_min_batch": NEVER, "panel_tile": hardware.panel_tile(dtype, max_width),
         "panel_cells": int(buffers["panel_edge"].numel()), "panels": int(buffers["panel_ptr"].numel() - 1),
         "max_level_width": max_width,
+        "block_min_batch": NEVER, "block_chunks": int(buffers["block_chunk_seg"].numel() - 1),
+        "block_segments": int(buffers["block_seg"].numel() // 3),
     }
     net = CompiledNetwork(buffers, meta, plan, prog)
     if tile_info is not None:
@@ -195,6 +207,18 @@ def panel_buffers(buffers: Dict[str, torch.Tensor], max_rows: int = PANEL_MAX_RO
     return dict(zip(PANEL_KEYS, out))
 
 
+def block_buffers(buffers: Dict[str, torch.Tensor], block_sources: int = BLOCK_SOURCES,
+                  chunk_edges: int = BLOCK_CHUNK_EDGES) -> Dict[str, torch.Tensor]:
+    """The block tensors (each level's rows in chunks of about ``chunk_edges`` edges; inside a chunk the
+    edges grouped by source block of ``block_sources`` consecutive neurons, then by row) built from the
+    structure buffers by the native builder (kernels/cpu/dag_kernel.cpp, build_blocks)."""
+    _native.ops()
+    n = int(buffers["in_ptr"].numel() - 1)
+    out = torch.ops.iosparse.build_blocks(buffers["in_ptr"].cpu(), buffers["in_src"].cpu(), buffers["level_ptr"].cpu(),
+                                          buffers["level_neuron"].cpu(), n, int(block_sources), int(chunk_edges))
+    return dict(zip(BLOCK_KEYS, out))
+
+
 def clear_panel_weight_cache() -> None:
     """Drop the CPU panel path's cached panel-ordered weights (and the references it holds to weight tensors).
 
@@ -213,13 +237,16 @@ def panel_weight_cache_size() -> int:
 
 
 def _op_args(buffers: Dict[str, torch.Tensor], meta: Dict[str, Union[int, float]]):
-    if any(k not in buffers for k in PANEL_KEYS) and all(k not in buffers for k in PANEL_KEYS):
-        ref = buffers.get("in_ptr")
-        dev = ref.device if isinstance(ref, torch.Tensor) else None
-        buffers = dict(buffers, **{k: torch.zeros(0, dtype=_PANEL_DTYPES.get(k, torch.int64), device=dev)
-                                   for k in PANEL_KEYS})
+    for keys in (PANEL_KEYS, BLOCK_KEYS):
+        if all(k not in buffers for k in keys):  # prepared before these buffers existed: run without them
+            ref = buffers.get("in_ptr")
+            dev = ref.device if isinstance(ref, torch.Tensor) else None
+            buffers = dict(buffers, **{k: torch.zeros(0, dtype=_BUFFER_DTYPES.get(k, torch.int64), device=dev)
+                                       for k in keys})
     if "panel_min_batch" not in meta:
         meta = dict(meta, panel_min_batch=NEVER, panel_tile=0)
+    if "block_min_batch" not in meta:
+        meta = dict(meta, block_min_batch=NEVER)
     try:
         net = [buffers[k] for k in NET_KEYS]
     except KeyError as e:

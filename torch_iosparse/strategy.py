@@ -1,8 +1,10 @@
-"""Automatic choice, per network and batch size, between the three forward strategies of
-``iosparse::dag_forward``: the planned program, the level-by-level path and dense GEMMs (layered nets).
+"""Automatic choice, per network and batch size, between the forward strategies of
+``iosparse::dag_forward``: the planned program, the level-by-level path, panels, source blocks and dense
+GEMMs (layered nets).
 
-The kernel decides per call from two batch thresholds stored in ``net.meta``:
-``B <= level_max_batch`` -> level path; ``B >= dense_min_batch`` (layered nets) -> dense; else program.
+The kernel decides per call from batch thresholds stored in ``net.meta``:
+``B >= dense_min_batch`` (layered nets) -> dense; ``B <= level_max_batch`` -> level path;
+``B >= panel_min_batch`` -> panels; ``B >= block_min_batch`` -> source blocks; else program.
 :func:`configure` sets them from a small cost model (default) or from a one-off measurement on this
 machine (:func:`calibrate`, cached per network structure, dtype and thread count).
 
@@ -21,8 +23,14 @@ Cost model (seconds; rates measured on the development machine, see docs/cpu-ker
                  PANEL_RATE_L2_FULL while they fit 4x L2 (sources prefetched), else PANEL_RATE_L3 (measured on RadiX-Net widths
                  4096 / 16384 / 65536, 1 thread). When panels compete, the program term also charges its
                  slot traffic: (loads + stores) * MOVE_COST per column (the plan's exact I/O at its M).
+    block(B)   = tiles * (edges * BLOCK_EDGE_COST[nv] + segments * BLOCK_SEGMENT_COST[nv]) * spill
+                 / min(threads, chunks) + BLOCK_OVERHEAD; nv = 64-byte vectors per column tile (1, 2 or 4
+                 for B <= 16, <= 32, more), tiles = ceil(B / (16 nv)); spill = 1 + values / BLOCK_SPILL_BYTES
+                 (values = n_neurons x tile x 4 bytes: every level writes fresh rows). Fitted on the pruned MLP
+                 4096-4096-4096-1024 at 90 / 99 % (B = 16 / 32 / 64, 1 thread) and RadiX-Net 4096 / 16384.
+                 Only where panels are not useful (panels measured faster on every RadiX-Net tried).
 The kernel's order of precedence: dense (B >= dense_min_batch), level (B <= level_max_batch), panel
-(B >= panel_min_batch), else program.
+(B >= panel_min_batch), block (B >= block_min_batch), else program.
 """
 from __future__ import annotations
 
@@ -48,6 +56,11 @@ PANEL_RATE_L2_FULL = 24e9  # (RadiX-Net widths 4096 / 16384 / 65536 at B=256, 32
 PANEL_RATE_L3 = 10e9
 PANEL_OVERHEAD = 30e-6
 PANEL_MIN_ROWS = 2.0
+
+BLOCK_EDGE_COST = {1: 0.80e-9, 2: 0.92e-9, 4: 1.44e-9}     # seconds per edge per column tile, by nv
+BLOCK_SEGMENT_COST = {1: 5.5e-9, 2: 7e-9, 4: 9.2e-9}       # seconds per (row, block) segment per tile
+BLOCK_SPILL_BYTES = 32 * 2**20
+BLOCK_OVERHEAD = 40e-6
 
 _CACHE: Dict[Tuple, Tuple[int, int, int]] = {}
 
@@ -91,7 +104,21 @@ def model_times(meta: Dict, batch: int, threads: int, dense_weights: int) -> Dic
         t["panel"] = int(meta["panel_cells"]) * ptiles * tile / (rate * min(threads, ptiles)) + PANEL_OVERHEAD
         moves = int(meta.get("loads", 0)) + int(meta.get("stores", 0))
         t["program"] += moves * tiles * 16 * MOVE_COST / min(threads, tiles)
+    if int(meta.get("block_chunks", 0)) > 0 and not panels_useful(meta):
+        # Where panels share sources (RadiX-Net) they measured faster than blocks at every batch (1.3-1.7x
+        # at N = 1024 / 4096, B = 16-256): blocks are for rows that share few sources.
+        t["block"] = block_time(meta, batch, threads)
     return t
+
+
+def block_time(meta: Dict, batch: int, threads: int) -> float:
+    """Predicted seconds of the block path (see the module docstring)."""
+    nv = 1 if batch <= 16 else 2 if batch <= 32 else 4
+    tile = 16 * nv
+    tiles = max(1, math.ceil(batch / tile))
+    spill = 1 + int(meta["n_neurons"]) * tile * 4 / BLOCK_SPILL_BYTES
+    work = int(meta["n_edges"]) * BLOCK_EDGE_COST[nv] + int(meta.get("block_segments", 0)) * BLOCK_SEGMENT_COST[nv]
+    return tiles * work * spill / min(threads, max(1, int(meta["block_chunks"]))) + BLOCK_OVERHEAD
 
 
 def panels_useful(meta: Dict) -> bool:
@@ -130,18 +157,21 @@ def thresholds_from(times_by_batch: Dict[int, Dict[str, float]]) -> Tuple[int, i
     return level_max, dense_min
 
 
-def panel_threshold(times_by_batch: Dict[int, Dict[str, float]], level_max: int, dense_min: int) -> int:
+def panel_threshold(times_by_batch: Dict[int, Dict[str, float]], level_max: int, dense_min: int,
+                    name: str = "panel", above: int = NEVER) -> int:
     """panel_min_batch from per-batch timings: the smallest batch above the level range from which the
-    panel path wins at every larger batch below the dense range (NEVER if none)."""
+    panel path wins at every larger batch below the dense range (NEVER if none). With ``name="block"``
+    and ``above=panel_min_batch``: block_min_batch, the same for the block path below the panel range
+    (panels take precedence in the kernel)."""
     best = {b: min(t, key=t.get) for b, t in times_by_batch.items()}
-    panel_min = NEVER
+    found = NEVER
     for b in sorted(times_by_batch, reverse=True):
-        if b >= dense_min:
+        if b >= dense_min or b >= above:
             continue
-        if b <= level_max or best[b] != "panel":
+        if b <= level_max or best[b] != name:
             break
-        panel_min = b
-    return panel_min
+        found = b
+    return found
 
 
 def configure(net, dag=None, calibrate: bool = False, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 256, 1024)):
@@ -149,15 +179,17 @@ def configure(net, dag=None, calibrate: bool = False, batches: Iterable[int] = (
     model or measurement)."""
     threads = torch.get_num_threads()
     if calibrate:
-        level_max, dense_min, panel_min = calibrate_thresholds(net, batches=batches)
+        level_max, dense_min, panel_min, block_min = calibrate_thresholds(net, batches=batches)
     else:
         dw = _dense_weights(net)
         times = {b: model_times(net.meta, b, threads, dw) for b in batches}
         level_max, dense_min = thresholds_from(times)
         panel_min = panel_threshold(times, level_max, dense_min)
+        block_min = panel_threshold(times, level_max, dense_min, "block", panel_min)
     net.meta["level_max_batch"] = int(level_max)
     net.meta["dense_min_batch"] = int(dense_min)
     net.meta["panel_min_batch"] = int(panel_min)
+    net.meta["block_min_batch"] = int(block_min)
     net.info["strategy_source"] = "measured" if calibrate else "cost model"
 
 
@@ -176,7 +208,7 @@ def calibrate_thresholds(net, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 
     w = torch.randn(int(net.meta["n_edges"]), dtype=dtype) * 0.1
     b = torch.zeros(int(net.meta["n_neurons"]), dtype=dtype)
     strategies = ["program", "level"] + (["dense"] if net.meta.get("layered") else []) + \
-        (["panel"] if panels_useful(net.meta) else [])
+        (["panel"] if panels_useful(net.meta) else []) + (["block"] if int(net.meta.get("block_chunks", 0)) else [])
     times: Dict[int, Dict[str, float]] = {}
     t_start = time.perf_counter()
     for B in sorted(batches):
@@ -194,7 +226,8 @@ def calibrate_thresholds(net, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 
         if time.perf_counter() - t_start > max_seconds:
             break
     level_max, dense_min = thresholds_from(times)
-    result = (level_max, dense_min, panel_threshold(times, level_max, dense_min))
+    panel_min = panel_threshold(times, level_max, dense_min)
+    result = (level_max, dense_min, panel_min, panel_threshold(times, level_max, dense_min, "block", panel_min))
     net.info["calibration"] = times
     _CACHE[key] = result
     return result
@@ -204,13 +237,15 @@ def chosen(meta: Dict, batch: int) -> str:
     """The strategy the kernel will run for ``batch`` under ``meta`` (mirrors choose_strategy in C++)."""
     s = int(meta["strategy"])
     if s:
-        return {1: "program", 2: "level", 3: "dense", 4: "panel"}[s]
+        return {1: "program", 2: "level", 3: "dense", 4: "panel", 5: "block"}[s]
     if meta.get("layered") and batch >= int(meta["dense_min_batch"]):
         return "dense"
     if batch <= int(meta["level_max_batch"]):
         return "level"
     if int(meta.get("panels", 0)) > 0 and batch >= int(meta.get("panel_min_batch", NEVER)):
         return "panel"
+    if int(meta.get("block_chunks", 0)) > 0 and batch >= int(meta.get("block_min_batch", NEVER)):
+        return "block"
     return "program"
 
 
