@@ -1,6 +1,9 @@
-"""The level path's chunk pool (kernels/cpu/dag_kernel.cpp::ChunkPool): forward == forward_reference when
-every level is split into many chunks shared by the caller and helper threads, with poisoned buffers, on
-deep non-layered DAGs (chunks of a level must wait for all earlier levels), repeated and concurrent calls."""
+"""The level path's parallel chunks (kernels/cpu/dag_kernel.cpp::run_chunked: torch's OpenMP threads by
+default, the private ChunkPool with IOSPARSE_WORKERS=pool and in forked children): forward ==
+forward_reference when every level is split into many chunks shared by the caller and helper threads, with
+poisoned buffers, on deep non-layered DAGs (chunks of a level must wait for all earlier levels), repeated
+and concurrent calls."""
+import pytest
 import os
 import subprocess
 import sys
@@ -46,19 +49,22 @@ print('ok')
 """
 
 
-def run_pool_check(threads, seed, chunk):
-    env = dict(os.environ, IOSPARSE_POISON="1", IOSPARSE_LEVEL_SERIAL="0", IOSPARSE_LEVEL_CHUNK=str(chunk))
+def run_pool_check(threads, seed, chunk, workers):
+    env = dict(os.environ, IOSPARSE_POISON="1", IOSPARSE_LEVEL_SERIAL="0", IOSPARSE_LEVEL_CHUNK=str(chunk),
+               IOSPARSE_WORKERS=workers)
     code = POOL_CHECK.replace("THREADS", str(threads)).replace("SEED", str(seed))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
 
 
-def test_pool_tiny_chunks_two_threads():
-    run_pool_check(threads=2, seed=0, chunk=1)  # one neuron per chunk: most interleaving
+@pytest.mark.parametrize("workers", ["omp", "pool"])
+def test_pool_tiny_chunks_two_threads(workers):
+    run_pool_check(threads=2, seed=0, chunk=1, workers=workers)  # one neuron per chunk: most interleaving
 
 
-def test_pool_mid_chunks_four_threads():
-    run_pool_check(threads=4, seed=1, chunk=300)  # more helpers than cores (oversubscribed)
+@pytest.mark.parametrize("workers", ["omp", "pool"])
+def test_pool_mid_chunks_four_threads(workers):
+    run_pool_check(threads=4, seed=1, chunk=300, workers=workers)  # more helpers than cores (oversubscribed)
 
 
 def test_large_batch1_net_uses_pool_by_default():

@@ -727,7 +727,7 @@ class ChunkPool {
 // Runs f(c) for c in [0, n_chunks) on the calling thread and the pool's helpers (chunk c starts once
 // wait_for[c] chunks are done); serially inside a parallel region or with one thread.
 template <typename F>
-void run_chunked(int64_t n_chunks, const int64_t* wait_for, const F& f) {
+void run_chunked_pool(int64_t n_chunks, const int64_t* wait_for, const F& f) {
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   if (threads <= 1 || n_chunks <= 1) {
     for (int64_t c = 0; c < n_chunks; ++c) f(c);
@@ -735,6 +735,55 @@ void run_chunked(int64_t n_chunks, const int64_t* wait_for, const F& f) {
   }
   ChunkPool::get().run([](const void* ctx, int64_t c) { (*static_cast<const F*>(ctx))(c); }, &f, n_chunks,
                        wait_for, threads - 1);
+}
+
+// The same inside one at::parallel_for region: torch's OpenMP threads claim the chunks in order. They spin
+// for a while after every torch op, so in a model (or a benchmark) where torch ops run between our calls
+// they start at once, while a private helper would first have to win the core from a spinning OpenMP
+// thread (measured: the level and program paths ran on one thread then, 0.82x of torch CSR on the MLP
+// 90 % at B = 64). The cost: a thread that is descheduled before it enters the region holds up the end
+// of the call (the region's barrier), which the pool avoids.
+template <typename F>
+void run_chunked_omp(int64_t n_chunks, const int64_t* wait_for, const F& f) {
+  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), n_chunks);
+  if (threads <= 1) {
+    for (int64_t c = 0; c < n_chunks; ++c) f(c);
+    return;
+  }
+  std::atomic<int64_t> next{0}, done{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (;;) {
+      const int64_t c = next.fetch_add(1, std::memory_order_acq_rel);
+      if (c >= n_chunks) return;
+      for (int spin = 0; done.load(std::memory_order_acquire) < wait_for[c]; ++spin) {
+        if (spin < 4096) _mm_pause(); else std::this_thread::yield();
+      }
+      f(c);
+      done.fetch_add(1, std::memory_order_acq_rel);
+    }
+  });
+}
+
+// Set in a fork() child: GNU OpenMP is not fork-safe (a child forked while another thread of the parent
+// was inside a parallel region hangs in its first region: DataLoader workers fork), so children use the pool,
+// which resets itself after a fork.
+std::atomic<bool> in_forked_child{false};
+const int fork_hook = pthread_atfork(nullptr, nullptr, [] { in_forked_child.store(true); });
+
+// Which threads run the chunks of every path: IOSPARSE_WORKERS=omp (torch's OpenMP threads, the default)
+// or pool (the private chunk pool; always in a forked child).
+bool workers_are_omp() {
+  static const bool omp = [] {
+    const char* s = std::getenv("IOSPARSE_WORKERS");
+    return !(s && std::strcmp(s, "pool") == 0);
+  }();
+  return omp && !in_forked_child.load(std::memory_order_relaxed);
+}
+
+template <typename F>
+void run_chunked(int64_t n_chunks, const int64_t* wait_for, const F& f) {
+  if (workers_are_omp()) run_chunked_omp(n_chunks, wait_for, f);
+  else run_chunked_pool(n_chunks, wait_for, f);
 }
 
 template <typename T>
@@ -1117,41 +1166,6 @@ BlockFn<T> pick_block_fn() {
   }
 }
 
-// Runs f(c) for c in [0, n_chunks) inside one at::parallel_for region (OpenMP): every thread claims the next
-// chunk (chunk c starts once wait_for[c] chunks are done). Used where torch's own OpenMP threads are
-// likely awake (they spin for a while after each torch op): a private helper would first have to win the
-// core from them.
-template <typename F>
-void run_chunked_omp(int64_t n_chunks, const int64_t* wait_for, const F& f) {
-  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), n_chunks);
-  if (threads <= 1) {
-    for (int64_t c = 0; c < n_chunks; ++c) f(c);
-    return;
-  }
-  std::atomic<int64_t> next{0}, done{0};
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    for (;;) {
-      const int64_t c = next.fetch_add(1, std::memory_order_acq_rel);
-      if (c >= n_chunks) return;
-      for (int spin = 0; done.load(std::memory_order_acquire) < wait_for[c]; ++spin) {
-        if (spin < 4096) _mm_pause(); else std::this_thread::yield();
-      }
-      f(c);
-      done.fetch_add(1, std::memory_order_acq_rel);
-    }
-  });
-}
-
-// Which worker threads run the block path's chunks: IOSPARSE_BLOCK_THREADS=pool (the private chunk pool)
-// or omp (torch's OpenMP threads, the default).
-bool block_uses_omp() {
-  static const bool omp = [] {
-    const char* s = std::getenv("IOSPARSE_BLOCK_THREADS");
-    return !(s && std::strcmp(s, "pool") == 0);
-  }();
-  return omp;
-}
-
 template <typename T>
 void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y, const at::Tensor& weight_t,
                    const at::Tensor& block_edge_t) {
@@ -1194,8 +1208,7 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
         fn(net, c - fill, pw, b, vals);
       }
     };
-    if (block_uses_omp()) run_chunked_omp(fill + C, wait_for.data(), chunk);
-    else run_chunked(fill + C, wait_for.data(), chunk);
+    run_chunked(fill + C, wait_for.data(), chunk);
     gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, same_row);
   }
   ow.remember(weight_t, block_edge_t);
@@ -1346,20 +1359,6 @@ int64_t level_serial_work() {
   return v;
 }
 
-template <typename T>
-struct LevelJob {
-  const Net* net;
-  int64_t B;
-  const T *w, *b;
-  T *vals, *pre;
-  const int64_t* chunk_pos;  // [n_chunks+1] positions into level_neuron
-  static void run(const void* ctx, int64_t c) {
-    const LevelJob* j = static_cast<const LevelJob*>(ctx);
-    for (int64_t p = j->chunk_pos[c]; p < j->chunk_pos[c + 1]; ++p)
-      level_neuron_row<T>(*j->net, j->net->level_neuron[p], j->B, j->w, j->b, j->vals, j->pre);
-  }
-};
-
 // parallel=false: one thread (used inside the backward pass, which is parallel over batch chunks).
 template <typename T>
 void level_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* vals, T* pre,
@@ -1392,8 +1391,10 @@ void level_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
     }
   }
   TORCH_CHECK(wait_for.size() < (size_t(1) << 20), "iosparse: level path has too many chunks");
-  LevelJob<T> job{&net, B, w, b, vals, pre, chunk_pos.data()};
-  ChunkPool::get().run(&LevelJob<T>::run, &job, int64_t(wait_for.size()), wait_for.data(), threads - 1);
+  run_chunked(int64_t(wait_for.size()), wait_for.data(), [&](int64_t c) {
+    for (int64_t p = chunk_pos[c]; p < chunk_pos[c + 1]; ++p)
+      level_neuron_row<T>(net, net.level_neuron[p], B, w, b, vals, pre);
+  });
 }
 
 // ------------------------------------------------------------------------------------------ dense
