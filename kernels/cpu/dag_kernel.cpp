@@ -601,13 +601,16 @@ void poison(T* p, int64_t n) {
   std::fill(p, p + n, std::numeric_limits<T>::quiet_NaN());
 }
 
-// Tile row row_of(i) = feature i of the tile's nb batch rows (x row-major [nb, n_in]), zero padded to BT.
-// Blocks of 64 features: each batch row is read in contiguous runs, the block's tile rows stay in L1.
+// Tile row row_of(i) = feature i of the tile's nb batch rows (x row-major [nb, n_in]), zero padded to BT,
+// for the features [first, last) (default: all). Blocks of 64 features: each batch row is read in
+// contiguous runs, the block's tile rows stay in L1.
 template <typename T, typename RowOf>
-void transpose_in(const T* x, int64_t n_in, int64_t nb, int64_t BT, T* tile, RowOf row_of) {
+void transpose_in(const T* x, int64_t n_in, int64_t nb, int64_t BT, T* tile, RowOf row_of, int64_t first = 0,
+                  int64_t last = -1) {
   constexpr int64_t FB = 64;
-  for (int64_t i0 = 0; i0 < n_in; i0 += FB) {
-    const int64_t i1 = std::min(n_in, i0 + FB);
+  if (last < 0) last = n_in;
+  for (int64_t i0 = first; i0 < last; i0 += FB) {
+    const int64_t i1 = std::min(last, i0 + FB);
     for (int64_t c = 0; c < nb; ++c) {
       const T* xr = x + c * n_in;
       for (int64_t i = i0; i < i1; ++i) tile[row_of(i) * BT + c] = xr[i];
@@ -1194,21 +1197,25 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   }
   T* vals = scratch<T>(2, net.n_neurons * BT);
   const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
+  // Each tile's job: [weight slices (first tile, after a miss)] [input transpose slices] [level chunks].
+  constexpr int64_t TRANSPOSE_FEATURES = 1024;
+  const int64_t n_tr = (n_in + TRANSPOSE_FEATURES - 1) / TRANSPOSE_FEATURES;
   for (int64_t t = 0; t < n_tiles; ++t) {
-    const int64_t b0 = t * BT, nb = std::min(BT, B - b0), fill = t == 0 ? n_pw : 0;
+    const int64_t b0 = t * BT, nb = std::min(BT, B - b0), fill = t == 0 ? n_pw : 0, pre = fill + n_tr;
     if (poison_enabled()) poison(vals, net.n_neurons * BT);
-    transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, same_row);
-    std::vector<int64_t> wait_for(fill + C, 0);
-    for (int64_t c = 0; c < C; ++c) wait_for[fill + c] = fill + first_of_level[c];
-    auto chunk = [&](int64_t c) {
+    std::vector<int64_t> wait_for(pre + C, 0);
+    for (int64_t c = 0; c < C; ++c) wait_for[pre + c] = pre + first_of_level[c];
+    run_chunked(pre + C, wait_for.data(), [&](int64_t c) {
       if (c < fill) {
         for (int64_t k = c * PW_CHUNK, e = std::min(E, (c + 1) * PW_CHUNK); k < e; ++k)
           pw[k] = ordered_weight(net.block_edge, w, k);
+      } else if (c < pre) {
+        const int64_t i0 = (c - fill) * TRANSPOSE_FEATURES;
+        transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, same_row, i0, std::min(n_in, i0 + TRANSPOSE_FEATURES));
       } else {
-        fn(net, c - fill, pw, b, vals);
+        fn(net, c - pre, pw, b, vals);
       }
-    };
-    run_chunked(fill + C, wait_for.data(), chunk);
+    });
     gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, same_row);
   }
   ow.remember(weight_t, block_edge_t);
@@ -1216,11 +1223,20 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
 
 // ------------------------------------------------------------------------------------------ level
 // Batch-1 dot product sum_e w[e] * vals[idx[e]]: AVX-512 gathers, 16 edges per step, two accumulators.
+// Prefetch distance in edges (2 KiB of each stream): cold weights (MLP 95 %, 1.9 M edges, caches flushed
+// with 512 MiB) 2.13 -> 1.65 ms per call at 1 thread, warm 0.72 -> 0.61 ms; 128..2048 all within 7 %.
+constexpr int64_t DOT_PREFETCH = 512;
 __attribute__((target("avx512f"))) float dot_gather_avx512(const float* w, const int32_t* idx, const float* vals,
                                                            int64_t n) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
   int64_t e = 0;
   for (; e + 32 <= n; e += 32) {
+    // Both streams come from DRAM when the weights are cold (batch 1 is bandwidth-bound): fetch ahead,
+    // across row ends too (the next rows' edges follow in memory).
+    _mm_prefetch(reinterpret_cast<const char*>(w + e + DOT_PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + e + DOT_PREFETCH + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(idx + e + DOT_PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(idx + e + DOT_PREFETCH + 16), _MM_HINT_T0);
     const __m512i i0 = _mm512_loadu_si512(idx + e), i1 = _mm512_loadu_si512(idx + e + 16);
     a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e), _mm512_i32gather_ps(i0, vals, 4), a0);
     a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e + 16), _mm512_i32gather_ps(i1, vals, 4), a1);
