@@ -215,6 +215,9 @@ def test_strategy_picks_blocks_for_pruned_mlps():
     assert strategy.chosen(mlp.meta, 1) == "level"
     radix = ops.prepare(radix_net(1024, 3, 32))
     assert strategy.chosen(radix.meta, 256) == "panel"  # panels share sources: they win there
+    assert radix.meta["block_chunks"] == 0 and radix.buffers["block_edge"].numel() == 0  # so no blocks built
+    forced = ops.prepare(radix_net(1024, 3, 32), strategy="block")
+    assert forced.meta["block_chunks"] > 0 and strategy.chosen(forced.meta, 7) == "block"
     t = {16: {"level": 1, "block": 2}, 32: {"level": 5, "block": 2}, 64: {"block": 1, "panel": 2},
          256: {"panel": 1, "block": 2}}
     assert strategy.panel_threshold(t, 16, strategy.NEVER) == 256

@@ -137,14 +137,17 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
             chosen together (strategy.choose_tile: the register tile or its halves, whichever predicts
             the fastest run given the exact I/O at its M); otherwise hardware.batch_tile.
         strategy: ``"auto"`` (pick per batch size, see strategy.py), ``"program"``, ``"level"``,
-            ``"dense"`` (layered networks only) or ``"panel"`` (level by level over panels of neurons
-            that share sources, docs/cpu-kernel.md).
+            ``"dense"`` (layered networks only), ``"panel"`` (level by level over panels of neurons
+            that share sources) or ``"block"`` (level by level, each neuron's edges one block of source
+            neurons at a time; built unless panels are useful or with this strategy), docs/cpu-kernel.md.
         dtype: the dtype the network will mostly run in (sizes BT and M; any float dtype still works).
         group_size: up to this many consecutive neurons with identical inputs are computed together
             (1..4; 1 disables grouping).
         calibrate: with ``strategy="auto"``, time the strategies once on this machine instead of using
             the cost model (strategy.calibrate; cached per network structure).
     """
+    from . import strategy as strategy_mod  # (the argument `strategy` shadows the module name)
+
     if not isinstance(dag, SparseDAG):
         raise TypeError(f"prepare() takes a SparseDAG, got {type(dag).__name__}")
     if strategy not in STRATEGIES:
@@ -152,7 +155,6 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
     tile_info = None
     if batch_tile is None and plan is None and memory == "auto":
         # BT and M together: the tile whose M (per-core cache share) gives the cheapest predicted run.
-        from . import strategy as strategy_mod
         bt, _, tile_info = strategy_mod.choose_tile(dag, dtype)
     else:
         bt = int(batch_tile) if batch_tile is not None else hardware.batch_tile(dtype)
@@ -170,7 +172,14 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
     buffers.update(program_mod.program_tensors(prog))
     buffers["prog_group_ptr"] = _t64(program_mod.group_positions(prog, dag, max_group=group_size))
     buffers.update(panel_buffers(buffers))
-    buffers.update(block_buffers(buffers))
+    # Blocks only where the strategy can use them: panels win wherever rows share sources (strategy.py), and
+    # on a RadiX-Net N=65536 the block layout would hold 73 MB for nothing.
+    n_panels = int(buffers["panel_ptr"].numel() - 1)
+    if strategy == "block" or not strategy_mod.panels_useful(
+            {"panels": n_panels, "n_neurons": dag.n_neurons, "n_inputs": dag.n_inputs}):
+        buffers.update(block_buffers(buffers))
+    else:
+        buffers.update(_empty_buffers(BLOCK_KEYS, None))
     layered = int(buffers["dense_index"].numel() == dag.n_edges and dag.n_edges > 0)
     max_width = max([dag.n_inputs] + torch.diff(buffers["level_ptr"]).tolist())
     meta = {
@@ -182,14 +191,13 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         "panel_min_batch": NEVER, "panel_tile": hardware.panel_tile(dtype, max_width),
         "panel_cells": int(buffers["panel_edge"].numel()), "panels": int(buffers["panel_ptr"].numel() - 1),
         "max_level_width": max_width,
-        "block_min_batch": NEVER, "block_chunks": int(buffers["block_chunk_seg"].numel() - 1),
+        "block_min_batch": NEVER, "block_chunks": max(0, int(buffers["block_chunk_seg"].numel() - 1)),
         "block_segments": int(buffers["block_seg"].numel() // 3),
     }
     net = CompiledNetwork(buffers, meta, plan, prog)
     if tile_info is not None:
         net.info["tile_choice"] = {b: (m, io.loads + io.stores, c) for b, (m, io, c) in tile_info.items()}
     if strategy == "auto":
-        from . import strategy as strategy_mod
         strategy_mod.configure(net, dag, calibrate=calibrate)
     return net
 
@@ -236,13 +244,16 @@ def panel_weight_cache_size() -> int:
     return int(torch.ops.iosparse.panel_weight_cache_size())
 
 
+def _empty_buffers(keys, device) -> Dict[str, torch.Tensor]:
+    """Empty tensors for optional buffers (the kernels then run without panels / blocks)."""
+    return {k: torch.zeros(0, dtype=_BUFFER_DTYPES.get(k, torch.int64), device=device) for k in keys}
+
+
 def _op_args(buffers: Dict[str, torch.Tensor], meta: Dict[str, Union[int, float]]):
     for keys in (PANEL_KEYS, BLOCK_KEYS):
         if all(k not in buffers for k in keys):  # prepared before these buffers existed: run without them
             ref = buffers.get("in_ptr")
-            dev = ref.device if isinstance(ref, torch.Tensor) else None
-            buffers = dict(buffers, **{k: torch.zeros(0, dtype=_BUFFER_DTYPES.get(k, torch.int64), device=dev)
-                                       for k in keys})
+            buffers = dict(buffers, **_empty_buffers(keys, ref.device if isinstance(ref, torch.Tensor) else None))
     if "panel_min_batch" not in meta:
         meta = dict(meta, panel_min_batch=NEVER, panel_tile=0)
     if "block_min_batch" not in meta:
