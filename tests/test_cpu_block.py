@@ -2,7 +2,8 @@
 neuron's edges visited one source block (consecutive neurons) at a time. Forward == dag.forward_reference
 on random DAGs, every activation, both dtypes, every tile width, block size and chunk size; outputs
 poisoned; the layout covers every edge once; corrupt block buffers raise; old buffers without blocks
-still run; the block-ordered weight cache follows weight updates; the strategy picks it for pruned MLPs."""
+still run; the block-ordered weight cache follows weight updates; other ISAs; the strategy picks it for
+pruned MLPs. (gradcheck and opcheck: tests/test_cpu_panel.py, parametrized over both paths.)"""
 
 import numpy as np
 import pytest
@@ -95,26 +96,7 @@ def test_multi_edges_and_skip_edges():
         torch.testing.assert_close(ops.dag_forward(x, md.weight, md.bias, bufs, meta), md.forward_reference(x))
 
 
-@given(dag=random_dags(max_inputs=4, max_computed=7), batch=st.sampled_from([1, 3, 10]))
-@settings(max_examples=10)
-def test_block_gradcheck_float64(dag, batch):
-    net = ops.prepare(dag, memory=3, strategy="block", dtype=torch.float64)
-    x = torch.randn(batch, dag.n_inputs, dtype=torch.float64, requires_grad=True)
-    w = dag.weight.clone().requires_grad_()
-    b = dag.bias.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x_, w_, b_: ops.dag_forward(x_, w_, b_, net.buffers, net.meta),
-                                    (x, w, b), eps=1e-6, atol=1e-5)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_block_opcheck(dtype):
-    dag = SparseDAG.from_edges(3, [0, 1, 2, 3, 3, 4, 1], [3, 3, 4, 4, 5, 5, 5], torch.randn(7).tolist(),
-                               torch.randn(6).tolist(), activation="gelu", dtype=dtype)
-    net = ops.prepare(dag, memory=2, strategy="block")
-    net_list, config = ops._op_args(net.buffers, net.meta)
-    x = torch.randn(20, 3, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.iosparse.dag_forward.default,
-                          (x, dag.weight.clone().requires_grad_(), dag.bias.clone().requires_grad_(), net_list, config))
+# gradcheck and opcheck of the block path: tests/test_cpu_panel.py (parametrized over both paths).
 
 
 def test_corrupt_block_buffers_raise():

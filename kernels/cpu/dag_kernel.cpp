@@ -1620,8 +1620,44 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dag_backward_cpu(const at::Tensor
   return {gx, gw, gb};
 }
 
-// ------------------------------------------------------------------------------------------ panel builder
-// Groups each level's neurons into panels of up to max_rows rows that share sources (see panel_run).
+// ------------------------------------------------------------------------------------------ builders
+// The structure buffers a native builder reads, checked once (pointers consistent, every index in range,
+// each computed neuron on exactly one level); `who` names the builder in the errors.
+struct CheckedStructure {
+  const int64_t* in_ptr;
+  const int32_t* in_src;
+  const int64_t* level_ptr;
+  const int64_t* level_neuron;
+  int64_t m, L, nc;
+  std::vector<int64_t> level_of;  // level of each neuron (-1: input)
+};
+CheckedStructure checked_structure(const at::Tensor& in_ptr_t, const at::Tensor& in_src_t,
+                                   const at::Tensor& level_ptr_t, const at::Tensor& level_neuron_t,
+                                   int64_t n_neurons, const char* who) {
+  check_buffer(in_ptr_t, "in_ptr", at::kLong, n_neurons + 1);
+  check_buffer(in_src_t, "in_src", at::kInt, -1);
+  check_buffer(level_ptr_t, "level_ptr", at::kLong, -1);
+  check_buffer(level_neuron_t, "level_neuron", at::kLong, -1);
+  CheckedStructure s{in_ptr_t.data_ptr<int64_t>(), in_src_t.data_ptr<int32_t>(), level_ptr_t.data_ptr<int64_t>(),
+                     level_neuron_t.data_ptr<int64_t>(), in_src_t.numel(), level_ptr_t.numel() - 1,
+                     level_neuron_t.numel(), std::vector<int64_t>(size_t(n_neurons), -1)};
+  TORCH_CHECK_VALUE(s.in_ptr[0] == 0 && s.in_ptr[n_neurons] == s.m && s.L >= 0 && s.level_ptr[0] == 0 &&
+                    s.level_ptr[s.L] == s.nc, "iosparse: ", who, ": inconsistent structure buffers");
+  TORCH_CHECK(s.m < (int64_t(1) << 31), "iosparse: ", who, ": too many edges");
+  for (int64_t e = 0; e < s.m; ++e)
+    TORCH_CHECK_VALUE(s.in_src[e] >= 0 && s.in_src[e] < n_neurons, "iosparse: ", who, ": in_src out of range");
+  for (int64_t l = 0; l < s.L; ++l) {
+    TORCH_CHECK_VALUE(s.level_ptr[l + 1] >= s.level_ptr[l], "iosparse: ", who, ": level_ptr not ascending");
+    for (int64_t p = s.level_ptr[l]; p < s.level_ptr[l + 1]; ++p) {
+      const int64_t v = s.level_neuron[p];
+      TORCH_CHECK_VALUE(v >= 0 && v < n_neurons && s.level_of[v] < 0, "iosparse: ", who, ": bad level_neuron");
+      s.level_of[v] = l;
+    }
+  }
+  return s;
+}
+
+// Panels: groups each level's neurons into panels of up to max_rows rows that share sources (see panel_run).
 // Greedy, per level: a panel starts at a seed neuron and grows by the unvisited neuron of the same level
 // sharing the most sources with the last row added, while useful multiply-adds / (rows x union of
 // sources) stays >= min_efficiency; the neuron that did not fit seeds the next panel, so consecutive
@@ -1636,26 +1672,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(max_rows >= 1 && max_rows <= MAX_PANEL_ROWS, "iosparse: max_rows must be in 1..",
                     int(MAX_PANEL_ROWS), ", got ", max_rows);
   TORCH_CHECK_VALUE(scan_limit >= 1, "iosparse: scan_limit must be >= 1");
-  check_buffer(in_ptr_t, "in_ptr", at::kLong, n_neurons + 1);
-  check_buffer(in_src_t, "in_src", at::kInt, -1);
-  check_buffer(level_ptr_t, "level_ptr", at::kLong, -1);
-  check_buffer(level_neuron_t, "level_neuron", at::kLong, -1);
-  const int64_t* in_ptr = in_ptr_t.data_ptr<int64_t>();
-  const int32_t* in_src = in_src_t.data_ptr<int32_t>();
-  const int64_t* level_ptr = level_ptr_t.data_ptr<int64_t>();
-  const int64_t* level_neuron = level_neuron_t.data_ptr<int64_t>();
-  const int64_t m = in_src_t.numel(), L = level_ptr_t.numel() - 1, nc = level_neuron_t.numel();
-  TORCH_CHECK_VALUE(in_ptr[0] == 0 && in_ptr[n_neurons] == m && L >= 0 && level_ptr[0] == 0 &&
-                    level_ptr[L] == nc, "iosparse: build_panels: inconsistent structure buffers");
-  for (int64_t e = 0; e < m; ++e)
-    TORCH_CHECK_VALUE(in_src[e] >= 0 && in_src[e] < n_neurons, "iosparse: build_panels: in_src out of range");
-  std::vector<int64_t> level_of(n_neurons, -1);
-  for (int64_t l = 0; l < L; ++l)
-    for (int64_t p = level_ptr[l]; p < level_ptr[l + 1]; ++p) {
-      const int64_t v = level_neuron[p];
-      TORCH_CHECK_VALUE(v >= 0 && v < n_neurons && level_of[v] < 0, "iosparse: build_panels: bad level_neuron");
-      level_of[v] = l;
-    }
+  const CheckedStructure st =
+      checked_structure(in_ptr_t, in_src_t, level_ptr_t, level_neuron_t, n_neurons, "build_panels");
+  const int64_t* in_ptr = st.in_ptr;
+  const int32_t* in_src = st.in_src;
+  const int64_t* level_ptr = st.level_ptr;
+  const int64_t* level_neuron = st.level_neuron;
+  const int64_t m = st.m, L = st.L;
+  const std::vector<int64_t>& level_of = st.level_of;
   // Out-edges (target of each edge, grouped by source).
   std::vector<int64_t> out_ptr(n_neurons + 1, 0);
   for (int64_t e = 0; e < m; ++e) ++out_ptr[in_src[e] + 1];
@@ -1770,24 +1794,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK_VALUE(block_sources >= 1 && block_sources <= 256, "iosparse: block_sources must be in 1..256, got ",
                     block_sources);
   TORCH_CHECK_VALUE(chunk_edges >= 1, "iosparse: chunk_edges must be >= 1, got ", chunk_edges);
-  check_buffer(in_ptr_t, "in_ptr", at::kLong, n_neurons + 1);
-  check_buffer(in_src_t, "in_src", at::kInt, -1);
-  check_buffer(level_ptr_t, "level_ptr", at::kLong, -1);
-  check_buffer(level_neuron_t, "level_neuron", at::kLong, -1);
-  const int64_t* in_ptr = in_ptr_t.data_ptr<int64_t>();
-  const int32_t* in_src = in_src_t.data_ptr<int32_t>();
-  const int64_t* level_ptr = level_ptr_t.data_ptr<int64_t>();
-  const int64_t* level_neuron = level_neuron_t.data_ptr<int64_t>();
-  const int64_t m = in_src_t.numel(), L = level_ptr_t.numel() - 1, nc = level_neuron_t.numel();
-  TORCH_CHECK_VALUE(in_ptr[0] == 0 && in_ptr[n_neurons] == m && L >= 0 && level_ptr[0] == 0 &&
-                    level_ptr[L] == nc, "iosparse: build_blocks: inconsistent structure buffers");
-  for (int64_t l = 0; l < L; ++l)
-    TORCH_CHECK_VALUE(level_ptr[l + 1] >= level_ptr[l], "iosparse: build_blocks: level_ptr not ascending");
-  for (int64_t q = 0; q < nc; ++q)
-    TORCH_CHECK_VALUE(level_neuron[q] >= 0 && level_neuron[q] < n_neurons, "iosparse: build_blocks: bad level_neuron");
-  for (int64_t e = 0; e < m; ++e)
-    TORCH_CHECK_VALUE(in_src[e] >= 0 && in_src[e] < n_neurons, "iosparse: build_blocks: in_src out of range");
-  TORCH_CHECK(m < (int64_t(1) << 31), "iosparse: build_blocks: too many edges");
+  const CheckedStructure st =
+      checked_structure(in_ptr_t, in_src_t, level_ptr_t, level_neuron_t, n_neurons, "build_blocks");
+  const int64_t* in_ptr = st.in_ptr;
+  const int32_t* in_src = st.in_src;
+  const int64_t* level_ptr = st.level_ptr;
+  const int64_t* level_neuron = st.level_neuron;
+  const int64_t m = st.m, L = st.L;
   std::vector<int64_t> chunk_seg{0}, chunk_row{0}, chunk_edge{0};
   std::vector<int32_t> seg, edge;
   std::vector<uint8_t> local;
