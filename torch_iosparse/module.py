@@ -321,7 +321,10 @@ class IOSparseNetwork(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, n_in)
         bias_full = nn.functional.pad(self.bias, (n_in, 0))
-        bufs = {k: getattr(self, "op_" + k) for k in self._op_keys}
+        # self._buffers directly: nn.Module.__getattr__ costs ~0.75 us per name (21 us for the 28 buffers,
+        # a fifth of a small net's call)
+        buffers = self._buffers
+        bufs = {k: buffers["op_" + k] for k in self._op_keys}
         y = ops.dag_forward(x2.contiguous(), self.weight, bias_full, bufs, self._op_meta)
         return y.reshape(*lead, self._summary["n_outputs"])
 

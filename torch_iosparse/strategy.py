@@ -24,7 +24,7 @@ Cost model (seconds; rates measured on the development machine, see docs/cpu-ker
                  4096 / 16384 / 65536, 1 thread). When panels compete, the program term also charges its
                  slot traffic: (loads + stores) * MOVE_COST per column (the plan's exact I/O at its M).
     block(B)   = tiles * (edges * BLOCK_EDGE_COST[nv] + segments * BLOCK_SEGMENT_COST[nv]) * spill
-                 / min(threads, chunks) + BLOCK_OVERHEAD; nv = 64-byte vectors per column tile (1, 2 or 4
+                 / min(threads, tiles if tiles >= threads else chunks per level) + BLOCK_OVERHEAD; nv = 64-byte vectors per column tile (1, 2 or 4
                  for B <= 16, <= 32, more), tiles = ceil(B / (16 nv)); spill = 1 + values / BLOCK_SPILL_BYTES
                  (values = n_neurons x tile x 4 bytes: every level writes fresh rows). Fitted on the pruned MLP
                  4096-4096-4096-1024 at 90 / 99 % (B = 16 / 32 / 64, 1 thread) and RadiX-Net 4096 / 16384.
@@ -118,7 +118,10 @@ def block_time(meta: Dict, batch: int, threads: int) -> float:
     tiles = max(1, math.ceil(batch / tile))
     spill = 1 + int(meta["n_neurons"]) * tile * 4 / BLOCK_SPILL_BYTES
     work = int(meta["n_edges"]) * BLOCK_EDGE_COST[nv] + int(meta.get("block_segments", 0)) * BLOCK_SEGMENT_COST[nv]
-    return tiles * work * spill / min(threads, max(1, int(meta["block_chunks"]))) + BLOCK_OVERHEAD
+    # Whole tiles per thread when there are enough of them, else the chunks of each level shared.
+    chunks_per_level = max(1, int(meta["block_chunks"]) // max(1, int(meta["n_levels"])))
+    parallel = min(threads, tiles if tiles >= threads else chunks_per_level)
+    return tiles * work * spill / parallel + BLOCK_OVERHEAD
 
 
 def panels_useful(meta: Dict) -> bool:

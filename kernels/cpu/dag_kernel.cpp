@@ -1195,9 +1195,34 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
     }
     first_of_level[c] = first;
   }
-  T* vals = scratch<T>(2, net.n_neurons * BT);
   const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
-  // Each tile's job: [weight slices (first tile, after a miss)] [input transpose slices] [level chunks].
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  if (n_tiles >= threads) {
+    // Enough tiles for every thread: one job of [weight slices] [whole tiles], each tile on one thread
+    // with its own values buffer, its levels in order (no waits between the chunks of a level). Measured
+    // at 2 threads against running the tiles one after another, each over both threads: MLP 90 % B=256
+    // 15.6 -> 14.7 ms, B=1024 57.7 -> 53.5 ms; the demo's 256-512-512-10 MLP B=1024 1.23 -> 0.73 ms.
+    std::vector<int64_t> wait_for(n_pw + n_tiles, n_pw);
+    std::fill(wait_for.begin(), wait_for.begin() + n_pw, 0);
+    run_chunked(n_pw + n_tiles, wait_for.data(), [&](int64_t c) {
+      if (c < n_pw) {
+        for (int64_t k = c * PW_CHUNK, e = std::min(E, (c + 1) * PW_CHUNK); k < e; ++k)
+          pw[k] = ordered_weight(net.block_edge, w, k);
+        return;
+      }
+      T* vals = scratch<T>(2, net.n_neurons * BT);
+      if (poison_enabled()) poison(vals, net.n_neurons * BT);
+      const int64_t b0 = (c - n_pw) * BT, nb = std::min(BT, B - b0);
+      transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, same_row);
+      for (int64_t k = 0; k < C; ++k) fn(net, k, pw, b, vals);
+      gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, same_row);
+    });
+    ow.remember(weight_t, block_edge_t);
+    return;
+  }
+  // Fewer tiles than threads (B = 64 is one tile): the tiles one after another, each one job of
+  // [weight slices (first tile, after a miss)] [input transpose slices] [level chunks] over all threads.
+  T* vals = scratch<T>(2, net.n_neurons * BT);
   constexpr int64_t TRANSPOSE_FEATURES = 1024;
   const int64_t n_tr = (n_in + TRANSPOSE_FEATURES - 1) / TRANSPOSE_FEATURES;
   for (int64_t t = 0; t < n_tiles; ++t) {
@@ -1786,7 +1811,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 
 // Source blocks of the block path: per level, chunks of consecutive rows (level_neuron order) holding about
-// chunk_edges edges; inside a chunk the edges sorted by (source block, row, source), one segment per
+// chunk_edges edges (fewer on small levels, see below); inside a chunk the edges sorted by (source block, row, source), one segment per
 // (row, block). Returns (chunk_seg, chunk_row, chunk_edge, seg [K*3], local, edge) as described at NetIndex.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_blocks_cpu(
     const at::Tensor& in_ptr_t, const at::Tensor& in_src_t, const at::Tensor& level_ptr_t,
@@ -1812,9 +1837,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   };
   std::vector<Item> items;
   for (int64_t l = 0; l < L; ++l) {
+    // At least ~8 chunks per level (down to 2048 edges each), so small levels still feed every thread.
+    int64_t level_edges = 0;
+    for (int64_t p = level_ptr[l]; p < level_ptr[l + 1]; ++p)
+      level_edges += in_ptr[level_neuron[p] + 1] - in_ptr[level_neuron[p]];
+    const int64_t target = std::min(chunk_edges, std::max<int64_t>(2048, (level_edges + 7) / 8));
     for (int64_t p = level_ptr[l]; p < level_ptr[l + 1];) {
       int64_t q = p, work = 0;
-      while (q < level_ptr[l + 1] && (q == p || work < chunk_edges)) {
+      while (q < level_ptr[l + 1] && (q == p || work < target)) {
         const int64_t v = level_neuron[q++];
         work += in_ptr[v + 1] - in_ptr[v];
       }
