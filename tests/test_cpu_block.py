@@ -47,7 +47,7 @@ def check_block_invariants(dag, bufs, block_sources):
     assert sorted(edge.tolist()) == list(range(dag.n_edges))
 
 
-@given(dag=random_dags(), batch=st.sampled_from([0, 1, 3, 17, 40, 64, 130]),
+@given(dag=random_dags(), batch=st.sampled_from([0, 1, 3, 17, 40, 64, 130, 1000]),
        dtype=st.sampled_from([torch.float32, torch.float64]), block_sources=st.sampled_from([1, 3, 16, 256]),
        chunk_edges=st.sampled_from([1, 7, 1 << 16]))
 @settings(max_examples=60)
