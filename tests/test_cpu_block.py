@@ -111,7 +111,8 @@ def test_corrupt_block_buffers_raise():
              ("block_local", 0, (int(bufs0["block_local"][0]) + 1) % 8),  # points at another source
              ("block_seg", 0, 0), ("block_seg", 3, int(seg[-1, 0])),  # target an input; a row of another chunk
              ("block_seg", 2, int(seg[0, 2]) + 1),  # count beyond the chunk
-             ("block_chunk_row", 1, 0), ("block_chunk_edge", 1, 10**6), ("block_chunk_seg", 1, 10**6)]
+             ("block_chunk_row", 1, 0), ("block_chunk_edge", 1, 10**6), ("block_chunk_seg", 1, 10**6),
+             ("block_chunk_row", 1, 1 << 40)]  # far beyond the rows (was read before the order check)
     for key, idx, value in edits:
         bufs = dict(bufs0)
         bufs[key] = bufs[key].clone()
@@ -136,6 +137,11 @@ def test_build_blocks_rejects_bad_arguments():
     bad["in_src"][3] = 10**6
     with pytest.raises(ValueError, match="in_src"):
         ops.block_buffers(bad)
+    bad = dict(net.buffers, in_ptr=net.buffers["in_ptr"].clone())
+    bad["in_ptr"][40] = 1 << 40  # not ascending: both native builders check before following it
+    for build in (ops.block_buffers, ops.panel_buffers):
+        with pytest.raises(ValueError, match="in_ptr"):
+            build(bad)
 
 
 def test_buffers_without_blocks_still_run_and_refuse_the_block_strategy():

@@ -132,8 +132,8 @@ g = torch.Generator().manual_seed(0)
 src = torch.randint(0, 64, (4000,), generator=g)
 dst = torch.randint(64, 128, (4000,), generator=g)
 dag = SparseDAG.from_edges(64, src, dst, torch.randn(4000, generator=g), n_neurons=128, activation="relu")
-net = ops.prepare(dag, strategy="level")
-x = torch.randn(1, 64, generator=g)
+net = ops.prepare(dag, strategy="STRATEGY")
+x = torch.randn(BATCH, 64, generator=g)
 want = dag.forward_reference(x)
 stop = False
 def busy():  # keeps the pool's locks taken while the main thread forks
@@ -164,9 +164,34 @@ print("ok" if not bad else f"{len(bad)} of 40 forked children failed: {bad}")
 """
 
 
-def test_forked_child_runs_the_level_path():
-    # A child forked while another thread is inside the pool must not inherit a locked pool
-    # (DataLoader workers fork). Without the pthread_atfork reset 3 of 40 children hung here.
+@pytest.mark.parametrize("strategy,batch", [("level", 1), ("block", 64)])
+def test_forked_child_runs_the_level_path(strategy, batch):
+    # A child forked while another thread is inside the pool (or an OpenMP region, or holding the weight
+    # cache's lock: block path) must not hang (DataLoader workers fork). Without the pthread_atfork reset
+    # 3 of 40 children hung here.
     env = dict(os.environ, IOSPARSE_LEVEL_SERIAL="0", IOSPARSE_LEVEL_CHUNK="64")
-    out = subprocess.run([sys.executable, "-c", FORK_CHECK], env=env, capture_output=True, text=True, timeout=600)
+    code = FORK_CHECK.replace("STRATEGY", strategy).replace("BATCH", str(batch))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and out.stdout.strip().endswith("ok"), (out.stdout[-2000:], out.stderr[-3000:])
+
+
+def test_pool_job_beyond_its_claim_word_runs():
+    """The pool's claim word holds < 2^20 chunks: a block-path job with 1,050,000 chunks (one edge each)
+    must still finish with the right result (it hung before the serial fallback)."""
+    code = """
+import torch
+from torch_iosparse import SparseDAG, ops
+N = 1050000
+dag = SparseDAG.from_edges(1, [0] * N, list(range(1, N + 1)), activation="identity")
+net = ops.prepare(dag, memory=None, strategy="block")
+bufs = dict(net.buffers, **ops.block_buffers(net.buffers, 256, 1))
+assert bufs["block_chunk_seg"].numel() - 1 >= 1 << 20
+torch.set_num_threads(2)
+x = torch.randn(64, 1)
+y = ops.dag_forward(x, dag.weight, dag.bias, bufs, dict(net.meta, strategy=ops.STRATEGIES["block"]))
+torch.testing.assert_close(y, dag.forward_reference(x.double()).float())
+print("ok")
+"""
+    env = dict(os.environ, IOSPARSE_WORKERS="pool")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]

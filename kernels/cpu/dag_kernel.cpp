@@ -27,6 +27,7 @@
 #include <type_traits>
 #include <limits>
 #include <memory>
+#include <new>
 #include <atomic>
 #include <condition_variable>
 #include <mutex>
@@ -252,6 +253,10 @@ void validate_indices(const Net& n, at::TensorList net_t) {
         n.block_chunk_seg[C] != n.n_block_segs || n.block_chunk_row[C] != n.n_computed ||
         n.block_chunk_edge[C] != n.n_edges)
       bad("block chunk pointers");
+    for (int64_t c = 0; c < C; ++c)  // all three pointer arrays ascending (hence bounded by their ends) first
+      if (n.block_chunk_row[c + 1] < n.block_chunk_row[c] || n.block_chunk_seg[c + 1] < n.block_chunk_seg[c] ||
+          n.block_chunk_edge[c + 1] < n.block_chunk_edge[c])
+        bad("block chunk pointers not ascending");
     std::vector<int64_t> pos_of(n.n_neurons, -1), level_of_pos(n.n_computed, 0);
     for (int64_t l = 0; l < n.n_levels; ++l)
       for (int64_t q = n.level_ptr[l]; q < n.level_ptr[l + 1]; ++q) level_of_pos[q] = l;
@@ -259,8 +264,6 @@ void validate_indices(const Net& n, at::TensorList net_t) {
     std::vector<uint8_t> edge_seen(n.n_edges, 0);
     for (int64_t c = 0; c < C; ++c) {
       const int64_t r0 = n.block_chunk_row[c], r1 = n.block_chunk_row[c + 1];
-      if (r1 < r0 || n.block_chunk_seg[c + 1] < n.block_chunk_seg[c] || n.block_chunk_edge[c + 1] < n.block_chunk_edge[c])
-        bad("block chunk pointers not ascending");
       if (r1 > r0 && level_of_pos[r0] != level_of_pos[r1 - 1]) bad("block chunk spans two levels");
       int64_t k = n.block_chunk_edge[c];
       for (int64_t sg = n.block_chunk_seg[c]; sg < n.block_chunk_seg[c + 1]; ++sg) {
@@ -729,10 +732,12 @@ class ChunkPool {
 
 // Runs f(c) for c in [0, n_chunks) on the calling thread and the pool's helpers (chunk c starts once
 // wait_for[c] chunks are done); serially inside a parallel region or with one thread.
+// The pool's claim word holds chunk counts below 2^20; a larger job runs serially (never reached by the
+// default layouts, which hold thousands of multiply-adds per chunk).
 template <typename F>
 void run_chunked_pool(int64_t n_chunks, const int64_t* wait_for, const F& f) {
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
-  if (threads <= 1 || n_chunks <= 1) {
+  if (threads <= 1 || n_chunks <= 1 || n_chunks >= (int64_t(1) << 20)) {
     for (int64_t c = 0; c < n_chunks; ++c) f(c);
     return;
   }
@@ -771,7 +776,6 @@ void run_chunked_omp(int64_t n_chunks, const int64_t* wait_for, const F& f) {
 // was inside a parallel region hangs in its first region: DataLoader workers fork), so children use the pool,
 // which resets itself after a fork.
 std::atomic<bool> in_forked_child{false};
-const int fork_hook = pthread_atfork(nullptr, nullptr, [] { in_forked_child.store(true); });
 
 // Which threads run the chunks of every path: IOSPARSE_WORKERS=omp (torch's OpenMP threads, the default)
 // or pool (the private chunk pool; always in a forked child).
@@ -932,6 +936,15 @@ constexpr size_t ORDERED_CACHE_ENTRIES = 4;
 std::mutex ordered_cache_mutex;
 std::vector<OrderedWeightEntry> ordered_cache;
 uint64_t ordered_cache_clock = 0;
+
+// A fork() child runs its chunks on the pool (in_forked_child, see run_chunked) and starts with a fresh,
+// empty weight cache: another parent thread may have held the cache's mutex, or been changing the list,
+// at the fork (the old objects are leaked in the child on purpose).
+const int fork_hook = pthread_atfork(nullptr, nullptr, [] {
+  in_forked_child.store(true);
+  new (&ordered_cache_mutex) std::mutex();
+  new (&ordered_cache) std::vector<OrderedWeightEntry>();
+});
 
 bool weight_cache_enabled() {
   const char* s = std::getenv("IOSPARSE_PANEL_WEIGHT_CACHE");
@@ -1443,7 +1456,6 @@ void level_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
       }
     }
   }
-  TORCH_CHECK(wait_for.size() < (size_t(1) << 20), "iosparse: level path has too many chunks");
   run_chunked(int64_t(wait_for.size()), wait_for.data(), [&](int64_t c) {
     for (int64_t p = chunk_pos[c]; p < chunk_pos[c + 1]; ++p)
       level_neuron_row<T>(net, net.level_neuron[p], B, w, b, vals, pre);
@@ -1681,6 +1693,8 @@ CheckedStructure checked_structure(const at::Tensor& in_ptr_t, const at::Tensor&
   TORCH_CHECK_VALUE(s.in_ptr[0] == 0 && s.in_ptr[n_neurons] == s.m && s.L >= 0 && s.level_ptr[0] == 0 &&
                     s.level_ptr[s.L] == s.nc, "iosparse: ", who, ": inconsistent structure buffers");
   TORCH_CHECK(s.m < (int64_t(1) << 31), "iosparse: ", who, ": too many edges");
+  for (int64_t v = 0; v < n_neurons; ++v)
+    TORCH_CHECK_VALUE(s.in_ptr[v + 1] >= s.in_ptr[v], "iosparse: ", who, ": in_ptr not ascending");
   for (int64_t e = 0; e < s.m; ++e)
     TORCH_CHECK_VALUE(s.in_src[e] >= 0 && s.in_src[e] < n_neurons, "iosparse: ", who, ": in_src out of range");
   for (int64_t l = 0; l < s.L; ++l) {
