@@ -636,6 +636,13 @@ void gather_out(const T* tile, const int64_t* rows, int64_t n_out, int64_t nb, i
 }
 inline int64_t same_row(int64_t v) { return v; }
 
+// Waits until counter >= need: pause first (the wait is usually a few microseconds), then yield the core.
+inline void spin_until(const std::atomic<int64_t>& counter, int64_t need) {
+  for (int spin = 0; counter.load(std::memory_order_acquire) < need; ++spin) {
+    if (spin < 4096) _mm_pause(); else std::this_thread::yield();
+  }
+}
+
 // Level-path parallelism that never waits for a descheduled thread.
 // at::parallel_for (OpenMP) forks and joins once per level: on a busy machine every join waits for the
 // slowest thread to be scheduled again (measured: 14-40x slower than one thread at batch 1). Instead the
@@ -667,9 +674,7 @@ class ChunkPool {
     while (work_once()) {
     }
     // Chunks claimed by helpers may still be running: wait for them (each holds at most one).
-    for (int spin = 0; done_.load(std::memory_order_acquire) < n_chunks; ++spin) {
-      if (spin < 4096) _mm_pause(); else std::this_thread::yield();
-    }
+    spin_until(done_, n_chunks);
   }
 
  private:
@@ -692,9 +697,7 @@ class ChunkPool {
       if (word_.compare_exchange_weak(w, w + (uint64_t(1) << 20), std::memory_order_acq_rel)) {
         // Claimed: the caller waits for this chunk, so the job fields below are this job's.
         const int64_t need = wait_for_[next];
-        for (int spin = 0; done_.load(std::memory_order_acquire) < need; ++spin) {
-          if (spin < 4096) _mm_pause(); else std::this_thread::yield();
-        }
+        spin_until(done_, need);
         fn_(ctx_, int64_t(next));
         done_.fetch_add(1, std::memory_order_acq_rel);
         return true;
@@ -763,9 +766,7 @@ void run_chunked_omp(int64_t n_chunks, const int64_t* wait_for, const F& f) {
     for (;;) {
       const int64_t c = next.fetch_add(1, std::memory_order_acq_rel);
       if (c >= n_chunks) return;
-      for (int spin = 0; done.load(std::memory_order_acquire) < wait_for[c]; ++spin) {
-        if (spin < 4096) _mm_pause(); else std::this_thread::yield();
-      }
+      spin_until(done, wait_for[c]);
       f(c);
       done.fetch_add(1, std::memory_order_acq_rel);
     }
@@ -998,8 +999,13 @@ struct OrderedWeights {
   bool hit = false;
   int64_t version = 0;
 
-  OrderedWeights(const at::Tensor& weight_t, const at::Tensor& order_t, int scratch_slot) {
-    const int64_t E = order_t.numel();
+  const int32_t* order;
+  int64_t E;
+  // After a miss the caller's job fills the buffer in slices() slices of SLICE cells (fill_slice), in parallel.
+  static constexpr int64_t SLICE = 1 << 18;
+
+  OrderedWeights(const at::Tensor& weight_t, const at::Tensor& order_t, int scratch_slot)
+      : order(order_t.data_ptr<int32_t>()), E(order_t.numel()) {
     const bool cacheable = weight_cache_enabled() && !weight_t.is_inference();
     if (cacheable) {
       version = int64_t(weight_t._version());
@@ -1008,8 +1014,7 @@ struct OrderedWeights {
         OrderedWeightEntry& e = ordered_cache[i];
         if (!same_tensor_memory(e.order, order_t)) continue;
         if (same_tensor_memory(e.weight, weight_t) && e.version == version &&
-            ordered_weights_spot_check(order_t.data_ptr<int32_t>(), E, weight_t.data_ptr<T>(), e.pw.data_ptr<T>(),
-                                       ordered_cache_clock)) {
+            ordered_weights_spot_check(order, E, weight_t.data_ptr<T>(), e.pw.data_ptr<T>(), ordered_cache_clock)) {
           e.stamp = ++ordered_cache_clock;
           pw_t = e.pw;
           hit = true;
@@ -1024,6 +1029,10 @@ struct OrderedWeights {
       if (!pw_t.defined()) pw_t = at::empty({std::max<int64_t>(E, 1)}, weight_t.options());
     }
     pw = cacheable ? pw_t.data_ptr<T>() : scratch<T>(scratch_slot, E);
+  }
+  int64_t slices() const { return hit ? 0 : (E + SLICE - 1) / SLICE; }
+  void fill_slice(const T* w, int64_t c) {
+    for (int64_t k = c * SLICE, e = std::min(E, (c + 1) * SLICE); k < e; ++k) pw[k] = ordered_weight(order, w, k);
   }
   // After a miss, once the buffer is filled: keep it for the next call (evicting the least recent entry).
   void remember(const at::Tensor& weight_t, const at::Tensor& order_t) {
@@ -1045,10 +1054,8 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   // Weights in panel order, zeros where a source does not feed a row: from the cache when this weight
   // tensor at this version was gathered before, else one pass over the edges (filled by the job below and
   // then put into the cache).
-  const int64_t E = net.n_panel_edges;
   OrderedWeights<T> ow(weight_t, panel_edge_t, 3);
-  T* pw = ow.pw;
-  const bool hit = ow.hit;
+  const T* pw = ow.pw;
   // Tile-buffer row of every neuron. Layered nets (every edge joins consecutive levels, outputs on the
   // last; checked in validate_indices) need two levels at a time: even and odd levels share two
   // ping-pong halves, so a tile's working set stays 2 x width rows instead of the whole network (at radix
@@ -1089,16 +1096,15 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
   // One job (see program_forward): first the weight slices (after a cache miss) and the slices of the
   // per-call tables, then the tiles, which start once every slice is done.
-  constexpr int64_t PW_CHUNK = 1 << 18, SETUP_CHUNK = 1 << 18;
-  const int64_t n_pw = hit ? 0 : (E + PW_CHUNK - 1) / PW_CHUNK;
+  constexpr int64_t SETUP_CHUNK = 1 << 18;
+  const int64_t n_pw = ow.slices();
   const int64_t n_src_slices = (n_src + SETUP_CHUNK - 1) / SETUP_CHUNK;
   const int64_t pre = n_pw + n_src_slices + (net.n_computed + SETUP_CHUNK - 1) / SETUP_CHUNK;
   std::vector<int64_t> wait_for(pre + n_tiles, 0);
   std::fill(wait_for.begin() + pre, wait_for.end(), pre);
   run_chunked(pre + n_tiles, wait_for.data(), [&](int64_t c) {
     if (c < n_pw) {
-      for (int64_t k = c * PW_CHUNK, e = std::min(E, (c + 1) * PW_CHUNK); k < e; ++k)
-        pw[k] = ordered_weight(net.panel_edge, w, k);
+      ow.fill_slice(w, c);
       return;
     }
     if (c < n_pw + n_src_slices) {
@@ -1199,27 +1205,17 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
                    const at::Tensor& block_edge_t) {
   TORCH_CHECK_VALUE(net.n_block_chunks > 0,
                     "iosparse: the block strategy needs source blocks (ops.prepare builds them)");
-  const int64_t E = net.n_edges, C = net.n_block_chunks;
+  const int64_t C = net.n_block_chunks;
   OrderedWeights<T> ow(weight_t, block_edge_t, 3);
-  T* pw = ow.pw;
-  // The widest tile of up to four 64-byte vectors the batch fills (64 floats: a 128-source block is 32 KiB).
+  const T* pw = ow.pw;
+  // The widest tile of up to four 64-byte vectors the batch fills (64 floats per source: a 256-source block
+  // is 64 KiB, see ops.BLOCK_SOURCES).
   const int64_t lanes = int64_t(64 / sizeof(T));
   const int nv = B > 2 * lanes ? 4 : B > lanes ? 2 : 1;
   BlockFn<T> fn = nv == 4 ? pick_block_fn<T, 4>() : nv == 2 ? pick_block_fn<T, 2>() : pick_block_fn<T, 1>();
   const int64_t BT = nv * lanes, n_tiles = (B + BT - 1) / BT;
-  // The first tile's job also fills the block-ordered weights (slices first) after a cache miss.
-  constexpr int64_t PW_CHUNK = 1 << 18;
-  const int64_t n_pw = ow.hit ? 0 : (E + PW_CHUNK - 1) / PW_CHUNK;
-  // Chunk c may start once every chunk of the earlier levels is done (chunks are in level order).
-  std::vector<int64_t> first_of_level(C, 0);
-  for (int64_t c = 0, level = 0, first = 0; c < C; ++c) {
-    const int64_t r0 = net.block_chunk_row[c];
-    if (r0 < net.block_chunk_row[c + 1] && r0 >= net.level_ptr[level + 1]) {
-      while (r0 >= net.level_ptr[level + 1]) ++level;
-      first = c;
-    }
-    first_of_level[c] = first;
-  }
+  // After a cache miss the (first) job also fills the block-ordered weights, slices first.
+  const int64_t n_pw = ow.slices();
   const int64_t n_in = net.n_inputs, n_out = net.n_outputs;
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   if (n_tiles >= threads) {
@@ -1231,8 +1227,7 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
     std::fill(wait_for.begin(), wait_for.begin() + n_pw, 0);
     run_chunked(n_pw + n_tiles, wait_for.data(), [&](int64_t c) {
       if (c < n_pw) {
-        for (int64_t k = c * PW_CHUNK, e = std::min(E, (c + 1) * PW_CHUNK); k < e; ++k)
-          pw[k] = ordered_weight(net.block_edge, w, k);
+        ow.fill_slice(w, c);
         return;
       }
       T* vals = scratch<T>(2, net.n_neurons * BT);
@@ -1244,6 +1239,16 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
     });
     ow.remember(weight_t, block_edge_t);
     return;
+  }
+  // Chunk c may start once every chunk of the earlier levels is done (chunks are in level order).
+  std::vector<int64_t> first_of_level(C, 0);
+  for (int64_t c = 0, level = 0, first = 0; c < C; ++c) {
+    const int64_t r0 = net.block_chunk_row[c];
+    if (r0 < net.block_chunk_row[c + 1] && r0 >= net.level_ptr[level + 1]) {
+      while (r0 >= net.level_ptr[level + 1]) ++level;
+      first = c;
+    }
+    first_of_level[c] = first;
   }
   // Fewer tiles than threads (B = 64 is one tile): the tiles one after another, each one job of
   // [weight slices (first tile, after a miss)] [input transpose slices] [level chunks] over all threads.
@@ -1257,8 +1262,7 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
     for (int64_t c = 0; c < C; ++c) wait_for[pre + c] = pre + first_of_level[c];
     run_chunked(pre + C, wait_for.data(), [&](int64_t c) {
       if (c < fill) {
-        for (int64_t k = c * PW_CHUNK, e = std::min(E, (c + 1) * PW_CHUNK); k < e; ++k)
-          pw[k] = ordered_weight(net.block_edge, w, k);
+        ow.fill_slice(w, c);
       } else if (c < pre) {
         const int64_t i0 = (c - fill) * TRANSPOSE_FEATURES;
         transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, same_row, i0, std::min(n_in, i0 + TRANSPOSE_FEATURES));
