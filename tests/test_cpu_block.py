@@ -3,7 +3,7 @@ neuron's edges visited one source block (consecutive neurons) at a time. Forward
 on random DAGs, every activation, both dtypes, every tile width, block size and chunk size; outputs
 poisoned; the layout covers every edge once; corrupt block buffers raise; old buffers without blocks
 still run; the block-ordered weight cache follows weight updates; other ISAs; the strategy picks it for
-pruned MLPs. (gradcheck and opcheck: tests/test_cpu_panel.py, parametrized over both paths.)"""
+pruned MLPs. (gradcheck and opcheck: tests/test_ops.py, with every strategy.)"""
 
 import numpy as np
 import pytest
@@ -96,7 +96,7 @@ def test_multi_edges_and_skip_edges():
         torch.testing.assert_close(ops.dag_forward(x, md.weight, md.bias, bufs, meta), md.forward_reference(x))
 
 
-# gradcheck and opcheck of the block path: tests/test_cpu_panel.py (parametrized over both paths).
+# gradcheck and opcheck of the block path: tests/test_ops.py (with every strategy).
 
 
 def test_corrupt_block_buffers_raise():

@@ -111,28 +111,7 @@ def test_identical_source_sets_and_multi_edges():
         torch.testing.assert_close(ops.dag_forward(x, md.weight, md.bias, bufs, meta), md.forward_reference(x))
 
 
-@pytest.mark.parametrize("path", ["panel", "block"])  # the block path's twin tests: tests/test_cpu_block.py
-@given(dag=random_dags(max_inputs=4, max_computed=7), batch=st.sampled_from([1, 3, 10]))
-@settings(max_examples=10)
-def test_panel_and_block_gradcheck_float64(path, dag, batch):
-    net = ops.prepare(dag, memory=3, strategy=path, dtype=torch.float64)
-    x = torch.randn(batch, dag.n_inputs, dtype=torch.float64, requires_grad=True)
-    w = dag.weight.clone().requires_grad_()
-    b = dag.bias.clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda x_, w_, b_: ops.dag_forward(x_, w_, b_, net.buffers, net.meta),
-                                    (x, w, b), eps=1e-6, atol=1e-5)
-
-
-@pytest.mark.parametrize("path", ["panel", "block"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_panel_and_block_opcheck(path, dtype):
-    dag = SparseDAG.from_edges(3, [0, 1, 2, 3, 3, 4, 1], [3, 3, 4, 4, 5, 5, 5], torch.randn(7).tolist(),
-                               torch.randn(6).tolist(), activation="gelu", dtype=dtype)
-    net = ops.prepare(dag, memory=2, strategy=path)
-    net_list, config = ops._op_args(net.buffers, net.meta)
-    x = torch.randn(20, 3, dtype=dtype, requires_grad=True)
-    torch.library.opcheck(torch.ops.iosparse.dag_forward.default,
-                          (x, dag.weight.clone().requires_grad_(), dag.bias.clone().requires_grad_(), net_list, config))
+# gradcheck and opcheck of the panel and block paths: tests/test_ops.py (with the other strategies).
 
 
 def test_corrupt_panel_buffers_raise():

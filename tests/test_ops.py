@@ -98,9 +98,9 @@ def test_non_contiguous_and_transposed_inputs():
             torch.testing.assert_close(run(net, x, dag), dag.forward_reference(x.contiguous()), **tol(torch.float32))
 
 
-@given(dag=random_dags(max_inputs=4, max_computed=7), strategy=st.sampled_from(["program", "level"]),
+@given(dag=random_dags(max_inputs=4, max_computed=7), strategy=st.sampled_from(["program", "level", "panel", "block"]),
        batch=st.sampled_from([1, 3, 10]))
-@settings(max_examples=15)
+@settings(max_examples=40)
 def test_gradcheck_float64(dag, strategy, batch):
     net = ops.prepare(dag, memory=3, strategy=strategy, dtype=torch.float64)
     x = torch.randn(batch, dag.n_inputs, dtype=torch.float64, requires_grad=True)
@@ -144,14 +144,14 @@ def test_grads_equal_dense_model_on_pattern(strategy):
 def test_opcheck(dtype):
     dag = SparseDAG.from_edges(3, [0, 1, 2, 3, 3, 4, 1], [3, 3, 4, 4, 5, 5, 5], torch.randn(7).tolist(),
                                torch.randn(6).tolist(), activation="gelu", dtype=dtype)
-    for strategy in ("program", "level"):
+    for strategy in ("program", "level", "panel", "block"):
         net = ops.prepare(dag, memory=2, strategy=strategy)
         net_list, config = ops._op_args(net.buffers, net.meta)
-        x = torch.randn(5, 3, dtype=dtype, requires_grad=True)
+        x = torch.randn(20, 3, dtype=dtype, requires_grad=True)
         w = dag.weight.clone().requires_grad_()
         b = dag.bias.clone().requires_grad_()
         torch.library.opcheck(torch.ops.iosparse.dag_forward.default, (x, w, b, net_list, config))
-        gy = torch.randn(5, dag.n_outputs, dtype=dtype)
+        gy = torch.randn(20, dag.n_outputs, dtype=dtype)
         torch.library.opcheck(torch.ops.iosparse.dag_backward.default,
                               (gy, x.detach(), w.detach(), b.detach(), net_list, config))
 
