@@ -111,7 +111,8 @@ def test_tile_and_memory_chosen_together():
     assert table[bt][2] <= 1.1 * min(c for _, _, c in table.values())
     assert all(b <= bt for b in table if table[b][2] <= 1.1 * min(c for _, _, c in table.values()))
     net = ops.prepare(dag)
-    assert net.meta["batch_tile"] == bt and net.meta["memory"] == M
+    # the plan's M; the kernel's slot buffer holds no more than the network can use (program.compile_plan)
+    assert net.meta["batch_tile"] == bt and net.plan.memory == M and net.meta["memory"] == min(M, dag.n_neurons + 1)
     # an explicit tile or memory is respected
     assert ops.prepare(dag, batch_tile=32).meta["batch_tile"] == 32
     assert ops.prepare(dag, memory=7).meta["memory"] == 7

@@ -96,7 +96,14 @@ def normalize_memory(memory: MemorySpec) -> Optional[int]:
         raise TypeError(f"memory must be an integer number of slots, got {type(memory).__name__}") from None
     if M < 2:
         raise ValueError(f"memory must be >= 2 slots (one for the partial sum, one for an operand), got {M}")
+    if M > MAX_MEMORY:
+        raise ValueError(f"memory must be at most 2**62 slots, got {M}; use memory=None for unbounded memory")
     return M
+
+
+# The largest M accepted (the native simulator and kernels count slots in int64; kernels cap M at what a
+# network can use, program.compile_plan).
+MAX_MEMORY = 2**62
 
 
 def _native():

@@ -333,10 +333,18 @@ def _act_apply(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torc
             r = F.gelu(zr, approximate="tanh")
         elif c == 5:
             r = torch.tanh(zr)
-        else:
+        elif c == 6:
             r = torch.sigmoid(zr)
+        else:
+            raise _unknown_activation(c)
         out[rows] = r
     return out
+
+
+def _unknown_activation(code: int) -> ValueError:
+    from .activations import KINDS
+    return ValueError(f"iosparse: network buffers are corrupt or belong to another network (unknown activation "
+                      f"code {code}; codes are 0..{len(KINDS) - 1})")
 
 
 def _act_grad(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
@@ -361,9 +369,11 @@ def _act_grad(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch
             r = 0.5 * (1 + t) + 0.5 * zr * (1 - t * t) * k * (1 + 3 * a * zr * zr)
         elif c == 5:
             r = 1 - torch.tanh(zr) ** 2
-        else:
+        elif c == 6:
             s = torch.sigmoid(zr)
             r = s * (1 - s)
+        else:
+            raise _unknown_activation(c)
         d[rows] = r
     return d
 
@@ -477,6 +487,17 @@ def reference_backward(grad_y, x, weight, bias, net: List[torch.Tensor], config:
 _registered = False
 
 
+def _check_same_device(x, weight, bias, net, *more) -> None:
+    """The dispatcher picks the kernel from every tensor argument: one buffer on ``meta`` sends a CPU call to
+    the fake kernel, which would return uninitialised memory. The fake kernel therefore accepts a call only
+    when every tensor is on the input's device (all on ``meta``, or all fake tensors of one device)."""
+    for name, t in (("weight", weight), ("bias", bias), *(("grad_output", g) for g in more),
+                    *((f"network buffer {NET_KEYS[i] if i < len(NET_KEYS) else i}", b) for i, b in enumerate(net))):
+        if t.device != x.device:
+            raise ValueError(f"iosparse: input is on device {x.device} but {name} is on {t.device}; move the "
+                             "network (module.to(device)) or the input")
+
+
 def _register():
     global _registered
     if _registered:
@@ -485,11 +506,13 @@ def _register():
 
     @torch.library.register_fake("iosparse::dag_forward")
     def _fake_forward(x, weight, bias, net, config):
+        _check_same_device(x, weight, bias, net)
         torch._check(x.dim() == 2, lambda: f"iosparse: input must be 2-D [batch, n_inputs], got {x.dim()}-D")
         return x.new_empty((x.shape[0], config[2]))
 
     @torch.library.register_fake("iosparse::dag_backward")
     def _fake_backward(grad_y, x, weight, bias, net, config):
+        _check_same_device(x, weight, bias, net, grad_y)
         return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
                 torch.empty_like(bias))
 

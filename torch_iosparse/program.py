@@ -39,7 +39,7 @@ class Program:
     Attributes:
         n_inputs, n_outputs, n_computed: sizes of the network.
         memory: M, the number of fast-memory slots the op stream uses (for an unbounded plan, the
-            peak number of slots the schedule occupies).
+            peak number of slots the schedule occupies; never more than ``n_neurons + 1``).
         n_slow: rows of the slow buffer: inputs (rows ``0..n_inputs-1``), then every value the
             schedule stores (spilled intermediates and outputs), in order of their first store.
         neuron: int64 [n_computed], the neuron computed at plan position ``i``.
@@ -162,7 +162,12 @@ def compile_plan(dag: SparseDAG, plan: Plan) -> Program:
 
     op_ptr = np.zeros(n_comp + 1, dtype=np.int64)
     op_ptr[1:] = np.cumsum(np.bincount(k_pos, minlength=n_comp))
-    memory = plan.memory if plan.memory is not None else int(slot.max()) + 1 if slot.size else 1
+    peak = int(slot.max()) + 1 if slot.size else 1
+    # A schedule never holds more than every neuron plus the partial sum at once, so a larger M changes
+    # nothing but the size of the kernel's slot buffer (M = 2**62 would overflow it): cap it there.
+    memory = peak if plan.memory is None else min(int(plan.memory), dag.n_neurons + 1)
+    if peak > memory:
+        raise AssertionError(f"the schedule uses {peak} slots but M is {memory}")
 
     out_rows = slow_row[np.asarray(dag.outputs, dtype=np.int64)]
     if (out_rows < 0).any():

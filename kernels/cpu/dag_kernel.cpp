@@ -29,6 +29,7 @@
 #include <memory>
 #include <new>
 #include <atomic>
+#include <exception>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -121,6 +122,9 @@ struct Net {
   const int32_t* block_seg;
   const uint8_t* block_local;
   const int32_t* block_edge;
+  // Set by a kernel whose guard met an out-of-range index (check_pointers); raised after the call.
+  std::atomic<bool>* corrupt;
+  void flag_corrupt() const { corrupt->store(true, std::memory_order_relaxed); }
 };
 
 void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
@@ -128,106 +132,242 @@ void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, i
                     "input, got ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, "iosparse: network buffer '", name, "' must be ", dtype, ", got ",
                     t.scalar_type(), " (was it built by torch_iosparse.ops.prepare?)");
+  TORCH_CHECK_VALUE(t.dim() == 1 || (t.dim() == 2 && std::strcmp(name, "prog_ops") == 0) ||
+                        (t.dim() == 2 && std::strcmp(name, "act_param") == 0) ||
+                        (t.dim() == 2 && std::strcmp(name, "block_seg") == 0),
+                    "iosparse: network buffer '", name, "' has shape ", t.sizes(), " (was it built by "
+                    "torch_iosparse.ops.prepare?)");
   TORCH_CHECK_VALUE(t.is_contiguous(), "iosparse: network buffer '", name, "' must be contiguous");
   TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "iosparse: network buffer '", name, "' has ", t.numel(),
                     " elements, expected ", numel, " (buffers and config of different networks?)");
 }
 
-// Every index the kernels follow is checked once per buffer contents (keyed by data pointers and
-// version counters), so corrupted or mismatched buffers raise instead of reading out of bounds. The memo
-// is per thread: no lock, so a fork() child cannot inherit one held by another thread.
-void validate_indices(const Net& n, at::TensorList net_t) {
-  thread_local std::vector<int64_t> last_key;
-  std::vector<int64_t> key = {n.memory, n.n_slow, n.n_neurons, n.n_inputs, n.n_edges, n.n_outputs, n.layered};
-  for (const auto& t : net_t) {
-    key.push_back(reinterpret_cast<int64_t>(t.data_ptr()));
-    key.push_back(t.numel());
-    key.push_back(static_cast<int64_t>(t._version()));
-  }
-  if (key == last_key) return;
-  auto bad = [](const char* what) { TORCH_CHECK_VALUE(false, "iosparse: network buffers are corrupt or belong to "
-                                                      "another network (", what, ")"); };
+// Every product that sizes a buffer is checked, so a forged size raises instead of wrapping around.
+int64_t checked_mul(int64_t a, int64_t b) {
+  int64_t r = 0;
+  TORCH_CHECK(a >= 0 && b >= 0 && !__builtin_mul_overflow(a, b, &r), "iosparse: buffer size overflows (", a,
+              " x ", b, ")");
+  return r;
+}
+
+// A source index read once per edge, guarded (check_pointers): an index out of [0, bound) is noted in
+// `bad` and replaced by 0, so the access stays inside the values.
+inline int64_t guarded(int32_t s, uint32_t bound, uint32_t& bad) {
+  const bool out = uint32_t(s) >= bound;
+  bad |= uint32_t(out);
+  return out ? 0 : int64_t(s);
+}
+
+[[noreturn]] void corrupt_buffers(const char* what) {
+  TORCH_CHECK_VALUE(false, "iosparse: network buffers are corrupt or belong to another network (", what, ")");
+  __builtin_unreachable();
+}
+
+// Network buffers are checked at two depths.
+// * check_pointers (every call, O(neurons + panels + chunks)): every pointer array the kernels walk is in
+//   range and ascending, so a kernel's loops stay inside the buffers whatever they hold. The indices read
+//   once per edge or op (in_src, prog_ops, panel and block cells) are range-checked where the kernels read
+//   them (Net::corrupt is raised, the access skipped), so buffers changed behind PyTorch's back (through
+//   `.data`, numpy, raw pointers) can give an error but never an out-of-bounds access.
+// * validate_semantics (once per buffer contents): the buffers describe one network and every path
+//   computes it exactly: each neuron on one level after its sources, the program reads only values it
+//   has loaded or computed and leaves every output in its row, grouped positions share their sources,
+//   panels and blocks cover every edge once. Memoised per thread by the buffers' storages (held weakly,
+//   so a freed storage never matches a new one at the same address) and version counters.
+void check_pointers(const Net& n, at::TensorList net_t) {
+  const int64_t m = n.n_edges;
+  if (n.in_ptr[0] != 0 || n.in_ptr[n.n_neurons] != m) corrupt_buffers("in_ptr ends");
   for (int64_t v = 0; v < n.n_neurons; ++v)
-    if (n.in_ptr[v + 1] < n.in_ptr[v]) bad("in_ptr not ascending");
-  if (n.in_ptr[0] != 0) bad("in_ptr[0] != 0");
-  for (int64_t e = 0; e < n.n_edges; ++e)
-    if (n.in_src[e] < 0 || n.in_src[e] >= n.n_neurons) bad("in_src out of range");
+    if (n.in_ptr[v + 1] < n.in_ptr[v]) corrupt_buffers("in_ptr not ascending");
   for (int64_t j = 0; j < n.n_outputs; ++j) {
-    if (n.outputs[j] < n.n_inputs || n.outputs[j] >= n.n_neurons) bad("outputs out of range");
-    if (n.prog_output_rows[j] < 0 || n.prog_output_rows[j] >= n.n_slow) bad("output rows out of range");
+    if (n.outputs[j] < n.n_inputs || n.outputs[j] >= n.n_neurons) corrupt_buffers("outputs out of range");
+    if (n.prog_output_rows[j] < 0 || n.prog_output_rows[j] >= n.n_slow) corrupt_buffers("output rows out of range");
   }
-  for (int64_t i = 0; i < n.n_computed; ++i) {
-    if (n.level_neuron[i] < n.n_inputs || n.level_neuron[i] >= n.n_neurons) bad("level_neuron out of range");
-    if (n.prog_neuron[i] < n.n_inputs || n.prog_neuron[i] >= n.n_neurons) bad("prog_neuron out of range");
-    if (n.prog_op_ptr[i + 1] < n.prog_op_ptr[i]) bad("prog_op_ptr not ascending");
-  }
+  if (n.n_levels < 0 || n.level_ptr[0] != 0 || n.level_ptr[n.n_levels] != n.n_computed) corrupt_buffers("level_ptr ends");
   for (int64_t l = 0; l < n.n_levels; ++l)
-    if (n.level_ptr[l + 1] < n.level_ptr[l]) bad("level_ptr not ascending");
-  for (int64_t k = 0; k < n.n_ops; ++k) {
-    const int32_t* o = n.prog_ops + 3 * k;
-    bool ok;
-    switch (o[0]) {
-      case OP_LOAD: ok = o[1] >= 0 && o[1] < n.n_slow && o[2] >= 0 && o[2] < n.memory; break;
-      case OP_FMA: ok = o[1] >= 0 && o[1] < n.memory && o[2] >= 0 && o[2] < n.n_edges; break;
-      case OP_FINISH: ok = o[1] >= 0 && o[1] < n.memory; break;
-      case OP_STORE: ok = o[1] >= 0 && o[1] < n.memory && o[2] >= 0 && o[2] < n.n_slow; break;
-      default: ok = false;
-    }
-    if (!ok) bad("prog_ops");
+    if (n.level_ptr[l + 1] < n.level_ptr[l]) corrupt_buffers("level_ptr not ascending");
+  if (n.prog_op_ptr[0] != 0 || n.prog_op_ptr[n.n_computed] != n.n_ops) corrupt_buffers("prog_op_ptr ends");
+  for (int64_t i = 0; i < n.n_computed; ++i) {
+    if (n.level_neuron[i] < n.n_inputs || n.level_neuron[i] >= n.n_neurons) corrupt_buffers("level_neuron out of range");
+    if (n.prog_neuron[i] < n.n_inputs || n.prog_neuron[i] >= n.n_neurons) corrupt_buffers("prog_neuron out of range");
+    if (n.prog_op_ptr[i + 1] < n.prog_op_ptr[i]) corrupt_buffers("prog_op_ptr not ascending");
   }
-  if (net_t[NET_DENSE_INDEX].numel()) {
+  if (n.n_groups < 1 || n.prog_group_ptr[0] != 0 || n.prog_group_ptr[n.n_groups] != n.n_computed)
+    corrupt_buffers("prog_group_ptr does not cover the program");
+  for (int64_t g = 0; g < n.n_groups; ++g) {
+    const int64_t size = n.prog_group_ptr[g + 1] - n.prog_group_ptr[g];
+    if (size < 1 || size > 4) corrupt_buffers("bad group in prog_group_ptr");
+  }
+  if (n.n_panels > 0) {
+    const int64_t P = n.n_panels;
+    if (n.panel_ptr[0] != 0 || n.panel_row_ptr[0] != 0 || n.panel_edge_ptr[0] != 0 ||
+        n.panel_ptr[P] != net_t[NET_PANEL_SRC].numel() || n.panel_row_ptr[P] != n.n_computed ||
+        n.panel_edge_ptr[P] != n.n_panel_edges || net_t[NET_PANEL_TARGET].numel() != n.n_computed)
+      corrupt_buffers("panel pointers");
+    for (int64_t p = 0; p < P; ++p) {
+      const int64_t U = n.panel_ptr[p + 1] - n.panel_ptr[p], R = n.panel_row_ptr[p + 1] - n.panel_row_ptr[p];
+      if (U < 0 || R < 1 || R > MAX_PANEL_ROWS || n.panel_edge_ptr[p + 1] - n.panel_edge_ptr[p] != U * R)
+        corrupt_buffers("panel sizes");
+    }
+  }
+  if (n.n_block_chunks > 0) {
+    const int64_t C = n.n_block_chunks;
+    if (n.block_chunk_seg[0] != 0 || n.block_chunk_row[0] != 0 || n.block_chunk_edge[0] != 0 ||
+        n.block_chunk_seg[C] != n.n_block_segs || n.block_chunk_row[C] != n.n_computed ||
+        n.block_chunk_edge[C] != m)
+      corrupt_buffers("block chunk pointers");
+    for (int64_t c = 0; c < C; ++c)
+      if (n.block_chunk_row[c + 1] < n.block_chunk_row[c] || n.block_chunk_seg[c + 1] < n.block_chunk_seg[c] ||
+          n.block_chunk_edge[c + 1] < n.block_chunk_edge[c])
+        corrupt_buffers("block chunk pointers not ascending");
+  }
+  if (n.layered) {
+    // The dense path needs its four buffers; the panel path's ping-pong rows need the layering itself
+    // (checked in validate_semantics).
+    if (m == 0 || net_t[NET_DENSE_INDEX].numel() != m || net_t[NET_DENSE_EDGE].numel() != m ||
+        net_t[NET_DENSE_OUT_POS].numel() != n.n_outputs)
+      corrupt_buffers("layered flag set without the dense buffers");
+    const int64_t* dp = net_t[NET_DENSE_EDGE_PTR].data_ptr<int64_t>();
+    if (dp[0] != 0 || dp[n.n_levels] != m) corrupt_buffers("dense_edge_ptr ends");
+    for (int64_t l = 0; l < n.n_levels; ++l)
+      if (dp[l + 1] < dp[l]) corrupt_buffers("dense_edge_ptr not ascending");
+  }
+}
+
+// The program run as the kernel runs it (program_group: a group's first position's ops up to its FINISH,
+// the members' FMAs done alongside, then each member's FINISH and STOREs), on neuron ids instead of values:
+// every FMA must read its edge's source, every LOAD a row that holds a value, and every output must end in
+// its row. Also checks each position's FMAs are its own in-edges in CSR order (the kernel indexes the
+// members' weights by offset from the first position's).
+void validate_program(const Net& n) {
+  std::vector<int64_t> slot(size_t(n.memory), -1), row(size_t(n.n_slow), -1);
+  for (int64_t i = 0; i < n.n_inputs; ++i) row[i] = i;
+  auto op_ok = [&](const int32_t* o) {
+    switch (o[0]) {
+      case OP_LOAD: return o[1] >= 0 && o[1] < n.n_slow && o[2] >= 0 && o[2] < n.memory;
+      case OP_FMA: return o[1] >= 0 && o[1] < n.memory && o[2] >= 0 && o[2] < n.n_edges;
+      case OP_FINISH: return o[1] >= 0 && o[1] < n.memory;
+      case OP_STORE: return o[1] >= 0 && o[1] < n.memory && o[2] >= 0 && o[2] < n.n_slow;
+      default: return false;
+    }
+  };
+  for (int64_t k = 0; k < n.n_ops; ++k)
+    if (!op_ok(n.prog_ops + 3 * k)) corrupt_buffers("prog_ops");
+  auto store = [&](const int32_t* o) {
+    if (slot[o[1]] < 0) corrupt_buffers("program stores an empty slot");
+    row[o[2]] = slot[o[1]];
+  };
+  for (int64_t grp = 0; grp < n.n_groups; ++grp) {
+    const int64_t i0 = n.prog_group_ptr[grp], G = n.prog_group_ptr[grp + 1] - i0;
+    const int64_t v0 = n.prog_neuron[i0], deg = n.in_ptr[v0 + 1] - n.in_ptr[v0];
+    for (int64_t g = 1; g < G; ++g) {
+      const int64_t v = n.prog_neuron[i0 + g];
+      if (n.in_ptr[v + 1] - n.in_ptr[v] != deg) corrupt_buffers("grouped positions differ in in-degree");
+      for (int64_t t = 0; t < deg; ++t)
+        if (n.in_src[n.in_ptr[v] + t] != n.in_src[n.in_ptr[v0] + t]) corrupt_buffers("grouped positions differ in sources");
+      for (int64_t k = n.prog_op_ptr[i0 + g], t = 0; t < deg; ++k, ++t)
+        if (k >= n.prog_op_ptr[i0 + g + 1] || n.prog_ops[3 * k] != OP_FMA) corrupt_buffers("grouped position ops");
+    }
+    int64_t k = n.prog_op_ptr[i0], fmas = 0;
+    bool finished = false;
+    for (const int64_t end = n.prog_op_ptr[i0 + 1]; k < end && !finished; ++k) {
+      const int32_t* o = n.prog_ops + 3 * k;
+      if (o[0] == OP_FMA) {
+        if (o[2] != n.in_ptr[v0] + fmas++ || slot[o[1]] != n.in_src[o[2]]) corrupt_buffers("program FMA reads a wrong value");
+      } else if (o[0] == OP_LOAD) {
+        if (row[o[1]] < 0) corrupt_buffers("program loads a row never written");
+        slot[o[2]] = row[o[1]];
+      } else if (o[0] == OP_STORE) {
+        store(o);
+      } else {
+        finished = true;
+        --k;  // the FINISH runs below, as in the kernel
+      }
+    }
+    if (!finished || fmas != deg) corrupt_buffers("program position without all its FMAs and a FINISH");
+    for (int64_t g = 0; g < G; ++g) {
+      const int64_t i = i0 + g, v = n.prog_neuron[i];
+      for (int64_t kk = g == 0 ? k : n.prog_op_ptr[i] + deg, e = n.prog_op_ptr[i + 1]; kk < e; ++kk) {
+        const int32_t* o = n.prog_ops + 3 * kk;
+        if (o[0] == OP_FINISH) slot[o[1]] = v;
+        else if (o[0] == OP_STORE) store(o);
+      }
+    }
+  }
+  for (int64_t j = 0; j < n.n_outputs; ++j)
+    if (row[n.prog_output_rows[j]] != n.outputs[j]) corrupt_buffers("an output row does not hold its output");
+}
+
+void validate_semantics(const Net& n, at::TensorList net_t) {
+  for (int64_t e = 0; e < n.n_edges; ++e)
+    if (n.in_src[e] < 0 || n.in_src[e] >= n.n_neurons) corrupt_buffers("in_src out of range");
+  for (int64_t v = 0; v < n.n_neurons; ++v)
+    if (n.act_code[v] < 0 || n.act_code[v] >= ACT_COUNT) corrupt_buffers("unknown activation code");
+  // Levels: every computed neuron once, after all of its sources.
+  std::vector<int64_t> level(size_t(n.n_neurons), -1);
+  std::fill(level.begin(), level.begin() + n.n_inputs, 0);
+  for (int64_t l = 0; l < n.n_levels; ++l)
+    for (int64_t q = n.level_ptr[l]; q < n.level_ptr[l + 1]; ++q) {
+      const int64_t v = n.level_neuron[q];
+      if (level[v] >= 0) corrupt_buffers("a neuron is listed twice in level_neuron");
+      level[v] = l + 1;
+    }
+  for (int64_t v = n.n_inputs; v < n.n_neurons; ++v)
+    for (int64_t e = n.in_ptr[v]; e < n.in_ptr[v + 1]; ++e)
+      if (level[n.in_src[e]] >= level[v]) corrupt_buffers("a neuron's level is not after its sources'");
+  validate_program(n);
+  if (n.layered) {
+    // The dense path and the panel path's ping-pong buffers rely on it: every edge joins consecutive
+    // levels and every output is on the last level.
+    for (int64_t v = n.n_inputs; v < n.n_neurons; ++v)
+      for (int64_t e = n.in_ptr[v]; e < n.in_ptr[v + 1]; ++e)
+        if (level[n.in_src[e]] + 1 != level[v]) corrupt_buffers("layered flag set but an edge skips a level");
+    for (int64_t j = 0; j < n.n_outputs; ++j)
+      if (level[n.outputs[j]] != n.n_levels) corrupt_buffers("layered flag set but an output is not on the last level");
+    // Each edge once, at the cell of its layer's dense matrix given by the positions inside the levels.
     const int64_t* di = net_t[NET_DENSE_INDEX].data_ptr<int64_t>();
     const int64_t* de = net_t[NET_DENSE_EDGE].data_ptr<int64_t>();
     const int64_t* dp = net_t[NET_DENSE_EDGE_PTR].data_ptr<int64_t>();
     const int64_t* dop = net_t[NET_DENSE_OUT_POS].data_ptr<int64_t>();
-    if (net_t[NET_DENSE_INDEX].numel() != n.n_edges || net_t[NET_DENSE_EDGE].numel() != n.n_edges ||
-        net_t[NET_DENSE_EDGE_PTR].numel() != n.n_levels + 1 || net_t[NET_DENSE_OUT_POS].numel() != n.n_outputs)
-      bad("dense buffer sizes");
+    std::vector<int64_t> pos(size_t(n.n_neurons), 0), dst(size_t(n.n_edges), 0);
+    for (int64_t i = 0; i < n.n_inputs; ++i) pos[i] = i;
+    for (int64_t l = 0; l < n.n_levels; ++l)
+      for (int64_t q = n.level_ptr[l]; q < n.level_ptr[l + 1]; ++q) pos[n.level_neuron[q]] = q - n.level_ptr[l];
+    for (int64_t v = n.n_inputs; v < n.n_neurons; ++v)
+      for (int64_t e = n.in_ptr[v]; e < n.in_ptr[v + 1]; ++e) dst[e] = v;
+    std::vector<uint8_t> seen(size_t(n.n_edges), 0);
     int64_t cols = n.n_inputs;
     for (int64_t l = 0; l < n.n_levels; ++l) {
-      const int64_t rows = n.level_ptr[l + 1] - n.level_ptr[l];
-      if (dp[l + 1] < dp[l] || dp[l + 1] > n.n_edges) bad("dense_edge_ptr");
-      for (int64_t q = dp[l]; q < dp[l + 1]; ++q)
-        if (di[q] < 0 || di[q] >= rows * cols || de[q] < 0 || de[q] >= n.n_edges) bad("dense_index");
-      cols = rows;
+      for (int64_t q = dp[l]; q < dp[l + 1]; ++q) {
+        const int64_t e = de[q];
+        if (e < 0 || e >= n.n_edges || seen[e] || level[dst[e]] != l + 1 ||
+            di[q] != pos[dst[e]] * cols + pos[n.in_src[e]])
+          corrupt_buffers("dense_index / dense_edge");
+        seen[e] = 1;
+      }
+      cols = n.level_ptr[l + 1] - n.level_ptr[l];
     }
     for (int64_t j = 0; j < n.n_outputs; ++j)
-      if (dop[j] < 0 || dop[j] >= cols) bad("dense_out_pos");
-  }
-  if (n.layered) {
-    // The dense path and the panel path's ping-pong buffers rely on it: every edge joins consecutive
-    // levels and every output is on the last level.
-    std::vector<int64_t> level(n.n_neurons, 0);
-    for (int64_t l = 0; l < n.n_levels; ++l)
-      for (int64_t q = n.level_ptr[l]; q < n.level_ptr[l + 1]; ++q) level[n.level_neuron[q]] = l + 1;
-    for (int64_t v = n.n_inputs; v < n.n_neurons; ++v)
-      for (int64_t e = n.in_ptr[v]; e < n.in_ptr[v + 1]; ++e)
-        if (level[n.in_src[e]] + 1 != level[v]) bad("layered flag set but an edge skips a level");
-    for (int64_t j = 0; j < n.n_outputs; ++j)
-      if (level[n.outputs[j]] != n.n_levels) bad("layered flag set but an output is not on the last level");
+      if (dop[j] != pos[n.outputs[j]]) corrupt_buffers("dense_out_pos");
   }
   if (n.n_panels > 0) {
     // Panels must cover every computed neuron once and every edge once, read only sources computed by
     // an earlier panel (or inputs), and each edge cell must join its column's source to its row's target.
     const int64_t P = n.n_panels;
-    if (n.panel_ptr[0] != 0 || n.panel_row_ptr[0] != 0 || n.panel_edge_ptr[0] != 0) bad("panel pointers");
-    if (n.panel_row_ptr[P] != n.n_computed || n.panel_edge_ptr[P] != n.n_panel_edges) bad("panel pointers");
-    std::vector<uint8_t> done(n.n_neurons, 0);
+    std::vector<uint8_t> done(size_t(n.n_neurons), 0);
     std::fill(done.begin(), done.begin() + n.n_inputs, uint8_t(1));
-    std::vector<uint8_t> edge_seen(n.n_edges, 0);
+    std::vector<uint8_t> edge_seen(size_t(n.n_edges), 0);
     int64_t edges_used = 0;
     for (int64_t p = 0; p < P; ++p) {
       const int64_t u0 = n.panel_ptr[p], u1 = n.panel_ptr[p + 1], r0 = n.panel_row_ptr[p], r1 = n.panel_row_ptr[p + 1];
       const int64_t R = r1 - r0;
-      if (u1 < u0 || R < 1 || R > MAX_PANEL_ROWS || n.panel_edge_ptr[p + 1] - n.panel_edge_ptr[p] != (u1 - u0) * R)
-        bad("panel sizes");
       for (int64_t u = u0; u < u1; ++u) {
         const int32_t s = n.panel_src[u];
-        if (s < 0 || s >= n.n_neurons || !done[s]) bad("panel_src");
+        if (s < 0 || s >= n.n_neurons || !done[s]) corrupt_buffers("panel_src");
       }
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t t = n.panel_target[r];
-        if (t < n.n_inputs || t >= n.n_neurons || done[t]) bad("panel_target");
+        if (t < n.n_inputs || t >= n.n_neurons || done[t]) corrupt_buffers("panel_target");
       }
       for (int64_t u = u0; u < u1; ++u)
         for (int64_t r = 0; r < R; ++r) {
@@ -236,62 +376,88 @@ void validate_indices(const Net& n, at::TensorList net_t) {
           const int64_t t = n.panel_target[r0 + r];
           if (e < 0 || e >= n.n_edges || edge_seen[e] || n.in_src[e] != n.panel_src[u] || e < n.in_ptr[t] ||
               e >= n.in_ptr[t + 1])
-            bad("panel_edge");
+            corrupt_buffers("panel_edge");
           edge_seen[e] = 1;
           ++edges_used;
         }
       for (int64_t r = r0; r < r1; ++r) done[n.panel_target[r]] = 1;
     }
-    if (edges_used != n.n_edges) bad("panel_edge does not cover every edge");
+    if (edges_used != n.n_edges) corrupt_buffers("panel_edge does not cover every edge");
   }
   if (n.n_block_chunks > 0) {
     // Chunks cover level_neuron in order, each inside one level; every segment's target is a row of its
     // chunk; every edge appears once, under its target, with block start + local index == its source.
     const int64_t C = n.n_block_chunks;
-    if (n.n_levels < 1 || n.level_ptr[0] != 0) bad("level_ptr[0] != 0");
-    if (n.block_chunk_seg[0] != 0 || n.block_chunk_row[0] != 0 || n.block_chunk_edge[0] != 0 ||
-        n.block_chunk_seg[C] != n.n_block_segs || n.block_chunk_row[C] != n.n_computed ||
-        n.block_chunk_edge[C] != n.n_edges)
-      bad("block chunk pointers");
-    for (int64_t c = 0; c < C; ++c)  // all three pointer arrays ascending (hence bounded by their ends) first
-      if (n.block_chunk_row[c + 1] < n.block_chunk_row[c] || n.block_chunk_seg[c + 1] < n.block_chunk_seg[c] ||
-          n.block_chunk_edge[c + 1] < n.block_chunk_edge[c])
-        bad("block chunk pointers not ascending");
-    std::vector<int64_t> pos_of(n.n_neurons, -1), level_of_pos(n.n_computed, 0);
+    std::vector<int64_t> pos_of(size_t(n.n_neurons), -1), level_of_pos(size_t(n.n_computed), 0);
     for (int64_t l = 0; l < n.n_levels; ++l)
       for (int64_t q = n.level_ptr[l]; q < n.level_ptr[l + 1]; ++q) level_of_pos[q] = l;
     for (int64_t q = 0; q < n.n_computed; ++q) pos_of[n.level_neuron[q]] = q;
-    std::vector<uint8_t> edge_seen(n.n_edges, 0);
+    std::vector<uint8_t> edge_seen(size_t(n.n_edges), 0);
     for (int64_t c = 0; c < C; ++c) {
       const int64_t r0 = n.block_chunk_row[c], r1 = n.block_chunk_row[c + 1];
-      if (r1 > r0 && level_of_pos[r0] != level_of_pos[r1 - 1]) bad("block chunk spans two levels");
+      if (r1 > r0 && level_of_pos[r0] != level_of_pos[r1 - 1]) corrupt_buffers("block chunk spans two levels");
       int64_t k = n.block_chunk_edge[c];
       for (int64_t sg = n.block_chunk_seg[c]; sg < n.block_chunk_seg[c + 1]; ++sg) {
         const int32_t* seg = n.block_seg + 3 * sg;
         const int64_t t = seg[0], base = seg[1], cnt = seg[2];
-        if (t < n.n_inputs || t >= n.n_neurons || pos_of[t] < r0 || pos_of[t] >= r1) bad("block_seg target");
-        if (base < 0 || cnt < 0 || k + cnt > n.block_chunk_edge[c + 1]) bad("block_seg");
+        if (t < n.n_inputs || t >= n.n_neurons || pos_of[t] < r0 || pos_of[t] >= r1) corrupt_buffers("block_seg target");
+        if (base < 0 || cnt < 0 || k + cnt > n.block_chunk_edge[c + 1]) corrupt_buffers("block_seg");
         for (int64_t i = 0; i < cnt; ++i, ++k) {
           const int32_t e = n.block_edge[k];
           if (e < 0 || e >= n.n_edges || edge_seen[e] || e < n.in_ptr[t] || e >= n.in_ptr[t + 1] ||
               base + n.block_local[k] != n.in_src[e])
-            bad("block_edge");
+            corrupt_buffers("block_edge");
           edge_seen[e] = 1;
         }
       }
-      if (k != n.block_chunk_edge[c + 1]) bad("block segments do not fill their chunk");
+      if (k != n.block_chunk_edge[c + 1]) corrupt_buffers("block segments do not fill their chunk");
     }
   }
-  last_key = std::move(key);
+}
+
+// The memo of validate_semantics: per buffer its storage (held weakly), offset, size and version (inference
+// tensors have no version: their storage stands for them, and the kernels' guards cover in-place writes).
+struct BufferStamp {
+  c10::weak_intrusive_ptr<c10::StorageImpl> storage{c10::intrusive_ptr<c10::StorageImpl>()};
+  const void* impl = nullptr;
+  int64_t offset = 0, numel = 0, version = 0;
+};
+void validate_once(const Net& n, at::TensorList net_t) {
+  thread_local std::vector<BufferStamp> last;
+  thread_local std::vector<int64_t> last_config;
+  const std::vector<int64_t> config = {n.memory, n.n_slow, n.n_neurons, n.n_inputs, n.n_edges, n.n_outputs, n.layered};
+  auto stamp = [](const at::Tensor& t) {
+    BufferStamp s;
+    s.storage = t.storage().getWeakStorageImpl();
+    s.impl = t.storage().unsafeGetStorageImpl();
+    s.offset = t.storage_offset();
+    s.numel = t.numel();
+    s.version = t.is_inference() ? -1 : int64_t(t._version());
+    return s;
+  };
+  bool same = config == last_config && last.size() == net_t.size();
+  for (size_t i = 0; same && i < net_t.size(); ++i) {
+    const at::Tensor& t = net_t[i];
+    const BufferStamp& s = last[i];
+    same = !s.storage.expired() && s.impl == t.storage().unsafeGetStorageImpl() && s.offset == t.storage_offset() &&
+           s.numel == t.numel() && s.version == (t.is_inference() ? -1 : int64_t(t._version()));
+  }
+  if (same) return;
+  last.clear();
+  last_config.clear();
+  validate_semantics(n, net_t);
+  for (const auto& t : net_t) last.push_back(stamp(t));
+  last_config = config;
 }
 
 Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, at::TensorList net_t,
-           at::IntArrayRef config) {
+           at::IntArrayRef config, std::atomic<bool>& corrupt) {
   TORCH_CHECK_VALUE(config.size() == CFG_COUNT, "iosparse: config must have ", int(CFG_COUNT), " entries, got ",
                     config.size());
   TORCH_CHECK_VALUE(net_t.size() == NET_COUNT, "iosparse: net must have ", int(NET_COUNT), " tensors, got ",
                     net_t.size());
   Net n{};
+  n.corrupt = &corrupt;
   n.n_inputs = config[CFG_N_INPUTS];
   n.n_neurons = config[CFG_N_NEURONS];
   n.n_outputs = config[CFG_N_OUTPUTS];
@@ -303,7 +469,14 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   n.dense_min_batch = config[CFG_DENSE_MIN_BATCH];
   n.layered = config[CFG_LAYERED] != 0;
   n.n_computed = n.n_neurons - n.n_inputs;
-  TORCH_CHECK_VALUE(n.n_inputs >= 1 && n.n_computed >= 1 && n.n_outputs >= 1, "iosparse: bad network sizes");
+  TORCH_CHECK_VALUE(n.n_inputs >= 1 && n.n_computed >= 1 && n.n_outputs >= 1 && n.n_neurons < (int64_t(1) << 31),
+                    "iosparse: bad network sizes in config");
+  // A schedule never needs more slots than neurons + the partial sum, nor more slow rows than neurons
+  // (program.compile_plan caps M so): anything larger is a forged config, and would size huge buffers.
+  TORCH_CHECK_VALUE(n.memory >= 1 && n.memory <= n.n_neurons + 1 && n.n_slow >= n.n_inputs && n.n_slow <= n.n_neurons,
+                    "iosparse: bad memory / n_slow in config (memory ", n.memory, ", n_slow ", n.n_slow, ", ",
+                    n.n_neurons, " neurons)");
+  TORCH_CHECK_VALUE(n.batch_tile >= 1, "iosparse: bad batch_tile in config");
   TORCH_CHECK_TYPE(x.is_floating_point(), "iosparse: input must be a floating-point tensor, got ", x.scalar_type());
   TORCH_CHECK_TYPE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble,
                    "iosparse: the CPU kernel supports float32 and float64, got ", x.scalar_type());
@@ -312,6 +485,7 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   TORCH_CHECK_VALUE(x.device().is_cpu(), "iosparse: CPU kernel got an input on ", x.device());
   const int64_t m = net_t[NET_IN_SRC].numel();
   n.n_edges = m;
+  TORCH_CHECK_VALUE(m < (int64_t(1) << 31), "iosparse: too many edges");
   TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type() && bias.scalar_type() == x.scalar_type(),
                    "iosparse: weight (", weight.scalar_type(), ") and bias (", bias.scalar_type(),
                    ") must have the input's dtype ", x.scalar_type());
@@ -327,19 +501,26 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   check_buffer(net_t[NET_ACT_PARAM], "act_param", at::kDouble, 2 * n.n_neurons);
   check_buffer(net_t[NET_OUTPUTS], "outputs", at::kLong, n.n_outputs);
   check_buffer(net_t[NET_LEVEL_PTR], "level_ptr", at::kLong, -1);
+  TORCH_CHECK_VALUE(net_t[NET_LEVEL_PTR].numel() >= 2, "iosparse: network buffer 'level_ptr' needs at least 2 "
+                    "elements (one level)");
   check_buffer(net_t[NET_LEVEL_NEURON], "level_neuron", at::kLong, n.n_computed);
   check_buffer(net_t[NET_PROG_NEURON], "prog_neuron", at::kLong, n.n_computed);
   check_buffer(net_t[NET_PROG_OP_PTR], "prog_op_ptr", at::kLong, n.n_computed + 1);
   check_buffer(net_t[NET_PROG_OPS], "prog_ops", at::kInt, -1);
+  TORCH_CHECK_VALUE(net_t[NET_PROG_OPS].numel() % 3 == 0, "iosparse: network buffer 'prog_ops' must hold "
+                    "(opcode, a, b) rows");
   check_buffer(net_t[NET_PROG_OUTPUT_ROWS], "prog_output_rows", at::kLong, n.n_outputs);
   check_buffer(net_t[NET_PROG_GROUP_PTR], "prog_group_ptr", at::kLong, -1);
+  TORCH_CHECK_VALUE(net_t[NET_PROG_GROUP_PTR].numel() >= 2, "iosparse: network buffer 'prog_group_ptr' needs at "
+                    "least 2 elements");
+  n.n_levels = net_t[NET_LEVEL_PTR].numel() - 1;
+  check_buffer(net_t[NET_DENSE_INDEX], "dense_index", at::kLong, net_t[NET_DENSE_INDEX].numel() ? m : 0);
+  check_buffer(net_t[NET_DENSE_EDGE], "dense_edge", at::kLong, net_t[NET_DENSE_INDEX].numel());
+  check_buffer(net_t[NET_DENSE_EDGE_PTR], "dense_edge_ptr", at::kLong, n.n_levels + 1);
+  check_buffer(net_t[NET_DENSE_OUT_POS], "dense_out_pos", at::kLong,
+               net_t[NET_DENSE_INDEX].numel() ? n.n_outputs : net_t[NET_DENSE_OUT_POS].numel());
   n.n_groups = net_t[NET_PROG_GROUP_PTR].numel() - 1;
   n.prog_group_ptr = net_t[NET_PROG_GROUP_PTR].data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(n.n_groups >= 1 && n.prog_group_ptr[0] == 0 && n.prog_group_ptr[n.n_groups] == n.n_computed,
-                    "iosparse: prog_group_ptr does not cover the program");
-  for (int64_t g = 0; g < n.n_groups; ++g)
-    TORCH_CHECK_VALUE(n.prog_group_ptr[g + 1] - n.prog_group_ptr[g] >= 1 &&
-                      n.prog_group_ptr[g + 1] - n.prog_group_ptr[g] <= 4, "iosparse: bad group in prog_group_ptr");
   n.panel_min_batch = config[CFG_PANEL_MIN_BATCH];
   n.panel_tile = config[CFG_PANEL_TILE];
   check_buffer(net_t[NET_PANEL_PTR], "panel_ptr", at::kLong, -1);
@@ -356,9 +537,6 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   n.panel_target = net_t[NET_PANEL_TARGET].data_ptr<int64_t>();
   n.panel_edge_ptr = net_t[NET_PANEL_EDGE_PTR].data_ptr<int64_t>();
   n.panel_edge = net_t[NET_PANEL_EDGE].data_ptr<int32_t>();
-  TORCH_CHECK_VALUE(n.n_panels == 0 || (net_t[NET_PANEL_TARGET].numel() == n.n_computed &&
-                                        n.panel_ptr[n.n_panels] == net_t[NET_PANEL_SRC].numel()),
-                    "iosparse: network buffers are corrupt or belong to another network (panel sizes)");
   n.block_min_batch = config[CFG_BLOCK_MIN_BATCH];
   check_buffer(net_t[NET_BLOCK_CHUNK_SEG], "block_chunk_seg", at::kLong, -1);
   const int64_t n_chunk_ptr = net_t[NET_BLOCK_CHUNK_SEG].numel();
@@ -377,7 +555,6 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   n.block_seg = net_t[NET_BLOCK_SEG].data_ptr<int32_t>();
   n.block_local = net_t[NET_BLOCK_LOCAL].data_ptr<uint8_t>();
   n.block_edge = net_t[NET_BLOCK_EDGE].data_ptr<int32_t>();
-  n.n_levels = net_t[NET_LEVEL_PTR].numel() - 1;
   n.n_ops = net_t[NET_PROG_OPS].numel() / 3;
   n.in_ptr = net_t[NET_IN_PTR].data_ptr<int64_t>();
   n.in_src = net_t[NET_IN_SRC].data_ptr<int32_t>();
@@ -390,38 +567,50 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   n.prog_op_ptr = net_t[NET_PROG_OP_PTR].data_ptr<int64_t>();
   n.prog_ops = net_t[NET_PROG_OPS].data_ptr<int32_t>();
   n.prog_output_rows = net_t[NET_PROG_OUTPUT_ROWS].data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(n.in_ptr[n.n_neurons] == m && n.prog_op_ptr[n.n_computed] == n.n_ops &&
-                    n.level_ptr[n.n_levels] == n.n_computed,
-                    "iosparse: network buffers are inconsistent (in_ptr, prog_op_ptr or level_ptr)");
-  TORCH_CHECK_VALUE(n.memory >= 1 && n.n_slow >= n.n_inputs, "iosparse: bad memory / n_slow in config");
-  validate_indices(n, net_t);
+  check_pointers(n, net_t);
+  validate_once(n, net_t);
   return n;
 }
 
+// Raised after a kernel whose guards met an index out of range (the access was skipped).
+void check_not_corrupt(const std::atomic<bool>& corrupt) {
+  TORCH_CHECK_VALUE(!corrupt.load(), "iosparse: network buffers changed behind PyTorch's back (written without a "
+                    "version-counter bump, e.g. through .data or numpy) and now hold out-of-range indices; "
+                    "rebuild them with torch_iosparse.ops.prepare");
+}
 struct AlignedFree {
   void operator()(void* p) const { std::free(p); }
 };
+// Bytes of count T, rounded up to whole 64-byte lines (checked: a forged size raises, never wraps).
+template <typename T>
+size_t aligned_bytes(int64_t count) {
+  const int64_t bytes = checked_mul(std::max<int64_t>(count, 1), int64_t(sizeof(T)));
+  TORCH_CHECK(bytes <= std::numeric_limits<int64_t>::max() - 63, "iosparse: buffer size overflows");
+  return size_t((bytes + 63) / 64 * 64);
+}
 template <typename T>
 std::unique_ptr<T, AlignedFree> aligned_buffer(int64_t count) {
-  const size_t bytes = ((size_t(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64) * 64;
+  const size_t bytes = aligned_bytes<T>(count);
   T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
   TORCH_CHECK(p != nullptr, "iosparse: out of memory allocating ", bytes, " bytes");
   return std::unique_ptr<T, AlignedFree>(p);
 }
 
-// Per-thread scratch that survives calls: fresh multi-MiB allocations would page-fault on every call.
+// Per-thread scratch that survives calls: fresh multi-MiB allocations would page-fault on every call. A
+// failed allocation leaves the previous buffer (and its size) in place.
 template <typename T>
 T* scratch(int slot, int64_t count) {
   struct Buf {
     std::unique_ptr<unsigned char, AlignedFree> p;
     size_t bytes = 0;
   };
-  thread_local Buf bufs[4];
+  thread_local Buf bufs[5];
   Buf& b = bufs[slot];
-  const size_t need = ((size_t(std::max<int64_t>(count, 1)) * sizeof(T) + 63) / 64) * 64;
+  const size_t need = aligned_bytes<T>(count);
   if (b.bytes < need) {
-    b.p.reset(static_cast<unsigned char*>(std::aligned_alloc(64, need)));
-    TORCH_CHECK(b.p != nullptr, "iosparse: out of memory allocating ", need, " bytes");
+    unsigned char* fresh = static_cast<unsigned char*>(std::aligned_alloc(64, need));
+    TORCH_CHECK(fresh != nullptr, "iosparse: out of memory allocating ", need, " bytes");
+    b.p.reset(fresh);
     b.bytes = need;
   }
   return reinterpret_cast<T*>(b.p.get());
@@ -483,11 +672,16 @@ __attribute__((always_inline)) inline void program_group(const Net& net, int64_t
   V acc[G][NV];
   int64_t wofs[G];
   const int64_t v0 = net.prog_neuron[i0];
+  // Guards (check_pointers): slots < M, slow rows < n_slow, every member's edge o[2] + wofs[g] < n_edges.
+  const uint64_t mem = uint64_t(net.memory), n_slow = uint64_t(net.n_slow);
+  int64_t wlo = 0, whi = 0;
   for (int g = 0; g < G; ++g) {
     const int64_t v = net.prog_neuron[i0 + g];
     const T bv = b[v];
     for (int j = 0; j < NV; ++j) acc[g][j] = V{} + bv;
     wofs[g] = net.in_ptr[v] - net.in_ptr[v0];
+    wlo = std::min(wlo, wofs[g]);
+    whi = std::max(whi, wofs[g]);
   }
   int64_t k = net.prog_op_ptr[i0];
   const int64_t end0 = net.prog_op_ptr[i0 + 1];
@@ -495,6 +689,10 @@ __attribute__((always_inline)) inline void program_group(const Net& net, int64_t
     const int32_t* o = ops + 3 * k;
     const int32_t code = o[0];
     if (__builtin_expect(code == OP_FMA, 1)) {
+      if (__builtin_expect(uint64_t(o[1]) >= mem || o[2] + wlo < 0 || o[2] + whi >= net.n_edges, 0)) {
+        net.flag_corrupt();
+        continue;
+      }
       const V* s = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
       const T* we = w + o[2];
       T wv[G];
@@ -504,10 +702,18 @@ __attribute__((always_inline)) inline void program_group(const Net& net, int64_t
         for (int g = 0; g < G; ++g) acc[g][j] += wv[g] * sv;
       }
     } else if (code == OP_LOAD) {
+      if (uint64_t(o[1]) >= n_slow || uint64_t(o[2]) >= mem) {
+        net.flag_corrupt();
+        continue;
+      }
       V* dst = reinterpret_cast<V*>(slots + int64_t(o[2]) * BT);
       const V* src = reinterpret_cast<const V*>(slow + int64_t(o[1]) * BT);
       for (int j = 0; j < NV; ++j) dst[j] = src[j];
     } else if (code == OP_STORE) {
+      if (uint64_t(o[1]) >= mem || uint64_t(o[2]) >= n_slow) {
+        net.flag_corrupt();
+        continue;
+      }
       V* dst = reinterpret_cast<V*>(slow + int64_t(o[2]) * BT);
       const V* src = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
       for (int j = 0; j < NV; ++j) dst[j] = src[j];
@@ -521,6 +727,11 @@ __attribute__((always_inline)) inline void program_group(const Net& net, int64_t
     const int64_t first = g == 0 ? k : net.prog_op_ptr[i] + (net.in_ptr[v + 1] - net.in_ptr[v]);
     for (int64_t kk = first, e = net.prog_op_ptr[i + 1]; kk < e; ++kk) {
       const int32_t* o = ops + 3 * kk;
+      if ((o[0] == OP_FINISH || o[0] == OP_STORE) &&
+          (uint64_t(o[1]) >= mem || (o[0] == OP_STORE && uint64_t(o[2]) >= n_slow))) {
+        net.flag_corrupt();
+        continue;
+      }
       if (o[0] == OP_FINISH) {
         V* dst = reinterpret_cast<V*>(slots + int64_t(o[1]) * BT);
         finish_vec<T, NV>(net, v, acc[g], dst);
@@ -788,10 +999,27 @@ bool workers_are_omp() {
   return omp && !in_forked_child.load(std::memory_order_relaxed);
 }
 
+// An exception in a chunk (an allocation failure) must neither end a helper thread (std::terminate) nor
+// leave later chunks spinning on a chunk that never finished: it is kept, the remaining chunks are skipped,
+// and the first one is rethrown on the calling thread.
 template <typename F>
 void run_chunked(int64_t n_chunks, const int64_t* wait_for, const F& f) {
-  if (workers_are_omp()) run_chunked_omp(n_chunks, wait_for, f);
-  else run_chunked_pool(n_chunks, wait_for, f);
+  std::exception_ptr error;
+  std::atomic<bool> failed{false};
+  std::mutex error_mutex;
+  auto safe = [&](int64_t c) {
+    if (failed.load(std::memory_order_relaxed)) return;
+    try {
+      f(c);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(error_mutex);
+      if (!error) error = std::current_exception();
+      failed.store(true);
+    }
+  };
+  if (workers_are_omp()) run_chunked_omp(n_chunks, wait_for, safe);
+  else run_chunked_pool(n_chunks, wait_for, safe);
+  if (error) std::rethrow_exception(error);
 }
 
 template <typename T>
@@ -812,8 +1040,8 @@ void program_forward(const Net& net, const T* x, int64_t B, const T* w, const T*
   // waits for a descheduled thread; here the caller takes every tile no helper has claimed).
   const std::vector<int64_t> wait_for(n_tiles, 0);
   run_chunked(n_tiles, wait_for.data(), [&](int64_t t) {
-    T* slots = scratch<T>(0, net.memory * BT);
-    T* sl = scratch<T>(1, net.n_slow * BT);
+    T* slots = scratch<T>(0, checked_mul(net.memory, BT));
+    T* sl = scratch<T>(1, checked_mul(net.n_slow, BT));
     if (poison_enabled()) {
       poison(slots, net.memory * BT);
       poison(sl, net.n_slow * BT);
@@ -957,24 +1185,29 @@ bool same_tensor_memory(const at::Tensor& a, const at::Tensor& b) {
          a.storage_offset() == b.storage_offset() && a.numel() == b.numel() && a.scalar_type() == b.scalar_type();
 }
 
-// pw[k] = w[order[k]], 0 where order[k] == -1 (a panel cell whose source does not feed its row).
+// pw[k] = w[order[k]], 0 where order[k] == -1 (a panel cell whose source does not feed its row). Guarded:
+// an order entry outside [-1, n_w) also gives 0 and is noted in `bad`.
 template <typename T>
-inline T ordered_weight(const int32_t* order, const T* w, int64_t k) {
+inline T ordered_weight(const int32_t* order, const T* w, int64_t n_w, int64_t k, bool& bad) {
   const int32_t e = order[k];
-  return e >= 0 ? w[e] : T(0);
+  if (e >= 0 && e < n_w) return w[e];
+  bad |= e != -1;
+  return T(0);
 }
 
 // A hit also compares 64 cells (spread over the order, shifted every call) with the weights they come
 // from: whole-tensor writes that bypass the version counter (`p.data.add_(...)` in hand-written SGD) are
 // then caught; a write to a few single elements through `.data` may still be missed.
 template <typename T>
-bool ordered_weights_spot_check(const int32_t* order, int64_t E, const T* w, const T* pw, uint64_t salt) {
+bool ordered_weights_spot_check(const int32_t* order, int64_t E, const T* w, int64_t n_w, const T* pw, uint64_t salt) {
   if (E == 0) return true;
   constexpr int64_t SAMPLES = 64;
   const int64_t step = std::max<int64_t>(1, E / SAMPLES), shift = int64_t((salt * 2654435761u) % uint64_t(step));
   for (int64_t i = 0; i < SAMPLES; ++i) {
     const int64_t k = (i * step + shift) % E;
-    const T want = ordered_weight(order, w, k);
+    bool bad = false;
+    const T want = ordered_weight(order, w, n_w, k, bad);
+    if (bad) return false;
     if (std::memcmp(&want, pw + k, sizeof(T)) != 0) return false;
   }
   return true;
@@ -1014,7 +1247,8 @@ struct OrderedWeights {
         OrderedWeightEntry& e = ordered_cache[i];
         if (!same_tensor_memory(e.order, order_t)) continue;
         if (same_tensor_memory(e.weight, weight_t) && e.version == version &&
-            ordered_weights_spot_check(order, E, weight_t.data_ptr<T>(), e.pw.data_ptr<T>(), ordered_cache_clock)) {
+            ordered_weights_spot_check(order, E, weight_t.data_ptr<T>(), weight_t.numel(), e.pw.data_ptr<T>(),
+                                       ordered_cache_clock)) {
           e.stamp = ++ordered_cache_clock;
           pw_t = e.pw;
           hit = true;
@@ -1031,12 +1265,15 @@ struct OrderedWeights {
     pw = cacheable ? pw_t.data_ptr<T>() : scratch<T>(scratch_slot, E);
   }
   int64_t slices() const { return hit ? 0 : (E + SLICE - 1) / SLICE; }
-  void fill_slice(const T* w, int64_t c) {
-    for (int64_t k = c * SLICE, e = std::min(E, (c + 1) * SLICE); k < e; ++k) pw[k] = ordered_weight(order, w, k);
+  void fill_slice(const Net& net, const T* w, int64_t c) {
+    bool bad = false;
+    for (int64_t k = c * SLICE, e = std::min(E, (c + 1) * SLICE); k < e; ++k)
+      pw[k] = ordered_weight(order, w, net.n_edges, k, bad);
+    if (bad) net.flag_corrupt();
   }
   // After a miss, once the buffer is filled: keep it for the next call (evicting the least recent entry).
-  void remember(const at::Tensor& weight_t, const at::Tensor& order_t) {
-    if (hit || !pw_t.defined()) return;
+  void remember(const Net& net, const at::Tensor& weight_t, const at::Tensor& order_t) {
+    if (hit || !pw_t.defined() || net.corrupt->load()) return;
     std::lock_guard<std::mutex> lock(ordered_cache_mutex);
     if (ordered_cache.size() >= ORDERED_CACHE_ENTRIES) {
       auto oldest = std::min_element(ordered_cache.begin(), ordered_cache.end(),
@@ -1082,7 +1319,7 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   int32_t* src_row = scratch<int32_t>(1, n_src);
   Net pnet = net;
   pnet.panel_src_row = src_row;
-  RowParams<T>* rows = scratch<RowParams<T>>(0, net.n_computed);
+  RowParams<T>* rows = scratch<RowParams<T>>(4, net.n_computed);  // not slot 0: row_of lives there
   auto row_fn = [row_of](int64_t v) { return int64_t(row_of[v]); };
   // One or two 64-byte vectors per value: R <= 8 rows x NV vectors of accumulators stay in registers.
   const int64_t lanes = int64_t(64 / sizeof(T));
@@ -1104,34 +1341,44 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   std::fill(wait_for.begin() + pre, wait_for.end(), pre);
   run_chunked(pre + n_tiles, wait_for.data(), [&](int64_t c) {
     if (c < n_pw) {
-      ow.fill_slice(w, c);
+      ow.fill_slice(net, w, c);
       return;
     }
     if (c < n_pw + n_src_slices) {
       const int64_t u0 = (c - n_pw) * SETUP_CHUNK, u1 = std::min(n_src, u0 + SETUP_CHUNK);
-      for (int64_t u = u0; u < u1; ++u) src_row[u] = row_of[net.panel_src[u]];
+      uint32_t bad = 0;
+      for (int64_t u = u0; u < u1; ++u) src_row[u] = row_of[guarded(net.panel_src[u], uint32_t(net.n_neurons), bad)];
+      if (bad) net.flag_corrupt();
       return;
     }
     if (c < pre) {
       const int64_t r0 = (c - n_pw - n_src_slices) * SETUP_CHUNK, r1 = std::min(net.n_computed, r0 + SETUP_CHUNK);
       for (int64_t r = r0; r < r1; ++r) {
-        const int64_t v = net.panel_target[r];
+        int64_t v = net.panel_target[r];
+        if (v < net.n_inputs || v >= net.n_neurons) {  // guarded: an input row is never a panel's target
+          net.flag_corrupt();
+          v = net.n_inputs;
+        }
         rows[r] = RowParams<T>{b[v], T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]),
                                int32_t(net.act_code[v]), row_of[v]};
       }
       return;
     }
-    T* vals = scratch<T>(2, tile_rows * BT);
+    T* vals = scratch<T>(2, checked_mul(tile_rows, BT));
     if (poison_enabled()) poison(vals, tile_rows * BT);
     const int64_t t = c - pre, b0 = t * BT, nb = std::min(BT, B - b0);
     transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, row_fn);
     fn(pnet, pw, rows, vals);
     gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, row_fn);
   });
-  ow.remember(weight_t, panel_edge_t);
+  ow.remember(net, weight_t, panel_edge_t);
 }
 
 // ------------------------------------------------------------------------------------------ block
+// Rows of the block path's values buffer past the last neuron: a block may start at any neuron and its
+// one-byte offsets reach 255 rows further (only forged buffers read them; the block builder never does).
+constexpr int64_t BLOCK_PAD_ROWS = 256;
+
 // Level by level like the level path, but each neuron's edges are visited one source block at a time: a
 // block is up to 256 consecutive neurons (ops.BLOCK_SOURCES) whose values for a tile of BT columns stay in
 // L1/L2 while every row of the chunk that reads the block accumulates its edges from it. build_blocks lays
@@ -1157,8 +1404,16 @@ __attribute__((always_inline)) inline void block_chunk_body(const Net& net, int6
   }
   const uint8_t* __restrict local = net.block_local;
   int64_t k = net.block_chunk_edge[c];
+  const int64_t k_end = net.block_chunk_edge[c + 1];
   for (int64_t sg = net.block_chunk_seg[c]; sg < net.block_chunk_seg[c + 1]; ++sg) {
     const int32_t* seg = net.block_seg + 3 * sg;
+    // Guarded (check_pointers): the target is a neuron, the block starts at one (vals has BLOCK_PAD_ROWS
+    // rows past the last neuron for the one-byte offsets) and the edges stay inside the chunk.
+    if (uint64_t(seg[0]) >= uint64_t(net.n_neurons) || uint64_t(seg[1]) >= uint64_t(net.n_neurons) || seg[2] < 0 ||
+        seg[2] > k_end - k) {
+      net.flag_corrupt();
+      return;
+    }
     V* y = reinterpret_cast<V*>(vals + int64_t(seg[0]) * BT);
     const T* xb = vals + int64_t(seg[1]) * BT;
     V acc[NV];
@@ -1227,17 +1482,17 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
     std::fill(wait_for.begin(), wait_for.begin() + n_pw, 0);
     run_chunked(n_pw + n_tiles, wait_for.data(), [&](int64_t c) {
       if (c < n_pw) {
-        ow.fill_slice(w, c);
+        ow.fill_slice(net, w, c);
         return;
       }
-      T* vals = scratch<T>(2, net.n_neurons * BT);
-      if (poison_enabled()) poison(vals, net.n_neurons * BT);
+      T* vals = scratch<T>(2, checked_mul(net.n_neurons + BLOCK_PAD_ROWS, BT));
+      if (poison_enabled()) poison(vals, (net.n_neurons + BLOCK_PAD_ROWS) * BT);
       const int64_t b0 = (c - n_pw) * BT, nb = std::min(BT, B - b0);
       transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, same_row);
       for (int64_t k = 0; k < C; ++k) fn(net, k, pw, b, vals);
       gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, same_row);
     });
-    ow.remember(weight_t, block_edge_t);
+    ow.remember(net, weight_t, block_edge_t);
     return;
   }
   // Chunk c may start once every chunk of the earlier levels is done (chunks are in level order).
@@ -1252,17 +1507,17 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   }
   // Fewer tiles than threads (B = 64 is one tile): the tiles one after another, each one job of
   // [weight slices (first tile, after a miss)] [input transpose slices] [level chunks] over all threads.
-  T* vals = scratch<T>(2, net.n_neurons * BT);
+  T* vals = scratch<T>(2, checked_mul(net.n_neurons + BLOCK_PAD_ROWS, BT));
   constexpr int64_t TRANSPOSE_FEATURES = 1024;
   const int64_t n_tr = (n_in + TRANSPOSE_FEATURES - 1) / TRANSPOSE_FEATURES;
   for (int64_t t = 0; t < n_tiles; ++t) {
     const int64_t b0 = t * BT, nb = std::min(BT, B - b0), fill = t == 0 ? n_pw : 0, pre = fill + n_tr;
-    if (poison_enabled()) poison(vals, net.n_neurons * BT);
+    if (poison_enabled()) poison(vals, (net.n_neurons + BLOCK_PAD_ROWS) * BT);
     std::vector<int64_t> wait_for(pre + C, 0);
     for (int64_t c = 0; c < C; ++c) wait_for[pre + c] = pre + first_of_level[c];
     run_chunked(pre + C, wait_for.data(), [&](int64_t c) {
       if (c < fill) {
-        ow.fill_slice(w, c);
+        ow.fill_slice(net, w, c);
       } else if (c < pre) {
         const int64_t i0 = (c - fill) * TRANSPOSE_FEATURES;
         transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, same_row, i0, std::min(n_in, i0 + TRANSPOSE_FEATURES));
@@ -1272,7 +1527,7 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
     });
     gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, same_row);
   }
-  ow.remember(weight_t, block_edge_t);
+  ow.remember(net, weight_t, block_edge_t);
 }
 
 // ------------------------------------------------------------------------------------------ level
@@ -1281,8 +1536,10 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
 // with 512 MiB) 2.13 -> 1.65 ms per call at 1 thread, warm 0.72 -> 0.61 ms; 128..2048 all within 7 %.
 constexpr int64_t DOT_PREFETCH = 512;
 __attribute__((target("avx512f"))) float dot_gather_avx512(const float* w, const int32_t* idx, const float* vals,
-                                                           int64_t n) {
+                                                           int64_t n, uint32_t bound, uint32_t& bad) {
   __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+  const __m512i lim = _mm512_set1_epi32(int32_t(bound));
+  __mmask16 ok0 = 0xFFFF, ok1 = 0xFFFF;  // lanes whose index was in range
   int64_t e = 0;
   for (; e + 32 <= n; e += 32) {
     // Both streams come from DRAM when the weights are cold (batch 1 is bandwidth-bound): fetch ahead,
@@ -1292,52 +1549,62 @@ __attribute__((target("avx512f"))) float dot_gather_avx512(const float* w, const
     _mm_prefetch(reinterpret_cast<const char*>(idx + e + DOT_PREFETCH), _MM_HINT_T0);
     _mm_prefetch(reinterpret_cast<const char*>(idx + e + DOT_PREFETCH + 16), _MM_HINT_T0);
     const __m512i i0 = _mm512_loadu_si512(idx + e), i1 = _mm512_loadu_si512(idx + e + 16);
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e), _mm512_i32gather_ps(i0, vals, 4), a0);
-    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e + 16), _mm512_i32gather_ps(i1, vals, 4), a1);
+    const __mmask16 m0 = _mm512_cmplt_epu32_mask(i0, lim), m1 = _mm512_cmplt_epu32_mask(i1, lim);
+    ok0 &= m0;
+    ok1 &= m1;
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e), _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, i0, vals, 4), a0);
+    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e + 16), _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m1, i1, vals, 4), a1);
   }
-  for (; e + 16 <= n; e += 16)
-    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e), _mm512_i32gather_ps(_mm512_loadu_si512(idx + e), vals, 4), a0);
+  for (; e + 16 <= n; e += 16) {
+    const __m512i i0 = _mm512_loadu_si512(idx + e);
+    const __mmask16 m0 = _mm512_cmplt_epu32_mask(i0, lim);
+    ok0 &= m0;
+    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w + e), _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m0, i0, vals, 4), a0);
+  }
+  bad |= uint32_t((ok0 & ok1) != 0xFFFF);
   float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-  for (; e < n; ++e) acc += w[e] * vals[idx[e]];
+  for (; e < n; ++e) acc += w[e] * vals[guarded(idx[e], bound, bad)];
   return acc;
 }
 
 template <typename T>
-inline T dot_gather(const T* w, const int32_t* idx, const T* vals, int64_t n) {
+inline T dot_gather(const T* w, const int32_t* idx, const T* vals, int64_t n, uint32_t bound, uint32_t& bad) {
   if constexpr (std::is_same<T, float>::value) {
-    if (detect_isa() == ISA_AVX512) return dot_gather_avx512(w, idx, vals, n);
+    if (detect_isa() == ISA_AVX512) return dot_gather_avx512(w, idx, vals, n, bound, bad);
   }
   // Eight independent partial sums: one chain would be bound by the add latency, not the loads.
   T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   int64_t e = 0;
   for (; e + 8 <= n; e += 8)
-    for (int q = 0; q < 8; ++q) part[q] += w[e + q] * vals[idx[e + q]];
-  for (; e < n; ++e) part[0] += w[e] * vals[idx[e]];
+    for (int q = 0; q < 8; ++q) part[q] += w[e + q] * vals[guarded(idx[e + q], bound, bad)];
+  for (; e < n; ++e) part[0] += w[e] * vals[guarded(idx[e], bound, bad)];
   return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
 }
 
 // 2 <= B <= 16 (float): one masked 16-lane vector per edge (the source's B values are contiguous in the
 // feature-major layout), four accumulators so the FMA latency is hidden. Writes acc[0..B) = bias + sum.
 __attribute__((target("avx512f"))) void small_batch_row_avx512(const float* w, const int32_t* idx, const float* vals,
-                                                               int64_t n, int64_t B, float bias, float* acc) {
+                                                               int64_t n, int64_t B, float bias, float* acc,
+                                                               uint32_t bound, uint32_t& bad) {
   const __mmask16 m = __mmask16((1u << B) - 1u);
   __m512 a0 = _mm512_set1_ps(bias), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps(), a3 = _mm512_setzero_ps();
   int64_t e = 0;
   for (; e + 4 <= n; e += 4) {
-    a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[e]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e]) * B), a0);
-    a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 1]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e + 1]) * B), a1);
-    a2 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 2]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e + 2]) * B), a2);
-    a3 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 3]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e + 3]) * B), a3);
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[e]), _mm512_maskz_loadu_ps(m, vals + guarded(idx[e], bound, bad) * B), a0);
+    a1 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 1]), _mm512_maskz_loadu_ps(m, vals + guarded(idx[e + 1], bound, bad) * B), a1);
+    a2 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 2]), _mm512_maskz_loadu_ps(m, vals + guarded(idx[e + 2], bound, bad) * B), a2);
+    a3 = _mm512_fmadd_ps(_mm512_set1_ps(w[e + 3]), _mm512_maskz_loadu_ps(m, vals + guarded(idx[e + 3], bound, bad) * B), a3);
   }
   for (; e < n; ++e)
-    a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[e]), _mm512_maskz_loadu_ps(m, vals + int64_t(idx[e]) * B), a0);
+    a0 = _mm512_fmadd_ps(_mm512_set1_ps(w[e]), _mm512_maskz_loadu_ps(m, vals + guarded(idx[e], bound, bad) * B), a0);
   _mm512_mask_storeu_ps(acc, m, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
 }
 
 // 16 < B <= 16*NV (float): NV masked vectors per edge (NV independent FMA chains), two edges per step.
 template <int NV>
 __attribute__((target("avx512f"))) void wide_batch_row_avx512(const float* w, const int32_t* idx, const float* vals,
-                                                              int64_t n, int64_t B, float bias, float* acc) {
+                                                              int64_t n, int64_t B, float bias, float* acc,
+                                                              uint32_t bound, uint32_t& bad) {
   __mmask16 m[NV];
   for (int k = 0; k < NV; ++k) {
     const int64_t left = std::min<int64_t>(16, std::max<int64_t>(0, B - 16 * k));
@@ -1347,8 +1614,8 @@ __attribute__((target("avx512f"))) void wide_batch_row_avx512(const float* w, co
   for (int k = 0; k < NV; ++k) a[k] = _mm512_set1_ps(bias), c[k] = _mm512_setzero_ps();
   int64_t e = 0;
   for (; e + 2 <= n; e += 2) {
-    const float* s0 = vals + int64_t(idx[e]) * B;
-    const float* s1 = vals + int64_t(idx[e + 1]) * B;
+    const float* s0 = vals + guarded(idx[e], bound, bad) * B;
+    const float* s1 = vals + guarded(idx[e + 1], bound, bad) * B;
     const __m512 w0 = _mm512_set1_ps(w[e]), w1 = _mm512_set1_ps(w[e + 1]);
     for (int k = 0; k < NV; ++k) {
       a[k] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[k], s0 + 16 * k), a[k]);
@@ -1356,7 +1623,7 @@ __attribute__((target("avx512f"))) void wide_batch_row_avx512(const float* w, co
     }
   }
   for (; e < n; ++e) {
-    const float* s0 = vals + int64_t(idx[e]) * B;
+    const float* s0 = vals + guarded(idx[e], bound, bad) * B;
     const __m512 w0 = _mm512_set1_ps(w[e]);
     for (int k = 0; k < NV; ++k) a[k] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(m[k], s0 + 16 * k), a[k]);
   }
@@ -1371,8 +1638,17 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
   const int8_t ac = net.act_code[v];
   const T lo = T(net.act_param[2 * v]), hi = T(net.act_param[2 * v + 1]);
   T* out = vals + v * B;
+  const uint32_t bound = uint32_t(net.n_neurons);
+  uint32_t bad = 0;
+  struct Report {  // on every return: a guarded index out of range raises after the call
+    const Net& net;
+    const uint32_t& bad;
+    ~Report() {
+      if (bad) net.flag_corrupt();
+    }
+  } report{net, bad};
   if (B == 1) {
-    const T acc = b[v] + dot_gather<T>(w + e0, net.in_src + e0, vals, e1 - e0);
+    const T acc = b[v] + dot_gather<T>(w + e0, net.in_src + e0, vals, e1 - e0, bound, bad);
     if (pre) pre[v] = acc;
     out[0] = act_scalar<T>(ac, acc, lo, hi);
     return;
@@ -1380,7 +1656,7 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
   if constexpr (std::is_same<T, float>::value) {
     if (B <= 16 && detect_isa() == ISA_AVX512) {
       float acc[16];
-      small_batch_row_avx512(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc);
+      small_batch_row_avx512(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc, bound, bad);
       if (pre) std::memcpy(pre + v * B, acc, B * sizeof(T));
       act_inplace<T>(ac, acc, B, lo, hi);
       std::memcpy(out, acc, B * sizeof(T));
@@ -1388,8 +1664,8 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
     }
     if (B <= 64 && detect_isa() == ISA_AVX512) {
       float acc[64];
-      if (B <= 32) wide_batch_row_avx512<2>(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc);
-      else wide_batch_row_avx512<4>(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc);
+      if (B <= 32) wide_batch_row_avx512<2>(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc, bound, bad);
+      else wide_batch_row_avx512<4>(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc, bound, bad);
       if (pre) std::memcpy(pre + v * B, acc, B * sizeof(T));
       act_inplace<T>(ac, acc, B, lo, hi);
       std::memcpy(out, acc, B * sizeof(T));
@@ -1402,7 +1678,7 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
     for (int64_t c = 0; c < nc; ++c) acc[c] = b[v];
     for (int64_t e = e0; e < e1; ++e) {
       const T wv = w[e];
-      const T* src = vals + int64_t(net.in_src[e]) * B + c0;
+      const T* src = vals + guarded(net.in_src[e], bound, bad) * B + c0;
       for (int64_t c = 0; c < nc; ++c) acc[c] += wv * src[c];
     }
     if (pre) std::memcpy(pre + v * B + c0, acc, nc * sizeof(T));
@@ -1548,19 +1824,49 @@ void advise_huge_pages(void* p, size_t bytes) {
 #endif
 }
 
+// The level path for a whole batch into y [B, n_outputs]: every multiply-add is an edge of the network.
+template <typename T>
+void level_forward_out(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y) {
+  auto vals = aligned_buffer<T>(checked_mul(net.n_neurons, B));
+  if (poison_enabled()) poison(vals.get(), net.n_neurons * B);
+  level_forward<T>(net, x, B, w, b, vals.get(), nullptr);
+  for (int64_t c = 0; c < B; ++c)
+    for (int64_t j = 0; j < net.n_outputs; ++j) y[c * net.n_outputs + j] = vals.get()[net.outputs[j] * B + c];
+}
+
+// The panel and dense paths also multiply zero-weight cells (a source that does not feed a row), which is
+// exact for finite values but turns an Inf or NaN source into a NaN where the network has no edge
+// (0 * inf = NaN). Such a NaN reaches every output downstream (NaN passes every activation and sum), so the
+// batch rows whose outputs hold a NaN are recomputed by the level path, which multiplies edges only.
+at::Tensor exact_where_nan(const Net& net, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                           at::Tensor y) {
+  const at::Tensor rows = y.isnan().any(1).nonzero().flatten();
+  if (rows.numel() == 0) return y;
+  const at::Tensor xs = x.index_select(0, rows).contiguous();
+  at::Tensor ys = at::empty({rows.numel(), net.n_outputs}, y.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "iosparse_exact_where_nan", [&] {
+    level_forward_out<scalar_t>(net, xs.data_ptr<scalar_t>(), rows.numel(), weight.data_ptr<scalar_t>(),
+                                bias.data_ptr<scalar_t>(), ys.data_ptr<scalar_t>());
+  });
+  return y.index_copy_(0, rows, ys);
+}
+
 at::Tensor dag_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, const at::Tensor& bias_in,
                            at::TensorList net_t, at::IntArrayRef config) {
-  Net net = unpack(x_in, weight_in, bias_in, net_t, config);
-  TORCH_CHECK_VALUE(net_t[NET_DENSE_INDEX].numel() == 0 || !net.layered ||
-                        net_t[NET_DENSE_INDEX].numel() == net.n_edges, "iosparse: bad dense_index buffer");
+  std::atomic<bool> corrupt{false};
+  Net net = unpack(x_in, weight_in, bias_in, net_t, config, corrupt);
   const int64_t B = x_in.size(0);
   at::Tensor y = at::empty({B, net.n_outputs}, x_in.options());
   if (B == 0) return y;
+  at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
+  const int64_t strategy = choose_strategy(net, B);
+  if (strategy == STRAT_DENSE) {
+    y = exact_where_nan(net, x, weight, bias, dense_forward(net, x, weight, bias, net_t).contiguous());
+    check_not_corrupt(corrupt);
+    return y;
+  }
   advise_huge_pages(y.data_ptr(), size_t(y.nbytes()));
   if (poison_enabled()) AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "poison", [&] { poison(y.data_ptr<scalar_t>(), y.numel()); });
-  const int64_t strategy = choose_strategy(net, B);
-  if (strategy == STRAT_DENSE) return dense_forward(net, x_in, weight_in, bias_in, net_t);
-  at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "iosparse_dag_forward", [&] {
     const scalar_t* xp = x.data_ptr<scalar_t>();
     const scalar_t* wp = weight.data_ptr<scalar_t>();
@@ -1573,13 +1879,12 @@ at::Tensor dag_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, 
     } else if (strategy == STRAT_BLOCK) {
       block_forward<scalar_t>(net, xp, B, wp, bp, yp, weight, net_t[NET_BLOCK_EDGE]);
     } else {
-      auto vals = aligned_buffer<scalar_t>(net.n_neurons * B);
-      if (poison_enabled()) poison(vals.get(), net.n_neurons * B);
-      level_forward<scalar_t>(net, xp, B, wp, bp, vals.get(), nullptr);
-      for (int64_t c = 0; c < B; ++c)
-        for (int64_t j = 0; j < net.n_outputs; ++j) yp[c * net.n_outputs + j] = vals.get()[net.outputs[j] * B + c];
+      level_forward_out<scalar_t>(net, xp, B, wp, bp, yp);
     }
   });
+  check_not_corrupt(corrupt);
+  if (strategy == STRAT_PANEL) y = exact_where_nan(net, x, weight, bias, y);
+  check_not_corrupt(corrupt);
   return y;
 }
 
@@ -1591,9 +1896,9 @@ template <typename T>
 void backward_chunk(const Net& net, const T* x, const T* gy, int64_t B, const T* w, const T* b, T* gx, T* gw,
                     T* gb) {
   const int64_t n = net.n_neurons, n_in = net.n_inputs;
-  auto vals = aligned_buffer<T>(n * B);
-  auto pre = aligned_buffer<T>(n * B);
-  auto g = aligned_buffer<T>(n * B);
+  auto vals = aligned_buffer<T>(checked_mul(n, B));
+  auto pre = aligned_buffer<T>(checked_mul(n, B));
+  auto g = aligned_buffer<T>(checked_mul(n, B));
   T* A = vals.get();
   T* Z = pre.get();
   T* G = g.get();
@@ -1612,8 +1917,9 @@ void backward_chunk(const Net& net, const T* x, const T* gy, int64_t B, const T*
       sum += dz[c];
     }
     gb[v] += sum;
+    uint32_t bad = 0;
     for (int64_t e = net.in_ptr[v]; e < net.in_ptr[v + 1]; ++e) {
-      const int64_t u = net.in_src[e];
+      const int64_t u = guarded(net.in_src[e], uint32_t(n), bad);
       const T we = w[e];
       T* gu = G + u * B;
       const T* au = A + u * B;
@@ -1624,6 +1930,7 @@ void backward_chunk(const Net& net, const T* x, const T* gy, int64_t B, const T*
       }
       gw[e] += dot;
     }
+    if (bad) net.flag_corrupt();
   }
   for (int64_t c = 0; c < B; ++c)
     for (int64_t i = 0; i < n_in; ++i) gx[c * n_in + i] = G[i * B + c];
@@ -1632,7 +1939,8 @@ void backward_chunk(const Net& net, const T* x, const T* gy, int64_t B, const T*
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dag_backward_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in,
                                                                 const at::Tensor& weight_in, const at::Tensor& bias_in,
                                                                 at::TensorList net_t, at::IntArrayRef config) {
-  Net net = unpack(x_in, weight_in, bias_in, net_t, config);
+  std::atomic<bool> corrupt{false};
+  Net net = unpack(x_in, weight_in, bias_in, net_t, config, corrupt);
   const int64_t B = x_in.size(0);
   TORCH_CHECK_VALUE(grad_y_in.dim() == 2 && grad_y_in.size(0) == B && grad_y_in.size(1) == net.n_outputs,
                     "iosparse: grad_output must have shape [", B, ", ", net.n_outputs, "], got ", grad_y_in.sizes());
@@ -1668,6 +1976,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dag_backward_cpu(const at::Tensor
       gb.add_(gb_part[k]);
     }
   });
+  check_not_corrupt(corrupt);
   // Inputs are not neurons with a bias: their bias gradient is zero by definition.
   gb.slice(0, 0, net.n_inputs).zero_();
   return {gx, gw, gb};
