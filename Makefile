@@ -5,7 +5,7 @@ STAMP   := .venv/.deps-installed
 BUILT   := .venv/.ext-built
 NATIVE  := $(shell find kernels -name '*.cpp' -o -name '*.h' 2>/dev/null) setup.py
 
-.PHONY: demo test build clean bench bench-cpu bench-gpu-dry
+.PHONY: demo test build clean bench bench-cpu bench-gpu-dry asan-test
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -29,10 +29,14 @@ bench: $(BUILT)
 	$(PY) benchmarks/planner_speed.py
 
 clean:
-	rm -rf build *.egg-info torch_iosparse/*.so .venv
+	rm -rf build build-asan *.egg-info torch_iosparse/*.so .venv
 
 bench-cpu: $(BUILT)
 	$(PY) benchmarks/cpu_speed.py
 
 bench-gpu-dry: $(BUILT)
 	TRITON_INTERPRET=1 $(PY) benchmarks/gpu_speed.py --dry
+
+# The op and CPU-kernel tests and the fuzz test against an AddressSanitizer + UBSan build (docs/hardening.md).
+asan-test: $(BUILT)
+	bash scripts/asan_test.sh

@@ -23,6 +23,11 @@ def native_sources():
 # on any x86-64 CI machine. -fopenmp at compile *and* link time, or at::parallel_for runs on 1 thread.
 extra_compile = ["-O3", "-fopenmp", "-std=c++17", "-fno-math-errno"]
 extra_link = ["-fopenmp"]
+# IOSPARSE_SANITIZE=1: an AddressSanitizer + UBSan build for `make asan-test` (scripts/asan_test.sh).
+if os.environ.get("IOSPARSE_SANITIZE") == "1":
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-fno-omit-frame-pointer", "-g"]
+    extra_compile = ["-O1", "-fopenmp", "-std=c++17", "-fno-math-errno"] + sanitize
+    extra_link = ["-fopenmp"] + sanitize
 
 setup(
     name="torch_iosparse",

@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# `make asan-test`: the native extension built with AddressSanitizer + UBSan (into build-asan/, beside the
+# normal build), then the op, CPU-kernel, hardening and fuzz tests run against it. Python itself is not
+# instrumented, so libasan is preloaded; leak checking is off (the interpreter's own allocations).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+OUT=build-asan
+rm -rf "$OUT/torch_iosparse"
+mkdir -p "$OUT"
+IOSPARSE_SANITIZE=1 $PY setup.py -q build_ext --build-lib "$OUT" --build-temp "$OUT/tmp" >/dev/null
+cp torch_iosparse/*.py "$OUT/torch_iosparse/"
+LIBASAN=$(${CXX:-g++} -print-file-name=libasan.so)
+LIBUBSAN=$(${CXX:-g++} -print-file-name=libubsan.so)
+export PYTHONPATH="$PWD/$OUT" IOSPARSE_SANITIZED=1 TRITON_INTERPRET=1
+export LD_PRELOAD="$LIBASAN $LIBUBSAN"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:allocator_may_return_null=1
+export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+$PY -c "import torch_iosparse, sys; assert torch_iosparse.__file__.startswith('$PWD/$OUT'), torch_iosparse.__file__"
+$PY -m pytest -q -n 2 -p no:cacheprovider tests/test_ops.py tests/test_cpu_block.py tests/test_cpu_panel.py \
+    tests/test_cpu_panel_cache.py tests/test_cpu_level_pool.py tests/test_hardening_op.py tests/test_fuzz.py "$@"
