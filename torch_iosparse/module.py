@@ -10,6 +10,7 @@ op's pure-PyTorch reference kernel elsewhere.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from typing import Dict, List, Optional, Tuple, Union
 
@@ -49,8 +50,27 @@ def _batch_tile(batch_tile: Optional[int], dtype: torch.dtype) -> int:
 
 
 # ---------------------------------------------------------------------- the module
+# The dtype of every persistent structure buffer: a state must carry exactly these (act_bounds is a bit
+# pattern, so any other dtype would change its values; a float in_ptr would be truncated by copy_).
+_STRUCTURE_DTYPES = {k: torch.int64 for k in _STRUCTURE}
+_STRUCTURE_DTYPES["plan_method"] = torch.uint8
+_OPTIONAL = ("plan_method",)  # states saved before it existed load as method "loaded"
+
+
+@contextlib.contextmanager
+def _ordinary_tensors():
+    """Context for creating the module's tensors: never inference tensors (they have no version counter,
+    cannot be saved for backward or updated in place outside ``torch.inference_mode``), never recorded by
+    autograd. So a network built or loaded under ``torch.inference_mode()`` is the same as one built
+    outside it: it runs inside and outside inference mode and can later be trained."""
+    with torch.inference_mode(False), torch.no_grad():
+        yield
+
+
 def _structure_tensors(dag: SparseDAG, plan: Plan) -> Dict[str, torch.Tensor]:
-    i64 = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64))  # noqa: E731
+    # np.array copies: the buffers never share memory with the DAG's arrays (which ops.prepare turns into
+    # the kernel's op_ buffers) nor with the caller's
+    i64 = lambda a: torch.from_numpy(np.array(a, dtype=np.int64))  # noqa: E731
     return {
         "in_ptr": i64(dag.in_ptr), "in_src": i64(dag.in_src), "outputs": i64(dag.outputs),
         "act_index": i64(dag.act_index),
@@ -72,34 +92,149 @@ def _decode_method(t: torch.Tensor) -> str:
     return bytes(int(c) for c in t.cpu().tolist() if c).decode(errors="replace") or "loaded"
 
 
-def _dag_from_tensors(t: Dict[str, torch.Tensor], weight: torch.Tensor, bias_computed: torch.Tensor) -> SparseDAG:
-    """Rebuild a SparseDAG from structure tensors (a state_dict or the module's buffers), validating it."""
+def _fingerprint(t: Dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the structure tensors (shapes, dtypes and values)."""
+    h = hashlib.sha256()
+    for k in _STRUCTURE:
+        v = t[k].detach().cpu().contiguous()
+        h.update(k.encode() + str(tuple(v.shape)).encode() + str(v.dtype).encode() + v.numpy().tobytes())
+    return h.hexdigest()
+
+
+def _entry(t: Dict[str, torch.Tensor], k: str, ndim: Optional[int] = None) -> torch.Tensor:
+    """``t[k]`` checked to be a tensor of the structure dtype (and ``ndim`` dimensions), on the CPU."""
     try:
-        in_ptr = t["in_ptr"].cpu().numpy().astype(np.int64)
-        in_src = t["in_src"].cpu().numpy().astype(np.int64)
-        outputs = t["outputs"].cpu().numpy().astype(np.int64)
-        act_index = t["act_index"].cpu().numpy().astype(np.int16)
-        codes = t["act_code"].cpu().tolist()
-        bounds = t["act_bounds"].cpu().contiguous().view(torch.float64).reshape(-1, 2)
-        lo, hi = bounds[:, 0].tolist(), bounds[:, 1].tolist()
-        sizes = t["layer_sizes"].cpu().tolist()
-    except KeyError as e:
-        raise KeyError(f"state_dict lacks the IOSparseNetwork structure entry {e}") from None
-    table = [Activation(acts.KINDS[c], lo[i], hi[i]) for i, c in enumerate(codes)]
+        v = t[k]
+    except KeyError:
+        raise KeyError(f"state_dict lacks the IOSparseNetwork structure entry {k!r}") from None
+    if not isinstance(v, torch.Tensor):
+        raise GraphError(f"structure entry {k!r} must be a tensor, got {type(v).__name__}")
+    if v.dtype != _STRUCTURE_DTYPES[k]:
+        raise GraphError(f"structure entry {k!r} must have dtype {_STRUCTURE_DTYPES[k]}, got {v.dtype}")
+    if ndim is not None and v.dim() != ndim:
+        raise GraphError(f"structure entry {k!r} must be {ndim}-D, got shape {list(v.shape)}")
+    return v.detach().cpu()
+
+
+def _first(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _dag_from_tensors(t: Dict[str, torch.Tensor], weight: torch.Tensor, bias_computed: torch.Tensor) -> SparseDAG:
+    """Rebuild a SparseDAG from structure tensors (a state_dict or the module's buffers), validating every
+    entry: a forged state raises (GraphError, a ValueError, or KeyError for a missing entry) instead of
+    building a network that computes another function or crashes the kernel."""
+    in_ptr = _entry(t, "in_ptr", 1).numpy().astype(np.int64)
+    in_src = _entry(t, "in_src", 1).numpy().astype(np.int64)
+    outputs = _entry(t, "outputs", 1).numpy().astype(np.int64)
+    act_index = _entry(t, "act_index", 1).numpy().astype(np.int64)
+    codes = _entry(t, "act_code", 1).numpy().astype(np.int64)
+    bounds_t = _entry(t, "act_bounds", 2)
+    sizes = _entry(t, "layer_sizes", 1).tolist()
+    for name, v in (("weight", weight), ("bias", bias_computed)):
+        if not isinstance(v, torch.Tensor) or v.dim() != 1 or not v.is_floating_point():
+            raise GraphError(f"{name} must be a 1-D floating-point tensor, got "
+                             f"{list(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__}"
+                             f"{' ' + str(v.dtype) if isinstance(v, torch.Tensor) else ''}")
+    # the CSR of in-edges
     n = in_ptr.size - 1
     n_in = n - bias_computed.numel()
-    src = in_src
+    if n < 2 or n_in < 1:
+        raise GraphError(f"in_ptr describes {n} neurons and bias {bias_computed.numel()} computed ones: a network "
+                         "needs at least one input and one computed neuron")
+    if in_ptr[0] != 0 or (np.diff(in_ptr) < 0).any() or in_ptr[-1] != in_src.size:
+        raise GraphError(f"in_ptr must ascend from 0 to the number of edges ({in_src.size}); got in_ptr[0]="
+                         f"{int(in_ptr[0])}, in_ptr[-1]={int(in_ptr[-1])}"
+                         + (f", a decrease after position {_first(np.diff(in_ptr) < 0)}"
+                            if (np.diff(in_ptr) < 0).any() else ""))
+    if weight.numel() != in_src.size:
+        raise GraphError(f"weight has {weight.numel()} entries for {in_src.size} edges")
+    # the activation table
+    k = codes.size
+    if k < 1:
+        raise GraphError("act_code must hold at least one activation")
+    if tuple(bounds_t.shape) != (k, 2):
+        raise GraphError(f"act_bounds must have shape [{k}, 2] (one (lo, hi) per act_code entry), got "
+                         f"{list(bounds_t.shape)}")
+    bad = (codes < 0) | (codes >= len(acts.KINDS))
+    if bad.any():
+        raise GraphError(f"act_code[{_first(bad)}] = {int(codes[_first(bad)])} is not an activation code "
+                         f"(0..{len(acts.KINDS) - 1}: {', '.join(acts.KINDS)})")
+    bounds = bounds_t.contiguous().view(torch.float64).numpy()
+    lo, hi = bounds[:, 0], bounds[:, 1]
+    bad = np.isnan(lo) | np.isnan(hi) | ~(lo <= hi)
+    if bad.any():
+        i = _first(bad)
+        raise GraphError(f"act_bounds[{i}] = ({lo[i]}, {hi[i]}) is not an interval lo <= hi")
+    table = [Activation(acts.KINDS[int(c)], float(lo[i]), float(hi[i])) for i, c in enumerate(codes)]
+    if act_index.size != n:
+        raise GraphError(f"act_index must have one entry per neuron ({n}), got {act_index.size}")
+    bad = (act_index < 0) | (act_index >= k)
+    if bad.any():
+        raise GraphError(f"act_index[{_first(bad)}] = {int(act_index[_first(bad)])} is not an index into the "
+                         f"{k} activations of act_code")
+    # the DAG (from_edges checks indices, inputs without in-edges, outputs and acyclicity)
     dst = np.repeat(np.arange(n, dtype=np.int64), np.diff(in_ptr))
     w = weight.detach().cpu()
     b = torch.cat([torch.zeros(n_in, dtype=bias_computed.dtype), bias_computed.detach().cpu()])
-    per_neuron = table[0] if len(table) == 1 else [table[int(k)] for k in act_index]
-    dag = SparseDAG.from_edges(n_in, src, dst, w, b, n_neurons=n, outputs=outputs, activation=per_neuron)
+    per_neuron = table[0] if len(table) == 1 else [table[int(i)] for i in act_index]
+    dag = SparseDAG.from_edges(n_in, in_src, dst, w, b, n_neurons=n, outputs=outputs, activation=per_neuron)
+    if dag.n_edges != in_src.size or not np.array_equal(dag.in_src.astype(np.int64), in_src):
+        # from_edges sorted or merged them: the weights would no longer line up with the edges
+        raise GraphError("in_src must list each neuron's sources in ascending order, without repeats")
     if sizes:
-        if sum(sizes) != n or sizes[0] != n_in:
-            raise GraphError(f"layer_sizes {sizes} do not match {n} neurons with {n_in} inputs")
+        _check_layers(dag, [int(s) for s in sizes])
         dag.layer_sizes = [int(s) for s in sizes]
         dag._levels = None
     return dag
+
+
+def _check_layers(dag: SparseDAG, sizes: List[int]) -> None:
+    """``layer_sizes`` claim a layered network (levels, dense twin, numbering order are derived from them):
+    the sizes must partition the neurons with the inputs first, every edge must join consecutive layers, the
+    outputs must be the last layer and each layer must have one activation."""
+    n, n_in = dag.n_neurons, dag.n_inputs
+    if len(sizes) < 2 or min(sizes) < 1 or sum(sizes) != n or sizes[0] != n_in:
+        raise GraphError(f"layer_sizes {sizes} do not partition {n} neurons into an input layer of {n_in} and "
+                         "non-empty layers")
+    layer = np.repeat(np.arange(len(sizes)), sizes)
+    src, dst = dag.edges()
+    bad = layer[src] + 1 != layer[dst]
+    if bad.any():
+        e = _first(bad)
+        raise GraphError(f"layer_sizes {sizes} do not match the edges: edge {int(src[e])} -> {int(dst[e])} joins "
+                         f"layer {int(layer[src[e]])} to layer {int(layer[dst[e]])}, not to the next one")
+    if not np.array_equal(np.asarray(dag.outputs, dtype=np.int64), np.arange(n - sizes[-1], n)):
+        raise GraphError(f"layer_sizes {sizes} do not match the outputs: a layered network's outputs are its last "
+                         f"layer, neurons {n - sizes[-1]}..{n - 1}")
+    off = np.cumsum([0] + sizes)
+    for j in range(1, len(sizes)):
+        a = dag.act_index[off[j]:off[j + 1]]
+        if (a != a[0]).any():
+            raise GraphError(f"layer {j} of layer_sizes {sizes} mixes activations; a layer has one")
+
+
+def _plan_from_tensors(t: Dict[str, torch.Tensor], dag: SparseDAG) -> Plan:
+    """The Plan recorded in structure tensors, validated against ``dag`` (order and memory) and re-counted."""
+    from .iomodel import count_io, normalize_order
+    mem_t = _entry(t, "plan_memory")
+    if mem_t.numel() != 1 or mem_t.dim() > 1:
+        raise GraphError(f"plan_memory must hold one number, got shape {list(mem_t.shape)}")
+    mem = int(mem_t.reshape(-1)[0])
+    try:
+        M = None if mem == -1 else normalize_memory(mem)
+    except (TypeError, ValueError) as e:
+        raise GraphError(f"plan_memory {mem} is invalid ({e}; -1 means unbounded)") from None
+    order = _entry(t, "plan_order", 1).numpy().astype(np.int64)
+    try:
+        norm = normalize_order(dag, order)
+    except (TypeError, ValueError) as e:
+        raise GraphError(f"plan_order is not an order of this network: {e}") from None
+    if not np.array_equal(norm, order):
+        raise GraphError(f"plan_order must list each of the {dag.n_computed} computed neurons once (and no inputs), "
+                         f"got {order.size} entries")
+    method = _decode_method(_entry(t, "plan_method", 1)) if "plan_method" in t else "loaded"
+    return Plan(norm, M, count_io(dag, norm, M), method, dag.structure_hash())
 
 
 class IOSparseNetwork(nn.Module):
@@ -123,6 +258,17 @@ class IOSparseNetwork(nn.Module):
             have ``bias=False``; then they stay a zero buffer, as in the source model).
 
     Input: ``[..., n_inputs]`` (any leading dims); output ``[..., n_outputs]``.
+
+    ``load_state_dict`` is all or nothing: the incoming entries (shapes, dtypes, and the network and plan
+    they describe together with the entries a non-strict load keeps) are validated before anything is
+    copied; a state that fails raises and leaves the module as it was. :meth:`from_state_dict` applies the
+    same validation.
+
+    Built, loaded, converted (``.to``) or sparsified under ``torch.inference_mode()`` or ``torch.no_grad()``,
+    the module's own tensors are still ordinary tensors, never inference tensors: it runs inside and
+    outside inference mode and can be trained later. An *input* created under inference mode is an
+    inference tensor, and PyTorch forbids using it where autograd records the graph (outside inference
+    mode / no_grad with trainable weights): it raises "Inference tensors cannot be saved for backward".
     """
 
     def __init__(self, dag_or_module: Union[SparseDAG, nn.Module], memory="auto", method: str = "two_optimal", *,
@@ -151,96 +297,157 @@ class IOSparseNetwork(nn.Module):
             plan.check_dag(dag)
         self.method = plan.method
         wdt = dtype or dag.weight.dtype
-        self.weight = nn.Parameter(dag.weight.detach().to(wdt).clone())
-        b = dag.bias[dag.n_inputs:].detach().to(wdt).clone()
         if train_bias is None:  # like the source: layers built with bias=False keep no trainable bias
             train_bias = not (isinstance(dag_or_module, nn.Module) and _all_linears_without_bias(dag_or_module))
-        if train_bias:
-            self.bias = nn.Parameter(b)
-        else:
-            self.register_buffer("bias", b)  # zeros, same state_dict key, not trained
-        for k, v in _structure_tensors(dag, plan).items():
-            self.register_buffer(k, v)
-        self._build_derived(dag, plan)
+        with _ordinary_tensors():  # also under torch.inference_mode(): see _ordinary_tensors
+            self.weight = nn.Parameter(dag.weight.detach().to(wdt).clone())
+            b = dag.bias[dag.n_inputs:].detach().to(wdt).clone()
+            if train_bias:
+                self.bias = nn.Parameter(b)
+            else:
+                self.register_buffer("bias", b)  # zeros, same state_dict key, not trained
+            for k, v in _structure_tensors(dag, plan).items():
+                self.register_buffer(k, v)
+        self._install_derived(self._derive(dag, plan))
 
     # -------------------------------------------------------------- construction helpers
     @classmethod
     def from_state_dict(cls, state_dict: Dict[str, torch.Tensor], prefix: str = "", **kwargs) -> "IOSparseNetwork":
         """Build a module from a state_dict alone (structure, plan, weights): the inverse of
-        ``state_dict()``, e.g. after ``torch.load(path, weights_only=True)``."""
+        ``state_dict()``, e.g. after ``torch.load(path, weights_only=True)``. The state is validated as
+        :meth:`load_state_dict` validates it (GraphError, a ValueError, for a forged or corrupt structure;
+        KeyError for a missing entry)."""
         t = {k: state_dict[prefix + k] for k in _STRUCTURE if prefix + k in state_dict}
         for k in ("weight", "bias"):
             if prefix + k not in state_dict:
                 raise KeyError(f"state_dict lacks {prefix + k!r}: not an IOSparseNetwork state")
         dag = _dag_from_tensors(t, state_dict[prefix + "weight"], state_dict[prefix + "bias"])
-        mem = int(t["plan_memory"])
-        from .iomodel import count_io
-        order = t["plan_order"].cpu().numpy()
-        M = None if mem < 0 else mem
-        method = _decode_method(t["plan_method"]) if "plan_method" in t else "loaded"
-        p = Plan(order, M, count_io(dag, order, M), method, dag.structure_hash())
-        return cls(dag, plan=p, **kwargs)
+        return cls(dag, plan=_plan_from_tensors(t, dag), **kwargs)
 
-    def _build_derived(self, dag: SparseDAG, plan: Plan) -> None:
-        """(Re)compute everything that follows from structure + plan: the op's compiled network and the
-        summary numbers. Non-persistent buffers, so state_dicts carry only the structure."""
+    def _derive(self, dag: SparseDAG, plan: Plan) -> Dict:
+        """Everything that follows from structure + plan (the op's compiled network and the summary
+        numbers), computed without changing the module: :meth:`_install_derived` puts it in place."""
+        with _ordinary_tensors():
+            net = ops.prepare(dag, plan, batch_tile=_batch_tile(self.batch_tile, self.weight.dtype),
+                              strategy=self.strategy, dtype=self.weight.dtype)
+            dev = self.weight.device
+            # copies: the op's buffers never share memory with the persistent buffers or the caller's DAG
+            # (ops.prepare makes some of them from the DAG's arrays without copying)
+            buffers = {k: v.to(dev, copy=True) for k, v in net.buffers.items()}
+            # The kernel fixes the dtype of its float buffers (e.g. float64 activation bounds); keep the
+            # originals so module.to(dtype) / .half() cannot change (or round) them, see _apply.
+            fixed = {"op_" + k: v.clone() for k, v in net.buffers.items() if v.is_floating_point()}
+        M = plan.memory
+        sizes = dag.layer_sizes
+        dense = sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) if sizes else None
+        summary = {
+            "n_inputs": dag.n_inputs, "n_outputs": dag.n_outputs, "n_neurons": dag.n_neurons,
+            "n_edges": dag.n_edges, "layer_sizes": list(sizes) if sizes else None, "dense_weights": dense,
+            "memory": M, "method": plan.method, "io": plan.io, "lb": lower_bound(dag, M), "ub": upper_bound(dag, M),
+            "batch_tile": int(net.meta["batch_tile"]), "strategy": _describe_strategy(net.meta),
+        }
+        return {"buffers": buffers, "fixed": fixed, "meta": dict(net.meta), "summary": summary,
+                "method": plan.method}
+
+    def _install_derived(self, d: Dict) -> None:
+        """Replace the op's buffers and the summary by those of :meth:`_derive`. The op's buffers are
+        non-persistent: state_dicts carry only the structure."""
         for k in [k for k in self._buffers if k.startswith("op_")]:
             del self._buffers[k]
             self._non_persistent_buffers_set.discard(k)
-        dev = self.weight.device
-        net = ops.prepare(dag, plan, batch_tile=_batch_tile(self.batch_tile, self.weight.dtype),
-                          strategy=self.strategy, dtype=self.weight.dtype)
-        self._op_keys: Tuple[str, ...] = tuple(net.buffers)
-        for k, v in net.buffers.items():
-            self.register_buffer("op_" + k, v.to(dev), persistent=False)
-        # The kernel fixes the dtype of its float buffers (e.g. float64 activation bounds); keep the
-        # originals so module.to(dtype) / .half() cannot change (or round) them, see _apply.
-        self._op_fixed = {"op_" + k: v.clone() for k, v in net.buffers.items() if v.is_floating_point()}
-        self._op_meta: Dict = dict(net.meta)
-        M = plan.memory
-        io = plan.io
-        sizes = dag.layer_sizes
-        dense = sum(a * b for a, b in zip(sizes[:-1], sizes[1:])) if sizes else None
-        self._summary = {
-            "n_inputs": dag.n_inputs, "n_outputs": dag.n_outputs, "n_neurons": dag.n_neurons,
-            "n_edges": dag.n_edges, "layer_sizes": list(sizes) if sizes else None, "dense_weights": dense,
-            "memory": M, "method": plan.method, "io": io, "lb": lower_bound(dag, M), "ub": upper_bound(dag, M),
-            "batch_tile": int(self._op_meta["batch_tile"]), "strategy": _describe_strategy(self._op_meta),
-        }
+        self._op_keys: Tuple[str, ...] = tuple(d["buffers"])
+        for k, v in d["buffers"].items():
+            self.register_buffer("op_" + k, v, persistent=False)
+        self._op_fixed = d["fixed"]
+        self._op_meta: Dict = d["meta"]
+        self._summary = d["summary"]
+        self.method = d["method"]
         self._fingerprint = self._structure_fingerprint()
 
     def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for k, orig in getattr(self, "_op_fixed", {}).items():
-            cur = self._buffers.get(k)
-            if cur is not None and cur.dtype != orig.dtype:
-                self._buffers[k] = orig.to(cur.device)
+        with _ordinary_tensors():  # .to() / .half() under inference_mode make no inference tensors either
+            super()._apply(fn, recurse)
+            for k, orig in getattr(self, "_op_fixed", {}).items():
+                cur = self._buffers.get(k)
+                if cur is not None and cur.dtype != orig.dtype:
+                    self._buffers[k] = orig.to(cur.device)
         return self
 
+    def _own_state(self) -> Dict[str, torch.Tensor]:
+        """The tensors of this module's state_dict entries (parameters and persistent buffers)."""
+        out = {k: v for k, v in self._parameters.items() if v is not None}
+        out.update((k, v) for k, v in self._buffers.items()
+                   if v is not None and k not in self._non_persistent_buffers_set)
+        return out
+
     def _structure_fingerprint(self) -> str:
-        h = hashlib.sha256()
-        for k in _STRUCTURE:
-            t = getattr(self, k).detach().cpu().contiguous()
-            h.update(k.encode() + str(tuple(t.shape)).encode() + t.numpy().tobytes())
-        return h.hexdigest()
+        return _fingerprint(self._own_state())
+
+    def _check_state(self, state_dict, prefix: str) -> Tuple[List[str], Optional[Dict]]:
+        """Validate this module's entries of ``state_dict`` before anything is copied: every entry a tensor
+        of the right shape and dtype, and the structure they describe together with the entries that are
+        not in the state (a non-strict load keeps those) a valid network and plan. Returns the problems
+        and, when the structure changes, the derived state to install after the copy."""
+        own = self._own_state()
+        incoming, problems = {}, []
+        for k, cur in own.items():
+            if prefix + k not in state_dict:
+                continue
+            v = state_dict[prefix + k]
+            if not isinstance(v, torch.Tensor):
+                problems.append(f'While copying the parameter named "{prefix + k}", expected torch.Tensor '
+                                f"but received {type(v).__name__}")
+                continue
+            if cur.dim() == 0 and v.dim() == 1 and v.shape[0] == 1:  # as nn.Module loads a [1] into a 0-d
+                v = v[0]
+            if v.shape != cur.shape:
+                problems.append(f"size mismatch for {prefix + k}: copying a param with shape {v.shape} from "
+                                f"checkpoint, the shape in current model is {cur.shape}.")
+            elif k in _STRUCTURE_DTYPES and v.dtype != _STRUCTURE_DTYPES[k]:
+                problems.append(f"dtype mismatch for {prefix + k}: the structure entry must be "
+                                f"{_STRUCTURE_DTYPES[k]}, got {v.dtype}")
+            elif k not in _STRUCTURE_DTYPES and not v.is_floating_point():
+                problems.append(f"dtype mismatch for {prefix + k}: expected a floating-point tensor, got {v.dtype}")
+            elif v.is_meta:
+                problems.append(f"{prefix + k} is a meta tensor (no values)")
+            incoming[k] = v
+        if problems:
+            return problems, None
+        merged = {**own, **incoming}
+        if _fingerprint(merged) == self._fingerprint:
+            return [], None
+        try:
+            dag = _dag_from_tensors(merged, merged["weight"], merged["bias"])
+            return [], self._derive(dag, _plan_from_tensors(merged, dag))
+        except Exception as e:  # GraphError, PlanError, KeyError, a kernel builder's RuntimeError ...
+            return [f"the IOSparseNetwork structure in the state is invalid ({type(e).__name__}: {e}); "
+                    "nothing of this module was loaded"], None
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        # All or nothing: validate first (a corrupt in_ptr copied in and found wrong afterwards would stay in
+        # the buffers, so state_dict() would return it and the kernel would read it), then copy, then
+        # install the structure-derived state.
+        problems, derived = self._check_state(state_dict, prefix)
+        if problems:
+            own = self._own_state()
+            missing_keys.extend(prefix + k for k in own if prefix + k not in state_dict)
+            if strict:
+                unexpected_keys.extend(k for k in state_dict if k.startswith(prefix) and k[len(prefix):] not in own)
+            error_msgs.extend(problems)
+            return
+        changed = {k: v.detach().clone() for k, v in self._own_state().items() if k in _STRUCTURE} \
+            if derived is not None else {}
+        n_errors = len(error_msgs)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        # A state of the same shapes may carry another structure or plan: rebuild what derives from it.
-        if not any(k.startswith(prefix) for k in missing_keys) and self._structure_fingerprint() != self._fingerprint:
-            try:
-                dag = self.to_dag()
-                from .iomodel import count_io
-                order = self.plan_order.cpu().numpy()
-                mem = int(self.plan_memory)
-                M = None if mem < 0 else mem
-                p = Plan(order, M, count_io(dag, order, M), _decode_method(self.plan_method), dag.structure_hash())
-                self.method = p.method
-                self._build_derived(dag, p)
-            except Exception as e:
-                error_msgs.append(f"loaded IOSparseNetwork structure is invalid: {e}")
+        if len(error_msgs) > n_errors:  # a copy failed after all: put the old structure back
+            with _ordinary_tensors():
+                for k, v in changed.items():
+                    self._buffers[k] = v
+            return
+        if derived is not None:
+            self._install_derived(derived)
 
     # -------------------------------------------------------------- views
     @property
