@@ -307,6 +307,11 @@ class SparseDAG:
         if not layers:
             raise GraphError("the module contains no nn.Linear layer")
 
+        for k, (lin, _) in enumerate(layers):
+            if lin.in_features == 0 or lin.out_features == 0:
+                what = "inputs (in_features=0)" if lin.in_features == 0 else "outputs (out_features=0)"
+                raise GraphError(f"Linear layer {k} ({lin!r}) has no {what}: a sparse network needs at least one "
+                                 "neuron in every layer")
         sizes = [layers[0][0].in_features]
         for k, (lin, _) in enumerate(layers):
             if lin.in_features != sizes[-1]:

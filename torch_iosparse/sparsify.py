@@ -63,6 +63,9 @@ class _Scan:
         if self.param_uses[id(w)] > 1 or self.module_uses[id(m)] > 1:
             self.skipped.append((name, "shared weight or module"))
             return False
+        if m.in_features == 0 or m.out_features == 0:  # nothing to compute (IOSparseNetwork rejects it)
+            self.skipped.append((name, f"zero-width layer ({m.in_features} -> {m.out_features})"))
+            return False
         if _has_user_hooks(m):
             self.skipped.append((name, "has forward hooks"))
             return False
@@ -195,9 +198,13 @@ def sparsify(model: nn.Module, **kwargs) -> nn.Module:
 def _deepcopy(model: nn.Module) -> nn.Module:
     # Pruned layers keep ``weight = weight_orig * weight_mask`` as a non-leaf tensor attribute, which
     # deepcopy refuses; the prune hook recomputes it on the next forward, so a detached copy is exact.
-    memo = {}
-    for m in model.modules():
-        for v in vars(m).values():
-            if isinstance(v, torch.Tensor) and not v.is_leaf:
-                memo[id(v)] = v.detach().clone()
-    return copy.deepcopy(model, memo)
+    # Copied outside inference mode (and without autograd): under torch.inference_mode() the copies would
+    # be inference tensors, so the converted copy could not be trained or updated in place afterwards,
+    # unlike the model it was made from (IOSparseNetwork makes its own tensors the same way).
+    with torch.inference_mode(False), torch.no_grad():
+        memo = {}
+        for m in model.modules():
+            for v in vars(m).values():
+                if isinstance(v, torch.Tensor) and not v.is_leaf:
+                    memo[id(v)] = v.detach().clone()
+        return copy.deepcopy(model, memo)
