@@ -4,7 +4,9 @@ An entry is keyed by the network's structure hash plus every planning argument (
 seed, time budget, extra keywords) and the plan-format version. Entries are plan files written by
 :meth:`Plan.save` (npz, no pickle, checksummed). A loaded entry is never trusted: its checksum, its
 structure hash and its order (a valid topological order, re-counted by the exact simulator and compared
-with the recorded I/O) are all checked; an entry that fails any check is ignored, deleted and rebuilt.
+with the recorded I/O) are all checked; an entry that fails any check is ignored, deleted and rebuilt. Only a
+regular file is read, and only as many bytes as a plan of the network can take (:meth:`Plan.load`): a FIFO,
+a device or a decompression bomb at an entry's path is a corrupt entry too.
 
 Location: ``$TORCH_IOSPARSE_CACHE`` when set, else ``~/.cache/torch_iosparse``. Set the variable to an
 empty string or ``0`` to disable the cache.
@@ -14,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from typing import Optional, Tuple
 
@@ -91,11 +92,7 @@ def cached_plan(dag: SparseDAG, memory: Optional[int], method: str = "two_optima
     p = planning.plan(dag, memory, method=method, seed=seed, time_budget=time_budget, **kwargs)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        # Atomic write: a concurrent reader sees the old entry or the new one, never half a file.
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
-        os.close(fd)
-        p.save(tmp)
-        os.replace(tmp, path)
+        p.save(path)  # atomic (a temporary file renamed over the entry): readers see the old or the new one
     except OSError as e:  # a read-only or full disk must not stop the user's model from building
         warnings.warn(f"could not write plan cache entry {path}: {e}", RuntimeWarning, stacklevel=3)
     return p, False

@@ -7,9 +7,13 @@ the DAG's structure hash and a checksum, so a plan is never silently applied to 
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import os
+import secrets
+import stat
+import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -47,29 +51,64 @@ class Plan:
 
     def save(self, path: str) -> None:
         """Write the plan to ``path`` (npz, no pickle) with format version, DAG hash and checksum.
-        ``info`` entries are kept when they are JSON-serialisable (numpy values become lists/numbers)."""
+        ``info`` entries are kept when they are JSON-serialisable (numpy values become lists/numbers).
+
+        The file is written under a temporary name in the same directory and then renamed over ``path``:
+        an existing plan is replaced whole or, if writing fails, kept as it was (never truncated)."""
         meta = {"format": PLAN_FORMAT, "version": PLAN_VERSION, "memory": self.memory, "method": self.method,
                 "dag_hash": self.dag_hash, "io": list(self.io.as_tuple()), "info": _jsonable(self.info)}
         order = np.ascontiguousarray(self.order, dtype=np.int64)
         meta_s = json.dumps(meta, sort_keys=True)
         checksum = hashlib.sha256(meta_s.encode() + order.tobytes()).hexdigest()
-        with open(path, "wb") as f:
-            np.savez(f, meta=np.array(meta_s), order=order, checksum=np.array(checksum))
+        path = os.fspath(path)
+        directory, name = os.path.split(os.path.abspath(path))
+        tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        # os.open with 0o666: the umask applies as for open(path, "wb"); O_EXCL: never follow or reuse a file
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, meta=np.array(meta_s), order=order, checksum=np.array(checksum))
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise
 
     @classmethod
     def load(cls, path: str, dag: Optional[SparseDAG] = None) -> "Plan":
-        """Read a plan saved by :meth:`save`; with ``dag``, also check it belongs to that network."""
+        """Read a plan saved by :meth:`save`; with ``dag``, also check it belongs to that network.
+
+        Only a regular file is opened (a FIFO or device at ``path`` raises PlanError instead of blocking),
+        and what is read is bounded: each member of the archive by the size it declares, which must not
+        exceed what a plan can need (for ``dag``: its computed neurons; else a multiple of the file size),
+        so a small file cannot inflate to gigabytes before it is rejected."""
+        path = os.fspath(path)
         if not os.path.exists(path):
             raise FileNotFoundError(path)
         try:
-            # open the file ourselves: np.load leaves its own handle open when the file is no npz
-            with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
-                meta_s = str(z["meta"])
-                order = np.array(z["order"], dtype=np.int64)
-                checksum = str(z["checksum"])
-            meta = json.loads(meta_s)
-        except Exception as e:  # zipfile, json, key and value errors all mean the same to the user
-            raise PlanError(f"{path} is not a readable torch_iosparse plan file ({type(e).__name__}: {e})") from None
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        except OSError as e:
+            raise PlanError(f"{path} cannot be opened ({e.strerror or e})") from None
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise PlanError(f"{path} is not a regular file (a plan file is an .npz written by Plan.save)")
+            limits = _member_limits(st.st_size, dag)
+            try:
+                arrays = _read_npz(f, limits)
+                meta_s = str(arrays["meta"])
+                order = np.array(arrays["order"], dtype=np.int64)
+                checksum = str(arrays["checksum"])
+                meta = json.loads(meta_s)
+                if not isinstance(meta, dict):
+                    raise ValueError("the metadata is not a JSON object")
+            except PlanError as e:
+                raise PlanError(f"{path}: {e}") from None
+            except Exception as e:  # zipfile, json, key and value errors all mean the same to the user
+                raise PlanError(f"{path} is not a readable torch_iosparse plan file "
+                                f"({type(e).__name__}: {e})") from None
         if meta.get("format") != PLAN_FORMAT:
             raise PlanError(f"{path} is not a torch_iosparse plan file")
         if meta.get("version") != PLAN_VERSION:
@@ -92,6 +131,42 @@ class Plan:
     def __repr__(self) -> str:
         return (f"Plan(method={self.method!r}, memory={self.memory}, io={self.io}, "
                 f"n_computed={len(self.order)})")
+
+
+# Members of a plan file and the size each may take once decompressed: the npy header (at most 64 KiB by
+# the npy format) plus the data. np.savez stores members uncompressed; a compressed member (e.g. from
+# np.savez_compressed) may expand at most _RATIO times the file size.
+_MEMBERS = ("meta", "order", "checksum")
+_NPY_HEADER = 1 << 16
+_RATIO = 64
+
+
+def _member_limits(file_size: int, dag: Optional[SparseDAG]) -> Dict[str, int]:
+    generic = _NPY_HEADER + _RATIO * int(file_size)
+    order = _NPY_HEADER + 8 * dag.n_computed if dag is not None else generic
+    return {"meta": generic, "order": order, "checksum": _NPY_HEADER + 4 * 64}
+
+
+def _read_npz(f, limits: Dict[str, int]) -> Dict[str, np.ndarray]:
+    """The arrays of an npz archive, reading at most ``limits[name]`` decompressed bytes per member."""
+    out = {}
+    with zipfile.ZipFile(f) as zf:
+        for name in _MEMBERS:
+            try:
+                info = zf.getinfo(name + ".npy")
+            except KeyError:
+                raise PlanError(f"the archive has no member {name!r}") from None
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise PlanError(f"member {name!r} uses an unsupported compression (type {info.compress_type})")
+            limit = limits[name]
+            if info.file_size > limit:
+                raise PlanError(f"member {name!r} declares {info.file_size} bytes, more than a plan of this size "
+                                f"can hold ({limit})")
+            # ZipExtFile never returns more than the declared size and decompresses in bounded steps
+            with zf.open(info) as m:
+                data = m.read(limit + 1)
+            out[name] = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    return out
 
 
 def _jsonable(info: Dict) -> Dict:
