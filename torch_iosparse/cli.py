@@ -10,8 +10,12 @@ MODEL_FILE is read with ``torch.load(weights_only=True)`` and may hold
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import pickle
 import sys
 import time
+import zipfile
 from typing import Dict, List, Tuple
 
 import torch
@@ -21,18 +25,41 @@ from .explain import explain, format_table, networks, rows
 from .module import IOSparseNetwork
 
 
+def _one_line(e: BaseException) -> str:
+    """``Type: first line of the message`` (library errors often span many lines)."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    if not lines:
+        return type(e).__name__
+    first = lines[0].split(". ")[0]  # the first sentence: torch's messages go on with advice
+    return f"{type(e).__name__}: {first}"
+
+
 def load_model_file(path: str, full_model: bool = False) -> nn.Module:
-    """An nn.Module holding the networks of ``path`` (see the module docstring)."""
+    """An nn.Module holding the networks of ``path`` (see the module docstring). A file that is missing or
+    holds no model raises SystemExit with a one-line message."""
+    if not os.path.exists(path):
+        raise SystemExit(f"{path}: no such file")
+    if not os.path.isfile(path):  # a directory, FIFO or device: torch.load would fail or block
+        raise SystemExit(f"{path}: not a regular file")
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f"{path}: empty file")
     try:
         obj = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:
+        torch_archive = zipfile.is_zipfile(path)  # what torch.save writes
         if not full_model:
-            raise SystemExit(f"{path}: not loadable with weights_only=True ({type(e).__name__}). If it is a whole "
-                             "model saved with torch.save(model) and you trust it, pass --full-model.")
-        obj = torch.load(path, weights_only=False, map_location="cpu")
+            if isinstance(e, pickle.UnpicklingError) and torch_archive:
+                raise SystemExit(f"{path}: not loadable with weights_only=True ({type(e).__name__}). If it is a whole "
+                                 "model saved with torch.save(model) and you trust it, pass --full-model.") from None
+            why = "cannot be unpickled" if isinstance(e, pickle.UnpicklingError) else _one_line(e)
+            raise SystemExit(f"{path}: not a file saved by torch.save ({why})") from None
+        try:
+            obj = torch.load(path, weights_only=False, map_location="cpu")
+        except Exception as e2:
+            raise SystemExit(f"{path}: not a file saved by torch.save ({_one_line(e2)})") from None
     if isinstance(obj, nn.Module):
         return obj
-    if isinstance(obj, dict) and all(isinstance(v, torch.Tensor) for v in obj.values()):
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         return _from_state_dict(obj, path)
     raise SystemExit(f"{path}: expected a state_dict or an nn.Module, got {type(obj).__name__}")
 
@@ -46,8 +73,9 @@ def _from_state_dict(sd: Dict[str, torch.Tensor], path: str) -> nn.Module:
         name = p.rstrip(".") or "(root)"
         try:
             holder[name.replace(".", "/")] = IOSparseNetwork.from_state_dict(sd, prefix=p, cache=False)
-        except (KeyError, ValueError) as e:  # GraphError / PlanError are ValueErrors
-            raise SystemExit(f"{path}: the IOSparseNetwork state {name!r} cannot be rebuilt: {e}") from None
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:  # GraphError / PlanError are ValueErrors
+            raise SystemExit(f"{path}: the IOSparseNetwork state {name!r} cannot be rebuilt: "
+                             f"{_one_line(e).split(': ', 1)[-1]}") from None
     if prefixes == [""]:
         return holder["(root)"]
     return holder
@@ -69,7 +97,6 @@ def cmd_plan(model: nn.Module, args) -> None:
         r_old["name"] = f"{name} (was)"
         table += [r_old, r_new]
         if args.save_dir:
-            import os
             os.makedirs(args.save_dir, exist_ok=True)
             out = os.path.join(args.save_dir, name.replace("/", ".").replace("(root)", "root") + ".plan.npz")
             replanned.plan().save(out)
@@ -113,7 +140,46 @@ def cmd_bench(model: nn.Module, args) -> None:
             print(f"{name:24s} {ts * 1e3:10.3f} {tr * 1e3:12.3f} {'-':>10s} {'-':>12s}")
 
 
+def _memory(s: str):
+    """--memory: 'auto', 'unbounded' or an integer number of slots >= 2 (checked while parsing)."""
+    from .iomodel import normalize_memory
+    word = s.strip().lower()
+    if word == "auto":
+        return "auto"
+    if word in ("unbounded", "inf", "infinite"):
+        return None
+    try:
+        slots = int(word)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r}: expected 'auto', 'unbounded' or an integer >= 2") from None
+    try:
+        return normalize_memory(slots)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _positive(kind):
+    def parse(s: str):
+        try:
+            v = kind(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"{s!r}: must be a positive number")
+        return v
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _methods():
+    from .module import _planning_methods
+    return _planning_methods()
+
+
 def main(argv: List[str] = None) -> int:
+    """Run the command line; returns the exit status. Bad options exit with status 2 (argparse's message), a
+    missing or unusable model file or an error the command meets (e.g. an unwritable --save-dir) print one
+    line to stderr and return 1."""
     ap = argparse.ArgumentParser(prog="python -m torch_iosparse", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -124,20 +190,27 @@ def main(argv: List[str] = None) -> int:
     p = sub.add_parser("explain", parents=[common], help="I/O table of every sparse network")
     p.add_argument("--plot", metavar="PNG", help="also draw I/O versus M with the bounds into this file")
     p = sub.add_parser("plan", parents=[common], help="re-plan every network and compare")
-    p.add_argument("--memory", default="auto", help="fast-memory slots, 'auto' or 'unbounded'")
-    p.add_argument("--method", default="two_optimal")
+    p.add_argument("--memory", default="auto", type=_memory, help="fast-memory slots, 'auto' or 'unbounded'")
+    p.add_argument("--method", default="two_optimal", choices=_methods())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--time-budget", type=float, default=None)
+    p.add_argument("--time-budget", type=_positive(float), default=None)
     p.add_argument("--no-cache", action="store_true")
     p.add_argument("--save-dir", help="write each new plan as a .plan.npz file here")
     p = sub.add_parser("bench", parents=[common], help="time each network against its reference and dense twins")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=_positive(int), default=256)
+    p.add_argument("--repeats", type=_positive(int), default=5)
     args = ap.parse_args(argv)
-    if getattr(args, "memory", None) not in (None, "auto", "unbounded"):
-        args.memory = int(args.memory)
-    model = load_model_file(args.model_file, args.full_model)
-    {"explain": cmd_explain, "plan": cmd_plan, "bench": cmd_bench}[args.command](model, args)
+    try:
+        model = load_model_file(args.model_file, args.full_model)
+        {"explain": cmd_explain, "plan": cmd_plan, "bench": cmd_bench}[args.command](model, args)
+    except SystemExit as e:
+        if not isinstance(e.code, str):
+            raise
+        print(f"{ap.prog}: error: {e.code}", file=sys.stderr)
+        return 1
+    except (OSError, ValueError) as e:  # e.g. an unwritable --save-dir or --plot path, a network that cannot be planned
+        print(f"{ap.prog}: error: {_one_line(e)}", file=sys.stderr)
+        return 1
     return 0
 
 
