@@ -617,26 +617,23 @@ T* scratch(int slot, int64_t count) {
 }
 
 // ------------------------------------------------------------------------------------------ program
-// One batch tile: NV vectors of 64 bytes per value (BT = NV * 64 / sizeof(T) columns).
-template <typename T>
-struct Vec64;
-template <>
-struct Vec64<float> {
-  typedef float type __attribute__((vector_size(64)));
-};
-template <>
-struct Vec64<double> {
-  typedef double type __attribute__((vector_size(64)));
+// One batch tile: NV vectors of VB bytes per value (BT = NV * VB / sizeof(T) columns). Each ISA's variant
+// uses its native width (AVX-512: 64, AVX2: 32, SSE2: 16 bytes): GCC lowers a wider generic vector into
+// a sequence of native ones but keeps it in memory across statements, which costs loads and stores in the
+// inner loops. Callers count a tile in 64-byte units (nv); each *_avx2 / *_generic wrapper scales it.
+template <typename T, int VB>
+struct Vec {
+  typedef T type __attribute__((vector_size(VB)));
 };
 
 // dst = act(acc). The cheap kinds stay in vector registers (the comparisons keep NaN, like PyTorch);
 // the transcendental ones go through the scalar formulas.
-template <typename T, int NV>
+template <typename T, int NV, int VB>
 __attribute__((always_inline)) inline void finish_vec_with(int8_t ac, T lo_s, T hi_s,
-                                                           const typename Vec64<T>::type* acc,
-                                                           typename Vec64<T>::type* dst) {
-  using V = typename Vec64<T>::type;
-  constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
+                                                           const typename Vec<T, VB>::type* acc,
+                                                           typename Vec<T, VB>::type* dst) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t BT = NV * int64_t(VB / sizeof(T));
   if (ac == ACT_RELU) {
     const V zero = V{};
     for (int j = 0; j < NV; ++j) dst[j] = acc[j] < zero ? zero : acc[j];
@@ -651,23 +648,23 @@ __attribute__((always_inline)) inline void finish_vec_with(int8_t ac, T lo_s, T 
     if (ac != ACT_IDENTITY) act_inplace<T>(ac, reinterpret_cast<T*>(dst), BT, lo_s, hi_s);
   }
 }
-template <typename T, int NV>
+template <typename T, int NV, int VB>
 __attribute__((always_inline)) inline void finish_vec(const Net& net, int64_t v,
-                                                      const typename Vec64<T>::type* acc,
-                                                      typename Vec64<T>::type* dst) {
-  finish_vec_with<T, NV>(net.act_code[v], T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]), acc, dst);
+                                                      const typename Vec<T, VB>::type* acc,
+                                                      typename Vec<T, VB>::type* dst) {
+  finish_vec_with<T, NV, VB>(net.act_code[v], T(net.act_param[2 * v]), T(net.act_param[2 * v + 1]), acc, dst);
 }
 
 // A group of G consecutive positions with identical sources read from identical slots (see
 // program.group_positions): every source vector is loaded once and multiplied into G accumulators.
 // Position i0's ops run in order (LOADs, eviction STOREs, FMAs for the whole group) up to its FINISH;
 // then each member's FINISH and STOREs run in order (the members' FMAs were done in the sweep).
-template <typename T, int NV, int G>
+template <typename T, int NV, int VB, int G>
 __attribute__((always_inline)) inline void program_group(const Net& net, int64_t i0, const T* __restrict w,
                                                          const T* __restrict b, T* __restrict slots,
                                                          T* __restrict slow) {
-  using V = typename Vec64<T>::type;
-  constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t BT = NV * int64_t(VB / sizeof(T));
   const int32_t* ops = net.prog_ops;
   V acc[G][NV];
   int64_t wofs[G];
@@ -734,7 +731,7 @@ __attribute__((always_inline)) inline void program_group(const Net& net, int64_t
       }
       if (o[0] == OP_FINISH) {
         V* dst = reinterpret_cast<V*>(slots + int64_t(o[1]) * BT);
-        finish_vec<T, NV>(net, v, acc[g], dst);
+        finish_vec<T, NV, VB>(net, v, acc[g], dst);
       } else if (o[0] == OP_STORE) {
         V* dst = reinterpret_cast<V*>(slow + int64_t(o[2]) * BT);
         const V* src = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
@@ -745,17 +742,17 @@ __attribute__((always_inline)) inline void program_group(const Net& net, int64_t
   }
 }
 
-template <typename T, int NV>
+template <typename T, int NV, int VB>
 __attribute__((always_inline)) inline void program_tile_body(const Net& net, const T* __restrict w,
                                                              const T* __restrict b, T* __restrict slots,
                                                              T* __restrict slow) {
   for (int64_t grp = 0; grp < net.n_groups; ++grp) {
     const int64_t i0 = net.prog_group_ptr[grp];
     switch (net.prog_group_ptr[grp + 1] - i0) {
-      case 1: program_group<T, NV, 1>(net, i0, w, b, slots, slow); break;
-      case 2: program_group<T, NV, 2>(net, i0, w, b, slots, slow); break;
-      case 3: program_group<T, NV, 3>(net, i0, w, b, slots, slow); break;
-      default: program_group<T, NV, 4>(net, i0, w, b, slots, slow); break;
+      case 1: program_group<T, NV, VB, 1>(net, i0, w, b, slots, slow); break;
+      case 2: program_group<T, NV, VB, 2>(net, i0, w, b, slots, slow); break;
+      case 3: program_group<T, NV, VB, 3>(net, i0, w, b, slots, slow); break;
+      default: program_group<T, NV, VB, 4>(net, i0, w, b, slots, slow); break;
     }
   }
 }
@@ -763,16 +760,16 @@ __attribute__((always_inline)) inline void program_tile_body(const Net& net, con
 template <typename T, int NV>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma,avx2"))) void program_tile_avx512(
     const Net& net, const T* w, const T* b, T* slots, T* slow) {
-  program_tile_body<T, NV>(net, w, b, slots, slow);
+  program_tile_body<T, NV, 64>(net, w, b, slots, slow);
 }
 template <typename T, int NV>
 __attribute__((target("avx2,fma"))) void program_tile_avx2(const Net& net, const T* w, const T* b, T* slots,
                                                            T* slow) {
-  program_tile_body<T, NV>(net, w, b, slots, slow);
+  program_tile_body<T, 2 * NV, 32>(net, w, b, slots, slow);
 }
 template <typename T, int NV>
 void program_tile_generic(const Net& net, const T* w, const T* b, T* slots, T* slow) {
-  program_tile_body<T, NV>(net, w, b, slots, slow);
+  program_tile_body<T, 4 * NV, 16>(net, w, b, slots, slow);
 }
 
 enum Isa { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
@@ -1075,11 +1072,11 @@ struct RowParams {
   int32_t code, row;  // activation; tile-buffer row the neuron is written to
 };
 
-template <typename T, int NV, int R>
+template <typename T, int NV, int VB, int R>
 __attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, const T* __restrict pw,
                                                      const RowParams<T>* __restrict rows, T* __restrict vals) {
-  using V = typename Vec64<T>::type;
-  constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t BT = NV * int64_t(VB / sizeof(T));
   const int64_t u0 = net.panel_ptr[p], u1 = net.panel_ptr[p + 1];
   const T* wp = pw + net.panel_edge_ptr[p];
   const int32_t* src = net.panel_src_row;
@@ -1103,38 +1100,38 @@ __attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, 
     }
   }
   for (int r = 0; r < R; ++r)
-    finish_vec_with<T, NV>(int8_t(rp[r].code), rp[r].lo, rp[r].hi, acc[r],
+    finish_vec_with<T, NV, VB>(int8_t(rp[r].code), rp[r].lo, rp[r].hi, acc[r],
                            reinterpret_cast<V*>(vals + int64_t(rp[r].row) * BT));
 }
 
-template <typename T, int NV>
+template <typename T, int NV, int VB>
 __attribute__((always_inline)) inline void panel_tile_body(const Net& net, const T* __restrict pw,
                                                            const RowParams<T>* __restrict rows, T* __restrict vals) {
   for (int64_t p = 0; p < net.n_panels; ++p) {
     switch (net.panel_row_ptr[p + 1] - net.panel_row_ptr[p]) {
-      case 1: panel_run<T, NV, 1>(net, p, pw, rows, vals); break;
-      case 2: panel_run<T, NV, 2>(net, p, pw, rows, vals); break;
-      case 3: panel_run<T, NV, 3>(net, p, pw, rows, vals); break;
-      case 4: panel_run<T, NV, 4>(net, p, pw, rows, vals); break;
-      case 5: panel_run<T, NV, 5>(net, p, pw, rows, vals); break;
-      case 6: panel_run<T, NV, 6>(net, p, pw, rows, vals); break;
-      case 7: panel_run<T, NV, 7>(net, p, pw, rows, vals); break;
-      default: panel_run<T, NV, 8>(net, p, pw, rows, vals); break;
+      case 1: panel_run<T, NV, VB, 1>(net, p, pw, rows, vals); break;
+      case 2: panel_run<T, NV, VB, 2>(net, p, pw, rows, vals); break;
+      case 3: panel_run<T, NV, VB, 3>(net, p, pw, rows, vals); break;
+      case 4: panel_run<T, NV, VB, 4>(net, p, pw, rows, vals); break;
+      case 5: panel_run<T, NV, VB, 5>(net, p, pw, rows, vals); break;
+      case 6: panel_run<T, NV, VB, 6>(net, p, pw, rows, vals); break;
+      case 7: panel_run<T, NV, VB, 7>(net, p, pw, rows, vals); break;
+      default: panel_run<T, NV, VB, 8>(net, p, pw, rows, vals); break;
     }
   }
 }
 template <typename T, int NV>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma,avx2"))) void panel_tile_avx512(
     const Net& net, const T* pw, const RowParams<T>* rows, T* vals) {
-  panel_tile_body<T, NV>(net, pw, rows, vals);
+  panel_tile_body<T, NV, 64>(net, pw, rows, vals);
 }
 template <typename T, int NV>
 __attribute__((target("avx2,fma"))) void panel_tile_avx2(const Net& net, const T* pw, const RowParams<T>* rows, T* vals) {
-  panel_tile_body<T, NV>(net, pw, rows, vals);
+  panel_tile_body<T, 2 * NV, 32>(net, pw, rows, vals);
 }
 template <typename T, int NV>
 void panel_tile_generic(const Net& net, const T* pw, const RowParams<T>* rows, T* vals) {
-  panel_tile_body<T, NV>(net, pw, rows, vals);
+  panel_tile_body<T, 4 * NV, 16>(net, pw, rows, vals);
 }
 template <typename T>
 using PanelFn = void (*)(const Net&, const T*, const RowParams<T>*, T*);
@@ -1390,11 +1387,11 @@ constexpr int64_t BLOCK_PAD_ROWS = 256;
 // Weights stream in block order (a cached copy, OrderedWeights). vals[n_neurons][BT] per column tile;
 // the chunks of a level run in parallel; rows start at their bias and are finished (activation) once all
 // their segments are done.
-template <typename T, int NV>
+template <typename T, int NV, int VB>
 __attribute__((always_inline)) inline void block_chunk_body(const Net& net, int64_t c, const T* __restrict pw,
                                                             const T* __restrict b, T* __restrict vals) {
-  using V = typename Vec64<T>::type;
-  constexpr int64_t BT = NV * int64_t(64 / sizeof(T));
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t BT = NV * int64_t(VB / sizeof(T));
   const int64_t r0 = net.block_chunk_row[c], r1 = net.block_chunk_row[c + 1];
   for (int64_t q = r0; q < r1; ++q) {
     const int64_t v = net.level_neuron[q];
@@ -1428,21 +1425,21 @@ __attribute__((always_inline)) inline void block_chunk_body(const Net& net, int6
   for (int64_t q = r0; q < r1; ++q) {
     const int64_t v = net.level_neuron[q];
     V* y = reinterpret_cast<V*>(vals + v * BT);
-    finish_vec<T, NV>(net, v, y, y);
+    finish_vec<T, NV, VB>(net, v, y, y);
   }
 }
 template <typename T, int NV>
 __attribute__((target("avx512f,avx512vl,avx512dq,avx512bw,fma,avx2"))) void block_chunk_avx512(
     const Net& net, int64_t c, const T* pw, const T* b, T* vals) {
-  block_chunk_body<T, NV>(net, c, pw, b, vals);
+  block_chunk_body<T, NV, 64>(net, c, pw, b, vals);
 }
 template <typename T, int NV>
 __attribute__((target("avx2,fma"))) void block_chunk_avx2(const Net& net, int64_t c, const T* pw, const T* b, T* vals) {
-  block_chunk_body<T, NV>(net, c, pw, b, vals);
+  block_chunk_body<T, 2 * NV, 32>(net, c, pw, b, vals);
 }
 template <typename T, int NV>
 void block_chunk_generic(const Net& net, int64_t c, const T* pw, const T* b, T* vals) {
-  block_chunk_body<T, NV>(net, c, pw, b, vals);
+  block_chunk_body<T, 4 * NV, 16>(net, c, pw, b, vals);
 }
 template <typename T>
 using BlockFn = void (*)(const Net&, int64_t, const T*, const T*, T*);
