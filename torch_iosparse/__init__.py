@@ -5,7 +5,7 @@ Inference* (2023): a network is a DAG of neurons computed in a fast memory of M 
 minimise the transfers (I/Os) between fast and slow memory. See docs/theory.md.
 
 Public API (shared/api.md): SparseDAG, count_io, lower_bound, upper_bound, plan / Plan, generate.*,
-IOSparseNetwork, sparsify / sparsify_, explain.
+IOSparseNetwork, sparsify / sparsify_, explain, tune (measured strategy choice, torch_iosparse.tuning).
 """
 import torch as _torch
 
@@ -19,7 +19,8 @@ from . import generate, ops
 from .module import IOSparseNetwork
 from .sparsify import sparsify, sparsify_
 from .explain import explain, plot_io_vs_memory
-from . import cache
+from . import cache, tuning
+from .tuning import tune
 
 if _torch.cuda.is_available():  # Triton kernels for iosparse::dag_forward / dag_backward on CUDA
     try:
@@ -34,4 +35,5 @@ __all__ = [
     "simulate", "simulate_reference", "trace", "topological_order", "normalize_memory",
     "Plan", "PlanError", "plan", "methods", "register_method", "brute_force_optimum", "all_topological_orders",
     "generate", "ops", "IOSparseNetwork", "sparsify", "sparsify_", "explain", "plot_io_vs_memory", "cache",
+    "tune", "tuning",
 ]

@@ -2,7 +2,9 @@
 
 ``explain(model)`` prints one row per :class:`IOSparseNetwork`: neurons, edges, fast memory M, batch
 tile BT, the lower bound LB, the planned I/O, the 2-optimal upper bound UB, the execution strategy the
-backend chose and the bytes one batch tile is predicted to move between slow and fast memory.
+backend chose, how many batch-size buckets were measured on this machine (torch_iosparse.tuning) and the
+bytes one batch tile is predicted to move between slow and fast memory; then, per network, the path each
+batch-size bucket runs, ``*`` marking the measured ones (the others come from the cost model).
 ``plot_io_vs_memory`` draws the planned I/O of a network as M varies, between its bounds.
 """
 from __future__ import annotations
@@ -35,11 +37,14 @@ def rows(model: nn.Module) -> List[Dict]:
     for name, net in networks(model):
         s = net.summary()
         itemsize = net.weight.element_size()
+        by_bucket = s["strategy_by_bucket"]
+        measured = sum(r["source"] == "measured" for r in by_bucket.values())
         out.append({"name": name, "neurons": s["n_neurons"], "edges": s["n_edges"],
                     "M": "inf" if s["memory"] is None else s["memory"], "BT": s["batch_tile"], "LB": s["lb"],
                     "IO": s["io"].total, "UB": s["ub"], "IO/LB": s["io"].total / s["lb"],
                     "strategy": s["strategy"], "method": s["method"],
-                    "bytes/tile": predicted_bytes(s, itemsize)})
+                    "tuned": f"{measured}/{len(by_bucket)}" if s["tuning"].startswith("on") else "off",
+                    "paths": by_bucket, "bytes/tile": predicted_bytes(s, itemsize)})
     return out
 
 
@@ -52,11 +57,12 @@ def _fmt_bytes(n: int) -> str:
 
 
 def format_table(table: List[Dict]) -> str:
-    cols = ["name", "neurons", "edges", "M", "BT", "LB", "IO", "UB", "IO/LB", "method", "strategy", "bytes/tile"]
+    cols = ["name", "neurons", "edges", "M", "BT", "LB", "IO", "UB", "IO/LB", "method", "strategy", "tuned",
+            "bytes/tile"]
     cells = [[str(c) for c in cols]]
     for r in table:
         cells.append([r["name"], str(r["neurons"]), str(r["edges"]), str(r["M"]), str(r["BT"]), str(r["LB"]),
-                      str(r["IO"]), str(r["UB"]), f"{r['IO/LB']:.3f}", r["method"], r["strategy"],
+                      str(r["IO"]), str(r["UB"]), f"{r['IO/LB']:.3f}", r["method"], r["strategy"], r["tuned"],
                       _fmt_bytes(r["bytes/tile"])])
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     lines = []
@@ -64,6 +70,12 @@ def format_table(table: List[Dict]) -> str:
         lines.append("  ".join(c.ljust(w) if i in (0, 9, 10) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))))
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    if table and all("paths" in r for r in table):
+        lines.append("path per batch-size bucket (* measured on this machine, else the cost model's):")
+        for r in table:
+            lines.append(f"  {r['name']}: " + ", ".join(
+                f"{b}{'+' if b == max(r['paths']) else ''} {p['path']}{'*' if p['source'] == 'measured' else ''}"
+                for b, p in sorted(r["paths"].items())))
     return "\n".join(lines)
 
 

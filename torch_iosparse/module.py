@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import activations as acts
-from . import hardware, ops
+from . import hardware, ops, tuning
 from .activations import Activation
 from .dag import GraphError, SparseDAG
 from .iomodel import IOCount, lower_bound, normalize_memory, upper_bound
@@ -252,7 +252,13 @@ class IOSparseNetwork(nn.Module):
         batch_tile: batch columns per tile (BT) for the kernel; default chosen by the backend.
         strategy: native kernel strategy (``"auto"`` picks per batch size; ``"program"`` always streams
             the planned schedule; ``"level"``/``"dense"``), see torch_iosparse/strategy.py.
-        cache: look up / store the plan in the on-disk plan cache (:mod:`torch_iosparse.cache`).
+        tune: with ``strategy="auto"``, the first call at a batch-size bucket (1, 2, 4, ..., 1024+) times the
+            paths the cost model deems plausible and keeps the fastest, on disk per machine
+            (:mod:`torch_iosparse.tuning`; :func:`torch_iosparse.tune` does it ahead of time, e.g. before
+            torch.compile). False: the cost model alone. Default: on unless ``IOSPARSE_TUNE=0`` when the
+            network is built.
+        cache: look up / store the plan in the on-disk plan cache (:mod:`torch_iosparse.cache`), and the
+            measured strategy choices (False: they live in this process only).
         cache_dir: cache directory (default ``$TORCH_IOSPARSE_CACHE`` or ``~/.cache/torch_iosparse``).
         train_bias: make the biases a Parameter (default: yes, unless built from Linear layers that all
             have ``bias=False``; then they stay a zero buffer, as in the source model).
@@ -275,7 +281,7 @@ class IOSparseNetwork(nn.Module):
                  plan: Optional[Plan] = None, seed: int = 0, time_budget: Optional[float] = None,
                  batch_tile: Optional[int] = None, strategy: str = "auto", cache: bool = True,
                  cache_dir: Optional[str] = None, train_bias: Optional[bool] = None,
-                 dtype: Optional[torch.dtype] = None, **plan_kwargs):
+                 dtype: Optional[torch.dtype] = None, tune: Optional[bool] = None, **plan_kwargs):
         super().__init__()
         if isinstance(dag_or_module, SparseDAG):
             dag = dag_or_module
@@ -286,6 +292,8 @@ class IOSparseNetwork(nn.Module):
         self.batch_tile = batch_tile
         self.strategy = strategy
         self.cache_hit = False
+        self._tune = tuning.enabled(tune)  # resolved now: IOSPARSE_TUNE is read when the network is built
+        self._tune_cache = cache_dir if cache else False
         if plan is None:
             if method not in _planning_methods():
                 raise ValueError(f"unknown planning method {method!r}; available: {', '.join(_planning_methods())}")
@@ -329,7 +337,8 @@ class IOSparseNetwork(nn.Module):
         numbers), computed without changing the module: :meth:`_install_derived` puts it in place."""
         with _ordinary_tensors():
             net = ops.prepare(dag, plan, batch_tile=_batch_tile(self.batch_tile, self.weight.dtype),
-                              strategy=self.strategy, dtype=self.weight.dtype)
+                              strategy=self.strategy, dtype=self.weight.dtype, tune=getattr(self, "_tune", False),
+                              tune_cache=getattr(self, "_tune_cache", None))
             dev = self.weight.device
             # copies: the op's buffers never share memory with the persistent buffers or the caller's DAG
             # (ops.prepare makes some of them from the DAG's arrays without copying)
@@ -346,8 +355,10 @@ class IOSparseNetwork(nn.Module):
             "memory": M, "method": plan.method, "io": plan.io, "lb": lower_bound(dag, M), "ub": upper_bound(dag, M),
             "batch_tile": int(net.meta["batch_tile"]), "strategy": _describe_strategy(net.meta),
         }
-        return {"buffers": buffers, "fixed": fixed, "meta": dict(net.meta), "summary": summary,
-                "method": plan.method}
+        tuner = net.info["tuner"]
+        tuner.meta = dict(net.meta)  # the module's own meta: the tuner updates its thresholds in place
+        return {"buffers": buffers, "fixed": fixed, "meta": tuner.meta, "summary": summary,
+                "method": plan.method, "tuner": tuner}
 
     def _install_derived(self, d: Dict) -> None:
         """Replace the op's buffers and the summary by those of :meth:`_derive`. The op's buffers are
@@ -360,6 +371,7 @@ class IOSparseNetwork(nn.Module):
             self.register_buffer("op_" + k, v, persistent=False)
         self._op_fixed = d["fixed"]
         self._op_meta: Dict = d["meta"]
+        self._tuner = d["tuner"]  # holds the same meta dict
         self._summary = d["summary"]
         self.method = d["method"]
         self._fingerprint = self._structure_fingerprint()
@@ -471,8 +483,32 @@ class IOSparseNetwork(nn.Module):
         return self._summary["io"]
 
     def summary(self) -> Dict:
-        """Sizes, plan and bounds as a dict (what :func:`torch_iosparse.explain` prints)."""
-        return dict(self._summary)
+        """Sizes, plan and bounds as a dict (what :func:`torch_iosparse.explain` prints). ``strategy``: the
+        kernel's rule for the weights' dtype at this thread count; ``strategy_by_bucket``: per batch-size
+        bucket the path that runs and whether it was "measured" or comes from the cost "model";
+        ``tuning``: whether buckets are measured on first use."""
+        s = dict(self._summary)
+        tuner, dt = self._tuner, self.weight.dtype
+        s["strategy"] = _describe_strategy(tuner.thresholds_meta(dt))
+        s["strategy_by_bucket"] = tuner.report(dt)
+        s["tuning"] = "on (measured on first use)" if tuner.enabled else \
+            "off (cost model)" if self.strategy == "auto" else "forced strategy"
+        return s
+
+    def _tune_bucket(self, b: int, dtype: torch.dtype, force: bool = False) -> Optional[Dict]:
+        """Measure bucket ``b`` for inputs of ``dtype`` now (torch_iosparse.tune); None when not tuned."""
+        tuner = self._tuner
+        if not tuner.enabled or self.weight.device.type != "cpu":
+            return None
+        bufs = {k: self._buffers["op_" + k] for k in self._op_keys}
+        with torch.no_grad():
+            bias_full = nn.functional.pad(self.bias, (self._summary["n_inputs"], 0))
+        return tuner.ensure(b, dtype, torch.get_num_threads(), self.weight, bias_full, bufs, force=force)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_tuner" not in self.__dict__ and "_op_meta" in self.__dict__:  # pickled before tuning existed
+            self._tuner = tuning.Tuner(self._op_meta, enabled=False)
 
     def to_dag(self) -> SparseDAG:
         """The network (with the current, possibly trained, weights) as a :class:`SparseDAG`."""
@@ -532,7 +568,14 @@ class IOSparseNetwork(nn.Module):
         # a fifth of a small net's call)
         buffers = self._buffers
         bufs = {k: buffers["op_" + k] for k in self._op_keys}
-        y = ops.dag_forward(x2.contiguous(), self.weight, bias_full, bufs, self._op_meta)
+        tuner = self._tuner
+        if torch.compiler.is_compiling():
+            meta = tuner.op_meta()  # a constant of the traced graph (see Tuner.op_meta)
+        else:
+            if tuner.enabled:  # measure a new batch-size bucket (eager only)
+                tuner.maybe_tune(x2, self.weight, bias_full, bufs)
+            meta = self._op_meta
+        y = ops.dag_forward(x2.contiguous(), self.weight, bias_full, bufs, meta)
         return y.reshape(*lead, self._summary["n_outputs"])
 
 

@@ -62,6 +62,11 @@ class CompiledNetwork:
     info: Dict = field(default_factory=dict)
 
     def forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``dag_forward`` with this network's buffers; measures the strategies of x's batch-size bucket
+        first when tuning is on and the bucket is new (torch_iosparse.tuning)."""
+        tuner = self.info.get("tuner")
+        if tuner is not None and tuner.enabled and not torch.compiler.is_compiling():
+            tuner.maybe_tune(x, weight, bias, self.buffers)
         return dag_forward(x, weight, bias, self.buffers, self.meta)
 
 
@@ -125,7 +130,8 @@ def structure_buffers(dag: SparseDAG) -> Dict[str, torch.Tensor]:
 
 def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, str, None] = "auto",
             batch_tile: Optional[int] = None, strategy: str = "auto", dtype: torch.dtype = torch.float32,
-            calibrate: bool = False, group_size: int = 4) -> CompiledNetwork:
+            calibrate: bool = False, group_size: int = 4, tune: Optional[bool] = None,
+            tune_cache: Union[str, bool, None] = None) -> CompiledNetwork:
     """Compile ``dag`` for :func:`dag_forward`.
 
     Args:
@@ -143,8 +149,14 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         dtype: the dtype the network will mostly run in (sizes BT and M; any float dtype still works).
         group_size: up to this many consecutive neurons with identical inputs are computed together
             (1..4; 1 disables grouping).
-        calibrate: with ``strategy="auto"``, time the strategies once on this machine instead of using
-            the cost model (strategy.calibrate; cached per network structure).
+        calibrate: with ``strategy="auto"``, time every strategy once on this machine at the model's batch
+            sizes instead of using the cost model (strategy.calibrate_thresholds; cached in memory).
+        tune: with ``strategy="auto"`` (and no ``calibrate``), refine the model's choice by measurement per
+            batch-size bucket (torch_iosparse.tuning): entries measured earlier on this machine are applied
+            now, new buckets are measured by :meth:`CompiledNetwork.forward` on first use. False: the cost
+            model alone. Default: on unless ``IOSPARSE_TUNE=0``.
+        tune_cache: where measured entries live: None (the cache folder, ``$TORCH_IOSPARSE_CACHE``), a
+            folder, or False (this process only).
     """
     from . import strategy as strategy_mod  # (the argument `strategy` shadows the module name)
 
@@ -199,6 +211,15 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         net.info["tile_choice"] = {b: (m, io.loads + io.stores, c) for b, (m, io, c) in tile_info.items()}
     if strategy == "auto":
         strategy_mod.configure(net, dag, calibrate=calibrate)
+    from . import tuning
+    on = strategy == "auto" and not calibrate and tuning.enabled(tune)
+    tuner = tuning.Tuner(net.meta, enabled=on, buffers=buffers if on else None,
+                         dense_weights=strategy_mod._dense_weights(net) if on else 0, directory=tune_cache)
+    tuner.preload(dtype)
+    measured = tuner.measured_buckets(dtype) if on else []
+    if measured:
+        net.info["strategy_source"] = f"measured at buckets {measured}, cost model elsewhere"
+    net.info["tuner"] = tuner
     return net
 
 

@@ -6,7 +6,13 @@ The kernel decides per call from batch thresholds stored in ``net.meta``:
 ``B >= dense_min_batch`` (layered nets) -> dense; ``B <= level_max_batch`` -> level path;
 ``B >= panel_min_batch`` -> panels; ``B >= block_min_batch`` -> source blocks; else program.
 :func:`configure` sets them from a small cost model (default) or from a one-off measurement on this
-machine (:func:`calibrate`, cached per network structure, dtype and thread count).
+machine (:func:`calibrate_thresholds`, cached in memory per network structure, dtype and thread count).
+torch_iosparse.tuning refines the model's choice by measurement, per batch-size bucket, cached on disk
+(:func:`thresholds_from_paths` turns its per-bucket winners into thresholds).
+
+The model's rates form a :class:`Profile`: the constants below are the defaults (fitted on the development
+machine, AVX-512); :func:`calibrate_profile` measures this machine's rates and saves them in the cache
+folder (``tuning/profile-<machine>.json``), and :func:`current_profile` reads them back for this machine.
 
 Cost model (seconds; rates measured on the development machine, see docs/cpu-kernel.md):
     program(B) = edges * ceil(B / 16) * 16 / (PROGRAM_RATE * min(threads, tiles)) + PROGRAM_OVERHEAD
@@ -34,9 +40,12 @@ The kernel's order of precedence: dense (B >= dense_min_batch), level (B <= leve
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+import os
 import time
-from typing import Dict, Iterable, Tuple
+from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
@@ -65,6 +74,98 @@ BLOCK_OVERHEAD = 40e-6
 _CACHE: Dict[Tuple, Tuple[int, int, int]] = {}
 
 
+@dataclasses.dataclass(frozen=True)
+class Profile:
+    """The cost model's machine-dependent rates (seconds, per thread). The defaults are the constants above
+    (the development machine); :func:`calibrate_profile` fits them on this machine. ``block_scale``
+    multiplies BLOCK_EDGE_COST and BLOCK_SEGMENT_COST; ``source`` says where the numbers come from."""
+
+    program_rate: float = PROGRAM_RATE
+    program_overhead: float = PROGRAM_OVERHEAD
+    level_rate: float = LEVEL_RATE
+    level_overhead: float = LEVEL_OVERHEAD
+    call_overhead: float = CALL_OVERHEAD
+    dense_rate: float = DENSE_RATE
+    scatter_cost: float = SCATTER_COST
+    panel_rate_l2: float = PANEL_RATE_L2
+    panel_rate_l2_full: float = PANEL_RATE_L2_FULL
+    panel_rate_l3: float = PANEL_RATE_L3
+    panel_overhead: float = PANEL_OVERHEAD
+    block_scale: float = 1.0
+    block_overhead: float = BLOCK_OVERHEAD
+    move_cost: float = 0.64e-9  # MOVE_COST (below)
+    source: str = "defaults"
+
+    def rates(self) -> Dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "source"}
+
+
+DEFAULT_PROFILE = Profile()
+PROFILE_FORMAT = 1
+_profile_override: Optional[Profile] = None
+_profile_memo: Dict[Tuple, Profile] = {}
+
+
+def profile_path(directory: Optional[str] = None) -> Optional[str]:
+    """Where this machine's profile lives (None when the cache is disabled)."""
+    from . import tuning
+    d = tuning.tuning_dir(directory)
+    return None if d is None else os.path.join(d, f"profile-{tuning.machine_hash()}.json")
+
+
+def set_profile(profile: Optional[Profile]) -> None:
+    """Use ``profile`` for every model evaluation of this process (None: this machine's saved profile, or
+    the defaults)."""
+    global _profile_override
+    _profile_override = profile
+
+
+def current_profile(directory: Optional[str] = None) -> Profile:
+    """The profile the cost model uses: :func:`set_profile`'s, else the one saved for this machine in the
+    cache folder (read once per process and folder), else :data:`DEFAULT_PROFILE`. A corrupt, truncated or
+    foreign (other machine) file is ignored."""
+    if _profile_override is not None:
+        return _profile_override
+    from . import cache
+    memo_key = (cache.cache_dir(directory), os.environ.get("IOSPARSE_ISA", ""))
+    p = _profile_memo.get(memo_key)
+    if p is None:
+        p = _profile_memo[memo_key] = load_profile(directory) or DEFAULT_PROFILE
+    return p
+
+
+def load_profile(directory: Optional[str] = None) -> Optional[Profile]:
+    """This machine's saved profile, or None (none saved, or the file is unusable)."""
+    from . import tuning
+    path = profile_path(directory)
+    if path is None:
+        return None
+    data = tuning.read_json(path)
+    try:
+        if data is None or data.get("format") != PROFILE_FORMAT or data.get("machine") != tuning.machine_key():
+            return None
+        rates = data["rates"]
+        names = set(DEFAULT_PROFILE.rates())
+        if set(rates) != names or not all(isinstance(v, (int, float)) and math.isfinite(v) and v > 0
+                                          for v in rates.values()):
+            return None
+        return Profile(**{k: float(v) for k, v in rates.items()}, source=f"calibrated ({path})")
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return None
+
+
+def save_profile(profile: Profile, directory: Optional[str] = None) -> Optional[str]:
+    """Write ``profile`` as this machine's (atomically); returns the path, None when the cache is disabled."""
+    from . import tuning
+    path = profile_path(directory)
+    if path is None:
+        return None
+    tuning.write_json(path, {"format": PROFILE_FORMAT, "machine": tuning.machine_key(), "rates": profile.rates(),
+                             "threads": torch.get_num_threads(), "created": time.time()})
+    _profile_memo.clear()
+    return path
+
+
 def level_columns(batch: int, fan_in: float = 1e9) -> float:
     """Batch-1 edge times per edge of the level path at ``batch`` (see the module docstring)."""
     if batch <= 1:
@@ -81,38 +182,48 @@ def _has_avx512() -> bool:
     return hardware.detect().isa == "avx512"
 
 
-def model_times(meta: Dict, batch: int, threads: int, dense_weights: int) -> Dict[str, float]:
-    """Predicted seconds of each strategy at ``batch`` (dense only for layered nets)."""
+def model_times(meta: Dict, batch: int, threads: int, dense_weights: int,
+                profile: Optional[Profile] = None) -> Dict[str, float]:
+    """Predicted seconds of each strategy at ``batch`` (dense only for layered nets), with ``profile``'s
+    rates (default: :func:`current_profile`)."""
+    p = profile or current_profile()
     edges = max(1, int(meta["n_edges"]))
     tiles = max(1, math.ceil(batch / 16))
     fan_in = edges / max(1, int(meta.get("n_neurons", 0)) - int(meta.get("n_inputs", 0)))
     t = {
-        "program": edges * tiles * 16 / (PROGRAM_RATE * min(threads, tiles)) + PROGRAM_OVERHEAD,
-        "level": edges * level_columns(batch, fan_in) / (LEVEL_RATE * threads) + int(meta["n_levels"]) * LEVEL_OVERHEAD
-        + CALL_OVERHEAD,
+        "program": edges * tiles * 16 / (p.program_rate * min(threads, tiles)) + p.program_overhead,
+        "level": edges * level_columns(batch, fan_in) / (p.level_rate * threads)
+        + int(meta["n_levels"]) * p.level_overhead + p.call_overhead,
     }
     if meta.get("layered") and dense_weights:
-        t["dense"] = dense_weights * batch / (DENSE_RATE * threads) + dense_weights * SCATTER_COST
+        t["dense"] = dense_weights * batch / (p.dense_rate * threads) + dense_weights * p.scatter_cost
     if panels_useful(meta):
-        from . import hardware
-        info = hardware.detect()
         tile = max(1, int(meta["panel_tile"]))
         ptiles = max(1, math.ceil(batch / tile))
-        working = 2 * int(meta.get("max_level_width", 0)) * tile * 4
-        rate = PANEL_RATE_L2 if working <= info.l2_bytes else PANEL_RATE_L2_FULL if working <= 4 * info.l2_bytes \
-            else PANEL_RATE_L3
-        t["panel"] = int(meta["panel_cells"]) * ptiles * tile / (rate * min(threads, ptiles)) + PANEL_OVERHEAD
+        t["panel"] = int(meta["panel_cells"]) * ptiles * tile / (panel_rate(meta, p) * min(threads, ptiles)) \
+            + p.panel_overhead
         moves = int(meta.get("loads", 0)) + int(meta.get("stores", 0))
-        t["program"] += moves * tiles * 16 * MOVE_COST / min(threads, tiles)
+        t["program"] += moves * tiles * 16 * p.move_cost / min(threads, tiles)
     if int(meta.get("block_chunks", 0)) > 0 and not panels_useful(meta):
         # Where panels share sources (RadiX-Net) they measured faster than blocks at every batch (1.3-1.7x
         # at N = 1024 / 4096, B = 16-256): blocks are for rows that share few sources.
-        t["block"] = block_time(meta, batch, threads)
+        t["block"] = block_time(meta, batch, threads, p)
     return t
 
 
-def block_time(meta: Dict, batch: int, threads: int) -> float:
+def panel_rate(meta: Dict, profile: Optional[Profile] = None) -> float:
+    """Panel cells x columns per second per thread: by where two levels of a tile live (L2, 4x L2, beyond)."""
+    from . import hardware
+    p = profile or current_profile()
+    info = hardware.detect()
+    working = 2 * int(meta.get("max_level_width", 0)) * max(1, int(meta["panel_tile"])) * 4
+    return p.panel_rate_l2 if working <= info.l2_bytes else p.panel_rate_l2_full if working <= 4 * info.l2_bytes \
+        else p.panel_rate_l3
+
+
+def block_time(meta: Dict, batch: int, threads: int, profile: Optional[Profile] = None) -> float:
     """Predicted seconds of the block path (see the module docstring)."""
+    p = profile or current_profile()
     nv = 1 if batch <= 16 else 2 if batch <= 32 else 4
     tile = 16 * nv
     tiles = max(1, math.ceil(batch / tile))
@@ -121,7 +232,7 @@ def block_time(meta: Dict, batch: int, threads: int) -> float:
     # Whole tiles per thread when there are enough of them, else the chunks of each level shared.
     chunks_per_level = max(1, int(meta["block_chunks"]) // max(1, int(meta["n_levels"])))
     parallel = min(threads, tiles if tiles >= threads else chunks_per_level)
-    return tiles * work * spill / parallel + BLOCK_OVERHEAD
+    return tiles * work * p.block_scale * spill / parallel + p.block_overhead
 
 
 def panels_useful(meta: Dict) -> bool:
@@ -177,26 +288,68 @@ def panel_threshold(times_by_batch: Dict[int, Dict[str, float]], level_max: int,
     return found
 
 
-def configure(net, dag=None, calibrate: bool = False, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 256, 1024)):
-    """Set ``net.meta['level_max_batch']``, ``['dense_min_batch']`` and ``['panel_min_batch']`` (cost
-    model or measurement)."""
+MODEL_BATCHES = (1, 2, 4, 8, 16, 32, 64, 256, 1024)
+
+
+def model_thresholds(meta: Dict, dense_weights: int, threads: int, batches: Iterable[int] = MODEL_BATCHES,
+                     profile: Optional[Profile] = None) -> Tuple[int, int, int, int]:
+    """(level_max_batch, dense_min_batch, panel_min_batch, block_min_batch) from the cost model evaluated at
+    ``batches``."""
+    times = {b: model_times(meta, b, threads, dense_weights, profile) for b in batches}
+    level_max, dense_min = thresholds_from(times)
+    panel_min = panel_threshold(times, level_max, dense_min)
+    block_min = panel_threshold(times, level_max, dense_min, "block", panel_min)
+    return level_max, dense_min, panel_min, block_min
+
+
+THRESHOLD_KEYS = ("level_max_batch", "dense_min_batch", "panel_min_batch", "block_min_batch")
+
+
+def thresholds_from_paths(paths: Dict[int, str]) -> Tuple[int, int, int, int]:
+    """Thresholds from the path to run per batch-size bucket (``{1: "level", 2: "level", 4: "block", ...}``,
+    bucket b covering b .. next bucket - 1, the last one every larger batch): the level range is the prefix
+    of level buckets, dense the suffix of dense buckets, then the panel and block suffixes below it (the
+    kernel's precedence). Buckets that do not fit that shape run what the thresholds give them."""
+    bs = sorted(paths)
+    level_max = 0
+    for i, b in enumerate(bs):
+        if paths[b] != "level":
+            break
+        level_max = bs[i + 1] - 1 if i + 1 < len(bs) else NEVER
+    dense_min = NEVER
+    for b in reversed(bs):
+        if paths[b] != "dense":
+            break
+        dense_min = b
+
+    def suffix(name: str, above: int) -> int:
+        found = NEVER
+        for b in reversed(bs):
+            if b >= dense_min or b >= above:
+                continue
+            if b <= level_max or paths[b] != name:
+                break
+            found = b
+        return found
+
+    panel_min = suffix("panel", NEVER)
+    return level_max, dense_min, panel_min, suffix("block", panel_min)
+
+
+def configure(net, dag=None, calibrate: bool = False, batches: Iterable[int] = MODEL_BATCHES):
+    """Set ``net.meta['level_max_batch']``, ``['dense_min_batch']``, ``['panel_min_batch']`` and
+    ``['block_min_batch']`` (cost model or measurement)."""
     threads = torch.get_num_threads()
     if calibrate:
-        level_max, dense_min, panel_min, block_min = calibrate_thresholds(net, batches=batches)
+        thresholds = calibrate_thresholds(net, batches=batches)
     else:
-        dw = _dense_weights(net)
-        times = {b: model_times(net.meta, b, threads, dw) for b in batches}
-        level_max, dense_min = thresholds_from(times)
-        panel_min = panel_threshold(times, level_max, dense_min)
-        block_min = panel_threshold(times, level_max, dense_min, "block", panel_min)
-    net.meta["level_max_batch"] = int(level_max)
-    net.meta["dense_min_batch"] = int(dense_min)
-    net.meta["panel_min_batch"] = int(panel_min)
-    net.meta["block_min_batch"] = int(block_min)
+        thresholds = model_thresholds(net.meta, _dense_weights(net), threads, batches)
+    for k, v in zip(THRESHOLD_KEYS, thresholds):
+        net.meta[k] = int(v)
     net.info["strategy_source"] = "measured" if calibrate else "cost model"
 
 
-def calibrate_thresholds(net, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 256, 1024),
+def calibrate_thresholds(net, batches: Iterable[int] = MODEL_BATCHES,
                          dtype: torch.dtype = torch.float32, repeats: int = 3, max_seconds: float = 20.0):
     """Time every strategy at each batch size once (best of ``repeats``) and derive the thresholds.
     Cached per (network structure, dtype, threads). Stops growing the batch when a sweep point takes
@@ -234,6 +387,106 @@ def calibrate_thresholds(net, batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 
     net.info["calibration"] = times
     _CACHE[key] = result
     return result
+
+
+def _calibration_nets():
+    """The networks :func:`calibrate_profile` times: a pruned MLP 512-512-512-512 at 10 % density (program,
+    level, dense and block paths), a RadiX-Net of width 1024, depth 3 (panels) and an 8-8-8 MLP (per-call
+    costs)."""
+    from . import generate, ops
+    from .dag import SparseDAG
+
+    def mlp(width: int, density: float):
+        g = torch.Generator().manual_seed(0)
+        layers = []
+        for k in range(3):
+            lin = torch.nn.Linear(width, width)
+            with torch.no_grad():
+                mask = torch.rand(width, width, generator=g) < density
+                lin.weight.mul_(mask).add_(mask * 1e-3)  # no accidental zeros inside the pattern
+            layers += [lin, torch.nn.ReLU()]
+        return ops.prepare(SparseDAG.from_module(torch.nn.Sequential(*layers[:-1])), tune=False)
+
+    return mlp(512, 0.1), ops.prepare(generate.radix_net(1024, 3), tune=False), mlp(8, 1.0)
+
+
+def calibrate_profile(save: bool = True, directory: Optional[str] = None, repeats: int = 5) -> Profile:
+    """Fit the cost model's per-thread rates on this machine, on one thread (about a second): per-call costs
+    of the program and level paths on a tiny net; the program rate (two batch sizes) and the level rate
+    (batch 1) on a pruned MLP with those costs taken off; the dense rate and scatter cost from two batch
+    sizes; one speed factor each for the panel rates and the block costs (measured / predicted with the
+    defaults). Each time is the best of 3 rounds of ``repeats`` calls. Values outside 1/20 .. 20x the
+    defaults are not trusted (the default is kept). With ``save``, written to the cache folder as this
+    machine's profile, which :func:`current_profile` (so every later cost-model evaluation, in this and later
+    processes) then uses. The model's division by the thread count stays an assumption; the per-bucket
+    measurements of torch_iosparse.tuning run at the caller's thread count."""
+    saved_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # per-thread rates, free of waits on a descheduled helper thread
+    try:
+        profile = _fit_profile(repeats)
+    finally:
+        torch.set_num_threads(saved_threads)
+    if save:
+        path = save_profile(profile, directory)
+        if path is not None:
+            profile = dataclasses.replace(profile, source=f"calibrated ({path})")
+    return profile
+
+
+def _fit_profile(repeats: int) -> Profile:
+    from . import ops
+    from .tuning import time_call
+
+    d = DEFAULT_PROFILE
+    mlp, radix, tiny = _calibration_nets()
+
+    def measure(net, path: str, batch: int) -> float:
+        g = torch.Generator().manual_seed(batch)
+        w = torch.randn(int(net.meta["n_edges"]), generator=g) * 0.05
+        b = torch.zeros(int(net.meta["n_neurons"]))
+        x = torch.randn(batch, int(net.meta["n_inputs"]), generator=g)
+        meta = dict(net.meta, strategy=ops.STRATEGIES[path])
+        with torch.no_grad():
+            return min(time_call(lambda: ops.dag_forward(x, w, b, net.buffers, meta), repeats) for _ in range(3))
+
+    def trusted(value: float, default: float) -> float:
+        return value if math.isfinite(value) and default / 20 <= value <= default * 20 else default
+
+    rates = d.rates()
+    # per-call costs: a tiny net's time is almost all of it
+    rates["program_overhead"] = trusted(measure(tiny, "program", 16), d.program_overhead)
+    level_fixed = int(tiny.meta["n_levels"]) * d.level_overhead
+    rates["call_overhead"] = trusted(measure(tiny, "level", 1) - level_fixed, d.call_overhead)
+    # program: t = edges * 16 * tiles / rate + overhead (one thread), at 1 and 16 tiles
+    edges = int(mlp.meta["n_edges"])
+    work = sum(edges * 16 * tiles for tiles in (1, 16))
+    busy = sum(measure(mlp, "program", 16 * tiles) for tiles in (1, 16)) - 2 * rates["program_overhead"]
+    if busy > 0:
+        rates["program_rate"] = trusted(work / busy, d.program_rate)
+    # level at batch 1: t = edges / rate + levels * level_overhead + call_overhead
+    busy = measure(mlp, "level", 1) - int(mlp.meta["n_levels"]) * d.level_overhead - rates["call_overhead"]
+    if busy > 0:
+        rates["level_rate"] = trusted(edges / busy, d.level_rate)
+    # dense: t = dense_weights * (B / rate + scatter), at B = 16 and 256
+    dw = _dense_weights(mlp)
+    t16, t256 = measure(mlp, "dense", 16), measure(mlp, "dense", 256)
+    if t256 > t16:
+        rate = trusted(dw * 240 / (t256 - t16), d.dense_rate)
+        rates["dense_rate"] = rate
+        rates["scatter_cost"] = trusted((t16 - dw * 16 / rate) / dw, d.scatter_cost)
+    # block (B = 64) and panels (RadiX-Net, B = 64): one speed factor against the default prediction
+    predicted = block_time(mlp.meta, 64, 1, d) - d.block_overhead
+    t = measure(mlp, "block", 64) - d.block_overhead
+    if t > 0 and predicted > 0:
+        rates["block_scale"] = trusted(t / predicted, 1.0)
+    if panels_useful(radix.meta):
+        predicted = model_times(radix.meta, 64, 1, 0, d)["panel"] - d.panel_overhead
+        t = measure(radix, "panel", 64) - d.panel_overhead
+        if t > 0 and predicted > 0:
+            factor = trusted(predicted / t, 1.0)
+            for k in ("panel_rate_l2", "panel_rate_l2_full", "panel_rate_l3"):
+                rates[k] = getattr(d, k) * factor
+    return Profile(**rates, source="calibrated")
 
 
 def chosen(meta: Dict, batch: int) -> str:
