@@ -269,11 +269,13 @@ void validate_program(const Net& n) {
         if (k >= n.prog_op_ptr[i0 + g + 1] || n.prog_ops[3 * k] != OP_FMA) corrupt_buffers("grouped position ops");
     }
     int64_t k = n.prog_op_ptr[i0], fmas = 0;
+    std::vector<int32_t> fma_slot;  // slot of each of i0's FMAs (members read the same, maybe later)
     bool finished = false;
     for (const int64_t end = n.prog_op_ptr[i0 + 1]; k < end && !finished; ++k) {
       const int32_t* o = n.prog_ops + 3 * k;
       if (o[0] == OP_FMA) {
         if (o[2] != n.in_ptr[v0] + fmas++ || slot[o[1]] != n.in_src[o[2]]) corrupt_buffers("program FMA reads a wrong value");
+        fma_slot.push_back(o[1]);
       } else if (o[0] == OP_LOAD) {
         if (row[o[1]] < 0) corrupt_buffers("program loads a row never written");
         slot[o[2]] = row[o[1]];
@@ -287,6 +289,11 @@ void validate_program(const Net& n) {
     if (!finished || fmas != deg) corrupt_buffers("program position without all its FMAs and a FINISH");
     for (int64_t g = 0; g < G; ++g) {
       const int64_t i = i0 + g, v = n.prog_neuron[i];
+      // A member may also run as the first of a sub-group (program_tile_body): its own FMAs then read these
+      // slots at its own time, so they must name i0's slots and still hold its sources here.
+      for (int64_t t = 0; g > 0 && t < deg; ++t)
+        if (n.prog_ops[3 * (n.prog_op_ptr[i] + t) + 1] != fma_slot[t] || slot[fma_slot[t]] != n.in_src[n.in_ptr[v] + t])
+          corrupt_buffers("grouped position's sources not in its slots");
       for (int64_t kk = g == 0 ? k : n.prog_op_ptr[i] + deg, e = n.prog_op_ptr[i + 1]; kk < e; ++kk) {
         const int32_t* o = n.prog_ops + 3 * kk;
         if (o[0] == OP_FINISH) slot[o[1]] = v;
@@ -625,6 +632,17 @@ template <typename T, int VB>
 struct Vec {
   typedef T type __attribute__((vector_size(VB)));
 };
+// Register tiles: accumulators per inner loop stay within the ISA's vector registers (AVX-512: 32 of
+// which 28, AVX2: 16 of which 11; SSE2 has no FMA and needs a temporary per product: 8), the rest holding
+// source vectors and broadcast weights, so no accumulator spills to the stack (checked in the
+// disassembly, docs/cpu-kernel.md "Register tiles").
+constexpr int accumulator_registers(int VB) { return VB == 64 ? 28 : VB == 32 ? 11 : 8; }
+// The widest strip of a tile's NV vectors (a power of two dividing NV) whose R rows of accumulators fit.
+constexpr int register_strip(int NV, int R, int VB) {
+  int s = NV;
+  while (s > 1 && s * R > accumulator_registers(VB)) s /= 2;
+  return s;
+}
 
 // dst = act(acc). The cheap kinds stay in vector registers (the comparisons keep NaN, like PyTorch);
 // the transcendental ones go through the scalar formulas.
@@ -693,9 +711,12 @@ __attribute__((always_inline)) inline void program_group(const Net& net, int64_t
       const V* s = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
       const T* we = w + o[2];
       T wv[G];
+#pragma GCC unroll 64
       for (int g = 0; g < G; ++g) wv[g] = we[wofs[g]];
+#pragma GCC unroll 64
       for (int j = 0; j < NV; ++j) {
         const V sv = s[j];
+#pragma GCC unroll 64
         for (int g = 0; g < G; ++g) acc[g][j] += wv[g] * sv;
       }
     } else if (code == OP_LOAD) {
@@ -718,6 +739,14 @@ __attribute__((always_inline)) inline void program_group(const Net& net, int64_t
       break;  // FINISH of i0: all FMAs of the group are done
     }
   }
+  // The members' FINISHes index the sums by a run-time g: copied out first, so that acc itself is only ever
+  // indexed by constants and stays in registers through the op loop (else GCC keeps it on the stack: a load
+  // and a store per FMA).
+  V sums[G][NV];
+#pragma GCC unroll 64
+  for (int g = 0; g < G; ++g)
+#pragma GCC unroll 64
+    for (int j = 0; j < NV; ++j) sums[g][j] = acc[g][j];
   for (int g = 0; g < G; ++g) {
     const int64_t i = i0 + g, v = net.prog_neuron[i];
     // Members' ops are [FMA x indegree, FINISH, STORE...] (program.group_positions): skip the FMAs.
@@ -731,7 +760,7 @@ __attribute__((always_inline)) inline void program_group(const Net& net, int64_t
       }
       if (o[0] == OP_FINISH) {
         V* dst = reinterpret_cast<V*>(slots + int64_t(o[1]) * BT);
-        finish_vec<T, NV, VB>(net, v, acc[g], dst);
+        finish_vec<T, NV, VB>(net, v, sums[g], dst);
       } else if (o[0] == OP_STORE) {
         V* dst = reinterpret_cast<V*>(slow + int64_t(o[2]) * BT);
         const V* src = reinterpret_cast<const V*>(slots + int64_t(o[1]) * BT);
@@ -746,13 +775,18 @@ template <typename T, int NV, int VB>
 __attribute__((always_inline)) inline void program_tile_body(const Net& net, const T* __restrict w,
                                                              const T* __restrict b, T* __restrict slots,
                                                              T* __restrict slow) {
+  // A group whose G x NV accumulators would not fit the registers runs as consecutive sub-groups of at most
+  // GMAX positions: each member's own ops start with its FMAs over the same slots (validate_program), and
+  // the slots hold the same values from the group's first FMA to its last member's FINISH.
+  constexpr int GMAX = std::max(1, std::min(4, accumulator_registers(VB) / NV));
   for (int64_t grp = 0; grp < net.n_groups; ++grp) {
-    const int64_t i0 = net.prog_group_ptr[grp];
-    switch (net.prog_group_ptr[grp + 1] - i0) {
-      case 1: program_group<T, NV, VB, 1>(net, i0, w, b, slots, slow); break;
-      case 2: program_group<T, NV, VB, 2>(net, i0, w, b, slots, slow); break;
-      case 3: program_group<T, NV, VB, 3>(net, i0, w, b, slots, slow); break;
-      default: program_group<T, NV, VB, 4>(net, i0, w, b, slots, slow); break;
+    for (int64_t i0 = net.prog_group_ptr[grp], end = net.prog_group_ptr[grp + 1]; i0 < end; i0 += GMAX) {
+      switch (std::min<int64_t>(GMAX, end - i0)) {
+        case 1: program_group<T, NV, VB, 1>(net, i0, w, b, slots, slow); break;
+        case 2: program_group<T, NV, VB, std::min(2, GMAX)>(net, i0, w, b, slots, slow); break;
+        case 3: program_group<T, NV, VB, std::min(3, GMAX)>(net, i0, w, b, slots, slow); break;
+        default: program_group<T, NV, VB, GMAX>(net, i0, w, b, slots, slow); break;
+      }
     }
   }
 }
@@ -1080,28 +1114,34 @@ __attribute__((always_inline)) inline void panel_run(const Net& net, int64_t p, 
   const int64_t u0 = net.panel_ptr[p], u1 = net.panel_ptr[p + 1];
   const T* wp = pw + net.panel_edge_ptr[p];
   const int32_t* src = net.panel_src_row;
-  V acc[R][NV];
   // Panels two ahead write scattered rows (permuted layers): fetch those for writing now.
   const int64_t row_end = net.panel_row_ptr[p] + 2 * R;
   for (int r = 0; r < R && row_end + r < net.n_computed; ++r)
     __builtin_prefetch(vals + int64_t(rows[row_end + r].row) * BT, 1);
   const RowParams<T>* rp = rows + net.panel_row_ptr[p];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < NV; ++j) acc[r][j] = V{} + rp[r].bias;
   // Sources PANEL_PREFETCH columns ahead (into the next panels) are prefetched: most come from L1 (shared
   // with the previous panel), the new ones from L2/L3 at rows the hardware prefetcher cannot guess.
   const int64_t last = net.panel_ptr[net.n_panels] - 1;
-  for (int64_t u = u0; u < u1; ++u, wp += R) {
-    __builtin_prefetch(vals + int64_t(src[std::min(u + PANEL_PREFETCH, last)]) * BT);
-    const V* s = reinterpret_cast<const V*>(vals + int64_t(src[u]) * BT);
-    for (int j = 0; j < NV; ++j) {
-      const V sv = s[j];
-      for (int r = 0; r < R; ++r) acc[r][j] += wp[r] * sv;
+  // R rows x NV vectors may not fit the registers (AVX2: 8 rows x 2 vectors already fill them): the tile
+  // is done in strips of S vectors, the panel's sources and weights read again per strip (from L1).
+  constexpr int S = register_strip(NV, R, VB);
+  for (int j0 = 0; j0 < NV; j0 += S) {
+    V acc[R][S];
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < S; ++j) acc[r][j] = V{} + rp[r].bias;
+    const T* wu = wp;
+    for (int64_t u = u0; u < u1; ++u, wu += R) {
+      if (j0 == 0) __builtin_prefetch(vals + int64_t(src[std::min(u + PANEL_PREFETCH, last)]) * BT);
+      const V* s = reinterpret_cast<const V*>(vals + int64_t(src[u]) * BT) + j0;
+      for (int j = 0; j < S; ++j) {
+        const V sv = s[j];
+        for (int r = 0; r < R; ++r) acc[r][j] += wu[r] * sv;
+      }
     }
+    for (int r = 0; r < R; ++r)
+      finish_vec_with<T, S, VB>(int8_t(rp[r].code), rp[r].lo, rp[r].hi, acc[r],
+                                reinterpret_cast<V*>(vals + int64_t(rp[r].row) * BT) + j0);
   }
-  for (int r = 0; r < R; ++r)
-    finish_vec_with<T, NV, VB>(int8_t(rp[r].code), rp[r].lo, rp[r].hi, acc[r],
-                           reinterpret_cast<V*>(vals + int64_t(rp[r].row) * BT));
 }
 
 template <typename T, int NV, int VB>
@@ -1413,14 +1453,19 @@ __attribute__((always_inline)) inline void block_chunk_body(const Net& net, int6
     }
     V* y = reinterpret_cast<V*>(vals + int64_t(seg[0]) * BT);
     const T* xb = vals + int64_t(seg[1]) * BT;
-    V acc[NV];
-    for (int j = 0; j < NV; ++j) acc[j] = y[j];
-    for (const int64_t end = k + seg[2]; k < end; ++k) {
-      const V* s = reinterpret_cast<const V*>(xb + int64_t(local[k]) * BT);
-      const T wv = pw[k];
-      for (int j = 0; j < NV; ++j) acc[j] += wv * s[j];
+    const int64_t end = k + seg[2];
+    constexpr int S = register_strip(NV, 1, VB);  // SSE2 at 64 columns: two strips of 8 vectors
+    for (int j0 = 0; j0 < NV; j0 += S) {
+      V acc[S];
+      for (int j = 0; j < S; ++j) acc[j] = y[j0 + j];
+      for (int64_t kk = k; kk < end; ++kk) {
+        const V* s = reinterpret_cast<const V*>(xb + int64_t(local[kk]) * BT) + j0;
+        const T wv = pw[kk];
+        for (int j = 0; j < S; ++j) acc[j] += wv * s[j];
+      }
+      for (int j = 0; j < S; ++j) y[j0 + j] = acc[j];
     }
-    for (int j = 0; j < NV; ++j) y[j] = acc[j];
+    k = end;
   }
   for (int64_t q = r0; q < r1; ++q) {
     const int64_t v = net.level_neuron[q];
