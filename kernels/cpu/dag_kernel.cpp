@@ -1609,10 +1609,40 @@ __attribute__((target("avx512f"))) float dot_gather_avx512(const float* w, const
   return acc;
 }
 
+// The same with AVX2 gathers: 8 edges per step, four accumulators (the gather latency is long).
+__attribute__((target("avx2,fma"))) float dot_gather_avx2(const float* w, const int32_t* idx, const float* vals,
+                                                         int64_t n, uint32_t bound, uint32_t& bad) {
+  __m256 a[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+  const __m256i lim = _mm256_set1_epi32(int32_t(std::min<uint32_t>(bound, INT32_MAX))), minus1 = _mm256_set1_epi32(-1);
+  __m256i ok = _mm256_set1_epi32(-1);  // lanes whose indices were all in range
+  int64_t e = 0;
+  for (; e + 32 <= n; e += 32) {
+    _mm_prefetch(reinterpret_cast<const char*>(w + e + DOT_PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(w + e + DOT_PREFETCH + 16), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(idx + e + DOT_PREFETCH), _MM_HINT_T0);
+    _mm_prefetch(reinterpret_cast<const char*>(idx + e + DOT_PREFETCH + 16), _MM_HINT_T0);
+    for (int q = 0; q < 4; ++q) {
+      const __m256i i = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(idx + e + 8 * q));
+      const __m256i in = _mm256_and_si256(_mm256_cmpgt_epi32(lim, i), _mm256_cmpgt_epi32(i, minus1));
+      ok = _mm256_and_si256(ok, in);
+      const __m256 g = _mm256_mask_i32gather_ps(_mm256_setzero_ps(), vals, i, _mm256_castsi256_ps(in), 4);
+      a[q] = _mm256_fmadd_ps(_mm256_loadu_ps(w + e + 8 * q), g, a[q]);
+    }
+  }
+  bad |= uint32_t(_mm256_movemask_ps(_mm256_castsi256_ps(ok)) != 0xFF);
+  const __m256 s = _mm256_add_ps(_mm256_add_ps(a[0], a[1]), _mm256_add_ps(a[2], a[3]));
+  const __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  const __m128 h2 = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  float acc = _mm_cvtss_f32(_mm_add_ss(h2, _mm_shuffle_ps(h2, h2, 1)));
+  for (; e < n; ++e) acc += w[e] * vals[guarded(idx[e], bound, bad)];
+  return acc;
+}
+
 template <typename T>
 inline T dot_gather(const T* w, const int32_t* idx, const T* vals, int64_t n, uint32_t bound, uint32_t& bad) {
   if constexpr (std::is_same<T, float>::value) {
     if (detect_isa() == ISA_AVX512) return dot_gather_avx512(w, idx, vals, n, bound, bad);
+    if (detect_isa() == ISA_AVX2) return dot_gather_avx2(w, idx, vals, n, bound, bad);
   }
   // Eight independent partial sums: one chain would be bound by the add latency, not the loads.
   T part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -1672,6 +1702,64 @@ __attribute__((target("avx512f"))) void wide_batch_row_avx512(const float* w, co
   for (int k = 0; k < NV; ++k) _mm512_mask_storeu_ps(acc + 16 * k, m[k], _mm512_add_ps(a[k], c[k]));
 }
 
+// acc[0..nc) = bias + sum_e w[e] * vals[src(e) * B + c0 + c]: the batch columns vectorised by the compiler,
+// one variant per ISA (columns_avx2 / columns_generic).
+template <typename T>
+__attribute__((always_inline)) inline void level_columns_body(const Net& net, int64_t e0, int64_t e1, int64_t B,
+                                                             int64_t c0, int64_t nc, const T* __restrict w, T bias,
+                                                             const T* __restrict vals, T* __restrict acc,
+                                                             uint32_t& bad) {
+  const uint32_t bound = uint32_t(net.n_neurons);
+  for (int64_t c = 0; c < nc; ++c) acc[c] = bias;
+  for (int64_t e = e0; e < e1; ++e) {
+    const T wv = w[e];
+    const T* src = vals + guarded(net.in_src[e], bound, bad) * B + c0;
+    for (int64_t c = 0; c < nc; ++c) acc[c] += wv * src[c];
+  }
+}
+template <typename T>
+__attribute__((target("avx2,fma"))) void level_columns_avx2(const Net& net, int64_t e0, int64_t e1, int64_t B, int64_t c0,
+                                                            int64_t nc, const T* w, T bias, const T* vals, T* acc,
+                                                            uint32_t& bad) {
+  level_columns_body<T>(net, e0, e1, B, c0, nc, w, bias, vals, acc, bad);
+}
+template <typename T>
+void level_columns_generic(const Net& net, int64_t e0, int64_t e1, int64_t B, int64_t c0, int64_t nc, const T* w,
+                           T bias, const T* vals, T* acc, uint32_t& bad) {
+  level_columns_body<T>(net, e0, e1, B, c0, nc, w, bias, vals, acc, bad);
+}
+
+// 2 <= B <= 8 * NV (float, AVX2): NV masked 8-lane vectors per edge, two edges per step in separate
+// accumulators (the compiler's loop over a run-time column count is slower than the generic build here).
+template <int NV>
+__attribute__((target("avx2,fma"))) void small_batch_row_avx2(const float* w, const int32_t* idx, const float* vals,
+                                                             int64_t n, int64_t B, float bias, float* acc,
+                                                             uint32_t bound, uint32_t& bad) {
+  __m256i m[NV];
+  for (int k = 0; k < NV; ++k) {
+    const int left = int(std::min<int64_t>(8, std::max<int64_t>(0, B - 8 * k)));
+    m[k] = _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+  __m256 a[NV], c[NV];
+  for (int k = 0; k < NV; ++k) a[k] = _mm256_set1_ps(bias), c[k] = _mm256_setzero_ps();
+  int64_t e = 0;
+  for (; e + 2 <= n; e += 2) {
+    const float* s0 = vals + guarded(idx[e], bound, bad) * B;
+    const float* s1 = vals + guarded(idx[e + 1], bound, bad) * B;
+    const __m256 w0 = _mm256_set1_ps(w[e]), w1 = _mm256_set1_ps(w[e + 1]);
+    for (int k = 0; k < NV; ++k) {
+      a[k] = _mm256_fmadd_ps(w0, _mm256_maskload_ps(s0 + 8 * k, m[k]), a[k]);
+      c[k] = _mm256_fmadd_ps(w1, _mm256_maskload_ps(s1 + 8 * k, m[k]), c[k]);
+    }
+  }
+  for (; e < n; ++e) {
+    const float* s0 = vals + guarded(idx[e], bound, bad) * B;
+    const __m256 w0 = _mm256_set1_ps(w[e]);
+    for (int k = 0; k < NV; ++k) a[k] = _mm256_fmadd_ps(w0, _mm256_maskload_ps(s0 + 8 * k, m[k]), a[k]);
+  }
+  for (int k = 0; k < NV; ++k) _mm256_maskstore_ps(acc + 8 * k, m[k], _mm256_add_ps(a[k], c[k]));
+}
+
 // vals: [n_neurons, B] feature-major. Optionally keeps the pre-activations in `pre` (same layout).
 template <typename T>
 inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, const T* b, T* vals, T* pre) {
@@ -1713,16 +1801,21 @@ inline void level_neuron_row(const Net& net, int64_t v, int64_t B, const T* w, c
       std::memcpy(out, acc, B * sizeof(T));
       return;
     }
+    if (B <= 16 && detect_isa() == ISA_AVX2) {
+      float acc[16];
+      if (B <= 8) small_batch_row_avx2<1>(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc, bound, bad);
+      else small_batch_row_avx2<2>(w + e0, net.in_src + e0, vals, e1 - e0, B, b[v], acc, bound, bad);
+      if (pre) std::memcpy(pre + v * B, acc, B * sizeof(T));
+      act_inplace<T>(ac, acc, B, lo, hi);
+      std::memcpy(out, acc, B * sizeof(T));
+      return;
+    }
   }
+  auto columns = detect_isa() >= ISA_AVX2 ? &level_columns_avx2<T> : &level_columns_generic<T>;
   for (int64_t c0 = 0; c0 < B; c0 += CB) {
     const int64_t nc = std::min(CB, B - c0);
     T acc[CB];
-    for (int64_t c = 0; c < nc; ++c) acc[c] = b[v];
-    for (int64_t e = e0; e < e1; ++e) {
-      const T wv = w[e];
-      const T* src = vals + guarded(net.in_src[e], bound, bad) * B + c0;
-      for (int64_t c = 0; c < nc; ++c) acc[c] += wv * src[c];
-    }
+    columns(net, e0, e1, B, c0, nc, w, b[v], vals, acc, bad);
     if (pre) std::memcpy(pre + v * B + c0, acc, nc * sizeof(T));
     act_inplace<T>(ac, acc, nc, lo, hi);
     std::memcpy(out + c0, acc, nc * sizeof(T));
