@@ -558,7 +558,7 @@ class IOSparseNetwork(nn.Module):
                              f"got shape {list(x.shape)}")
         if not x.is_floating_point():
             raise TypeError(f"IOSparseNetwork expects a floating-point input, got {x.dtype}")
-        if x.dtype != self.weight.dtype:  # like nn.Linear: no silent casts
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled(x.device.type):  # like nn.Linear
             raise TypeError(f"IOSparseNetwork has {self.weight.dtype} weights but the input is {x.dtype}; convert "
                             f"one of them (e.g. net.to({x.dtype}) or x.to({self.weight.dtype}))")
         lead = x.shape[:-1]

@@ -311,6 +311,8 @@ def dag_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffe
                             f"dtype {x.dtype}")
         y = torch.ops.iosparse.dag_forward(x.float(), weight.float(), bias.float(), net, config)
         return y.to(x.dtype)
+    if _functorch_active():
+        return _DagForwardFunction.apply(x, weight, bias, tuple(config), *net)
     return torch.ops.iosparse.dag_forward(x, weight, bias, net, config)
 
 
@@ -448,9 +450,11 @@ def _levels_of(net: Sequence[torch.Tensor], n: int):
     return levels
 
 
-def _reference_levels(x, weight, bias, net: Sequence[torch.Tensor], config: Sequence[int], keep_pre: bool):
+def _reference_levels(x, weight, bias, net: Sequence[torch.Tensor], config: Sequence[int], keep_pre: bool,
+                      differentiable: bool = False):
     """Forward level by level in the compute dtype: (values [n, B], pre-activations or None, per-level
-    index tensors, w, compute dtype). Big levels run as one CSR matmul, small ones as gathers."""
+    index tensors, w, compute dtype). Big levels run as one CSR matmul, small ones as gathers;
+    ``differentiable``: gathers only (ops that autograd differentiates twice), for double backward."""
     n_in, n = config[0], config[1]
     act_code, act_param = net[2], net[3]
     B = x.shape[0]
@@ -462,10 +466,10 @@ def _reference_levels(x, weight, bias, net: Sequence[torch.Tensor], config: Sequ
     per_level = _levels_of(net, n)
     for neurons, edges, local, src, crow in per_level:
         acc = b[neurons].unsqueeze(1).expand(-1, B).clone()
-        if edges.numel() and _use_sparse_mm(edges.numel(), B):
+        if edges.numel() and not differentiable and _use_sparse_mm(edges.numel(), B):
             acc += torch.sparse.mm(_level_matrix(crow, src, w[edges], n), vals)
         elif edges.numel():
-            acc.index_add_(0, local, vals[src] * w[edges].unsqueeze(1))
+            acc = acc.index_add(0, local, vals[src] * w[edges].unsqueeze(1))
         if keep_pre:
             pre[neurons] = acc
         vals[neurons] = _act_apply(acc, act_code[neurons], act_param.view(-1, 2)[neurons])
@@ -477,6 +481,21 @@ def reference_forward(x, weight, bias, net: List[torch.Tensor], config: List[int
     float32); any device."""
     vals, _, _, _, _ = _reference_levels(x, weight, bias, net, config, keep_pre=False)
     return vals[net[4]].t().to(x.dtype).contiguous()
+
+
+def differentiable_backward(grad_y, x, weight, bias, net: List[torch.Tensor], config: List[int]):
+    """(grad_x, grad_weight, grad_bias) as a graph autograd can differentiate again (double backward:
+    gradient penalties, Hessian-vector products): the reference forward rebuilt from differentiable
+    gathers, then torch.autograd.grad with create_graph=True. A gradient is None where its input does not
+    require one."""
+    with torch.enable_grad():
+        inputs = [t for t in (x, weight, bias) if t.requires_grad]
+        if not inputs:
+            return None, None, None
+        vals, _, _, _, _ = _reference_levels(x, weight, bias, net, config, keep_pre=False, differentiable=True)
+        y = vals[net[4]].t().to(x.dtype)
+        grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True, allow_unused=True))
+        return tuple(next(grads) if t.requires_grad else None for t in (x, weight, bias))
 
 
 def reference_backward(grad_y, x, weight, bias, net: List[torch.Tensor], config: List[int]):
@@ -502,6 +521,102 @@ def reference_backward(grad_y, x, weight, bias, net: List[torch.Tensor], config:
             gw[edges] = (dz[local] * vals[src]).sum(1)
             G.index_add_(0, src, w[edges].unsqueeze(1) * dz[local])
     return G[:n_in].t().to(x.dtype).contiguous(), gw.to(weight.dtype), gb.to(bias.dtype)
+
+
+# ---------------------------------------------------------------------- autograd, torch.func, autocast
+def _backward_of(grad_y, x, weight, bias, net, config):
+    """The op's backward: the native kernel, or, while a graph of the gradients is being recorded
+    (``create_graph=True``: double backward), the differentiable reference."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (grad_y, x, weight, bias)):
+        return differentiable_backward(grad_y, x, weight, bias, net, config)
+    return torch.ops.iosparse.dag_backward(grad_y.contiguous(), x, weight, bias, net, config)
+
+
+def _functorch_active() -> bool:
+    return torch._C._functorch.peek_interpreter_stack() is not None
+
+
+class _DagForwardFunction(torch.autograd.Function):
+    """The op as an autograd.Function, used only under torch.func transforms (grad, jacrev, vjp, ...):
+    PyTorch's autograd registration of custom ops lacks the setup_context those transforms require
+    (pytorch/pytorch#168393). The forward and backward are the same as the op's."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, config, *net):
+        return torch.ops.iosparse.dag_forward(x, weight, bias, list(net), list(config))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, config, *net = inputs
+        ctx.save_for_backward(x, weight, bias, *net)
+        ctx.config = list(config)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        # The transforms track requires_grad at their own levels, so the native kernel computes every
+        # gradient here (first-order transforms: grad, vjp, jacrev; vmapped through dag_backward's rule).
+        x, weight, bias, *net = ctx.saved_tensors
+        gx, gw, gb = torch.ops.iosparse.dag_backward(grad_y.contiguous(), x, weight, bias, net, ctx.config)
+        return (gx, gw, gb, None) + (None,) * len(net)
+
+
+def _in_dim(d, i=None):
+    """The batch dim of argument d (element i of a Tensor[] argument)."""
+    if isinstance(d, (list, tuple)):
+        return d[i] if i is not None and i < len(d) else None
+    return d
+
+
+def _vmap_forward(info, in_dims, x, weight, bias, net, config):
+    """vmap of dag_forward. Batched inputs only (the common case): one call on the batches stacked along
+    the batch dimension. Batched weights or biases (model ensembles): one call per vmapped element.
+    Batched network buffers would be different networks: a clear error."""
+    xd, wd, bd, nd = in_dims[0], in_dims[1], in_dims[2], in_dims[3]
+    if any(_in_dim(nd, i) is not None for i in range(len(net))):
+        raise ValueError("iosparse: vmap over the network buffers is not supported (each vmapped element "
+                         "would be another network); vmap over inputs, weights or biases instead")
+    if wd is None and bd is None:
+        xs = x.movedim(xd, 0)
+        V, B = xs.shape[0], xs.shape[1]
+        y = torch.ops.iosparse.dag_forward(xs.reshape(V * B, xs.shape[2]), weight, bias, net, config)
+        return y.reshape(V, B, y.shape[-1]), 0
+    return _vmap_loop(1)(info, in_dims, x, weight, bias, net, config)
+
+
+def _vmap_loop(n_outputs: int):
+    """A vmap rule that calls the op once per vmapped element (any batched tensor argument)."""
+
+    def rule(info, in_dims, *args):
+        op = torch.ops.iosparse.dag_forward if n_outputs == 1 else torch.ops.iosparse.dag_backward
+
+        def pick(a, d, i):
+            if isinstance(a, (list, tuple)):
+                return [pick(t, _in_dim(d, k), i) for k, t in enumerate(a)]
+            return a.select(d, i) if isinstance(a, torch.Tensor) and d is not None else a
+
+        outs = [op(*(pick(a, d, i) for a, d in zip(args, in_dims))) for i in range(info.batch_size)]
+        if n_outputs == 1:
+            return torch.stack(outs), 0
+        return tuple(torch.stack(o) for o in zip(*outs)), (0,) * n_outputs
+    return rule
+
+
+def _autocast_forward(device: str):
+    """Under torch.autocast the op behaves like nn.Linear: inputs, weights and biases cast to the autocast
+    dtype, the sums accumulated in float32 (the CPU kernel computes float16 / bfloat16 in float32), the
+    result in the autocast dtype; autocast itself is off inside (the dense path's GEMM must not re-cast)."""
+
+    def kernel(x, weight, bias, net, config):
+        dt = torch.get_autocast_dtype(device)
+        with torch.autocast(device, enabled=False):
+            if x.is_floating_point() and x.device.type == device:
+                x, weight, bias = x.to(dt), weight.to(dt), bias.to(dt)
+            if x.device.type == "cpu" and x.dtype in _CPU_UPCAST:
+                return torch.ops.iosparse.dag_forward(x.float(), weight.float(), bias.float(), net, config).to(x.dtype)
+            return torch.ops.iosparse.dag_forward(x, weight, bias, net, config)
+    return kernel
 
 
 # ---------------------------------------------------------------------- registration
@@ -544,10 +659,14 @@ def _register():
 
     def _backward(ctx, grad_y):
         x, weight, bias, *net = ctx.saved_tensors
-        gx, gw, gb = torch.ops.iosparse.dag_backward(grad_y.contiguous(), x, weight, bias, net, ctx.config)
+        gx, gw, gb = _backward_of(grad_y, x, weight, bias, net, ctx.config)
         return gx, gw, gb, [None] * len(net), None
 
     torch.library.register_autograd("iosparse::dag_forward", _backward, setup_context=_setup_context)
+    torch.library.register_vmap("iosparse::dag_forward", _vmap_forward)
+    torch.library.register_vmap("iosparse::dag_backward", _vmap_loop(3))
+    for device in ("cpu", "cuda"):
+        torch.library.impl("iosparse::dag_forward", "Autocast" + device.upper(), _autocast_forward(device))
 
     # Every device without its own kernel runs the pure-PyTorch reference (a GPU backend replaces it with
     # torch.library.register_kernel("iosparse::dag_forward", "cuda", fn)).
