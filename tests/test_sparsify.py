@@ -91,7 +91,7 @@ def test_threshold_filter_and_zero_weights_without_masks():
     assert all(type(mm) is nn.Linear for mm in sparsify(m, min_sparsity=0.9) if not isinstance(mm, nn.ReLU))
     both = sparsify(m, min_sparsity=0.2)
     assert isinstance(both[0], IOSparseNetwork) and both[0].summary()["layer_sizes"] == [10, 20, 5]
-    only_first = sparsify(m, min_sparsity=0.2, filter_fn=lambda name, lin: name != "2")
+    only_first = sparsify(m, min_sparsity=0.2, filter_fn=lambda lin, name: name != "2")
     assert type(only_first[2]) is nn.Linear
     with pytest.raises(ValueError, match="min_sparsity"):
         sparsify(m, min_sparsity=1.5)

@@ -17,7 +17,7 @@ from .planning import Plan, PlanError, all_topological_orders, brute_force_optim
 from . import planner  # noqa: F401  registers plan(method="greedy" | "anneal")
 from . import generate, ops
 from .module import IOSparseNetwork
-from .sparsify import sparsify, sparsify_
+from .sparsify import IOSparseConfig, sparsify, sparsify_
 from .explain import explain, plot_io_vs_memory
 from . import cache, tuning
 from .tuning import tune
@@ -34,6 +34,6 @@ __all__ = [
     "Activation", "GraphError", "SparseDAG", "IOCount", "Event", "OPS", "count_io", "lower_bound", "upper_bound",
     "simulate", "simulate_reference", "trace", "topological_order", "normalize_memory",
     "Plan", "PlanError", "plan", "methods", "register_method", "brute_force_optimum", "all_topological_orders",
-    "generate", "ops", "IOSparseNetwork", "sparsify", "sparsify_", "explain", "plot_io_vs_memory", "cache",
+    "generate", "ops", "IOSparseNetwork", "IOSparseConfig", "sparsify", "sparsify_", "explain", "plot_io_vs_memory", "cache",
     "tune", "tuning",
 ]

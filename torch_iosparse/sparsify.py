@@ -16,23 +16,136 @@ already converted networks — so ``sparsify`` is idempotent.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 from collections import Counter
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
-from torch.nn.utils import prune
+from torch.nn.utils import parametrize, prune
 
 from . import activations as acts
 from .module import IOSparseNetwork
 
-FilterFn = Callable[[str, nn.Linear], bool]
+FilterFn = Callable[[nn.Module, str], bool]  # torchao's order: filter_fn(module, fqn)
+
+
+@dataclasses.dataclass
+class IOSparseConfig:
+    """Every option of :func:`sparsify_` / :func:`sparsify` (torchao style: ``sparsify_(model, config)``).
+
+    ``min_sparsity`` and ``verbose`` belong to the model walk; the others are passed to each
+    :class:`IOSparseNetwork` (``plan_kwargs``: extra keywords of the planning method, e.g. ``iterations``).
+    """
+    memory: Any = "auto"
+    method: str = "two_optimal"
+    strategy: str = "auto"
+    batch_tile: Optional[int] = None
+    cache: bool = True
+    cache_dir: Optional[str] = None
+    tune: Optional[bool] = None
+    seed: int = 0
+    time_budget: Optional[float] = None
+    train_bias: Optional[bool] = None
+    dtype: Optional[torch.dtype] = None
+    min_sparsity: float = 0.5
+    verbose: bool = False
+    plan_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def network_kwargs(self) -> Dict[str, Any]:
+        kw = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+              if f.name not in ("min_sparsity", "verbose", "plan_kwargs")}
+        kw.update(self.plan_kwargs)
+        return kw
+
+
+_CONFIG_FIELDS = {f.name for f in dataclasses.fields(IOSparseConfig)} - {"plan_kwargs"}
+
+
+def _resolve_config(config: Optional[IOSparseConfig], kwargs: Dict[str, Any]) -> IOSparseConfig:
+    """``config`` or the keywords (sugar: ``sparsify_(m, memory=64) == sparsify_(m, IOSparseConfig(memory=64))``);
+    a keyword that disagrees with a given config is an error."""
+    if config is None:
+        known = {k: v for k, v in kwargs.items() if k in _CONFIG_FIELDS}
+        extra = {k: v for k, v in kwargs.items() if k not in _CONFIG_FIELDS}
+        return IOSparseConfig(**known, plan_kwargs=extra)
+    if not isinstance(config, IOSparseConfig):
+        raise TypeError(f"config must be an IOSparseConfig, got {type(config).__name__}")
+    conflicts = []
+    for k, v in kwargs.items():
+        have = getattr(config, k) if k in _CONFIG_FIELDS else config.plan_kwargs.get(k, _MISSING)
+        if have is _MISSING or not _same(have, v):
+            conflicts.append(f"{k}={v!r} (config has {'nothing' if have is _MISSING else repr(have)})")
+    if conflicts:
+        raise ValueError("pass the options either in config=IOSparseConfig(...) or as keywords, not both: "
+                         + ", ".join(conflicts) + "; use dataclasses.replace(config, ...) to change a config")
+    return config
+
+
+_MISSING = object()
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # e.g. tensors
+        return a is b
+
+
+_NAME_PARAMS = {"name", "fqn", "qualified_name", "qualname", "path", "key", "prefix", "n", "nm", "s"}
+_MODULE_PARAMS = {"module", "mod", "m", "lin", "linear", "layer", "submodule", "l"}
+
+
+def _filter_order_message(filter_fn, why: str) -> str:
+    return (f"filter_fn {getattr(filter_fn, '__qualname__', filter_fn)!r} {why}. filter_fn is called as "
+            "filter_fn(module, fqn) -> bool (torchao's order, module first, then its qualified name); "
+            "a filter written for the old order (fqn, module) must swap its parameters, e.g. "
+            "lambda module, fqn: fqn != 'head'")
+
+
+def _check_filter_signature(filter_fn) -> None:
+    try:
+        params = [p for p in inspect.signature(filter_fn).parameters.values()
+                  if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError):  # builtins, some callables: no signature
+        return
+    if len(params) >= 2:
+        first, second = params[0].name.lower(), params[1].name.lower()
+        if first in _NAME_PARAMS or second in _MODULE_PARAMS:
+            raise ValueError(_filter_order_message(
+                filter_fn, f"takes its parameters as ({params[0].name}, {params[1].name}), which looks like "
+                           "the old (fqn, module) order"))
+
+
+def _is_linear(m: nn.Module) -> bool:
+    """A plain ``nn.Linear``, or one whose parameters are parametrized (``torch.nn.utils.parametrize``,
+    e.g. torch.ao.pruning's FakeSparsity mask): parametrize swaps the class for a direct subclass."""
+    t = type(m)
+    if t is nn.Linear:
+        return True
+    return parametrize.is_parametrized(m) and t.__bases__ == (nn.Linear,)
+
+
+def _weight_param(m: nn.Linear) -> torch.Tensor:
+    """The leaf tensor behind a (pruned or parametrized) layer's weight."""
+    if parametrize.is_parametrized(m, "weight"):
+        return m.parametrizations.weight.original
+    return getattr(m, "weight_orig", m.weight)
 
 
 def linear_sparsity(lin: nn.Linear) -> float:
-    """Fraction of weights that are pruned: masked out by ``torch.nn.utils.prune``, else exactly zero."""
+    """Fraction of weights that are pruned: masked out by ``torch.nn.utils.prune`` (or by a parametrization
+    with a ``mask``, as torch.ao.pruning's FakeSparsity), else exactly zero."""
     mask = getattr(lin, "weight_mask", None)
-    pattern = (mask != 0) if mask is not None else (lin.weight != 0)
+    if mask is None and parametrize.is_parametrized(lin, "weight"):
+        masks = [p.mask for p in lin.parametrizations.weight if isinstance(getattr(p, "mask", None), torch.Tensor)]
+        if masks:
+            mask = masks[0] != 0
+            for extra in masks[1:]:
+                mask = mask & (extra != 0)
+    with torch.no_grad():
+        pattern = (mask != 0) if mask is not None else (lin.weight != 0)
     return 1.0 - float(pattern.sum()) / max(1, pattern.numel())
 
 
@@ -57,9 +170,9 @@ class _Scan:
         self.skipped: List[Tuple[str, str]] = []
 
     def eligible(self, name: str, m: nn.Module) -> bool:
-        if type(m) is not nn.Linear:
+        if not _is_linear(m):
             return False
-        w = getattr(m, "weight_orig", m.weight)
+        w = _weight_param(m)
         if self.param_uses[id(w)] > 1 or self.module_uses[id(m)] > 1:
             self.skipped.append((name, "shared weight or module"))
             return False
@@ -73,14 +186,24 @@ class _Scan:
         if s < self.min_sparsity:
             self.skipped.append((name, f"sparsity {s:.1%} < min_sparsity {self.min_sparsity:.1%}"))
             return False
-        if self.filter_fn is not None and not self.filter_fn(name, m):
+        if self.filter_fn is not None and not self._accepts(m, name):
             self.skipped.append((name, "rejected by filter_fn"))
             return False
         return True
 
+    def _accepts(self, m: nn.Module, name: str) -> bool:
+        try:
+            ok = self.filter_fn(m, name)
+        except (TypeError, AttributeError) as e:  # e.g. string methods called on the module
+            raise ValueError(_filter_order_message(
+                self.filter_fn, f"raised {type(e).__name__}: {e} when called as filter_fn(module, {name!r})")) from e
+        return bool(ok)
+
 
 def find_chains(model: nn.Module, *, min_sparsity: float = 0.5, filter_fn: Optional[FilterFn] = None):
     """The chains :func:`sparsify_` would convert: a list of ``(parent, parent_name, [child names])``."""
+    if filter_fn is not None:
+        _check_filter_signature(filter_fn)
     scan = _Scan(model, min_sparsity, filter_fn)
     chains = _find(model, "", scan)
     return chains, list(dict.fromkeys(scan.skipped))
@@ -128,11 +251,11 @@ def _find(parent: nn.Module, prefix: str, scan: _Scan):
             i = j
         in_chain = {n for p, _, names in out if p is parent for n in names}
         for name, m in children:
-            if name not in in_chain and type(m) is not nn.Linear:
+            if name not in in_chain and not _is_linear(m):
                 out.extend(_find(m, full(name), scan))
         return out
     for name, m in children:
-        if type(m) is nn.Linear:
+        if _is_linear(m):
             if scan.eligible(full(name), m):
                 out.append((parent, prefix, [name]))
         else:
@@ -144,55 +267,77 @@ def _keep_off_transformer_fastpath(module, args):
     return None
 
 
-def sparsify_(model: nn.Module, *, min_sparsity: float = 0.5, filter_fn: Optional[FilterFn] = None,
-              memory="auto", method: str = "two_optimal", verbose: bool = False, **network_kwargs) -> nn.Module:
+def _convert(mods: List[nn.Module], cfg: IOSparseConfig, parent: Optional[nn.Module]) -> IOSparseNetwork:
+    """One IOSparseNetwork for a chain of modules, on the first layer's device, in its training mode."""
+    ref = _weight_param(mods[0])  # a pruned or parametrized layer's weight is derived
+    src = mods[0] if len(mods) == 1 else nn.Sequential(*mods)
+    net = IOSparseNetwork(src, **cfg.network_kwargs())
+    net = net.to(device=ref.device)
+    net.requires_grad_(ref.requires_grad)
+    net.train(mods[0].training)
+    if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        # Their inference fast path reads linear1/linear2.weight as dense matrices; any forward
+        # hook inside the layer turns that path off, so the converted layers are called instead.
+        net.register_forward_pre_hook(_keep_off_transformer_fastpath)
+    return net
+
+
+def sparsify_(model: nn.Module, config: Optional[IOSparseConfig] = None, filter_fn: Optional[FilterFn] = None,
+              **kwargs) -> nn.Module:
     """Convert ``model`` in place (see the module docstring) and return it.
 
     Args:
-        min_sparsity: a Linear is converted only if at least this fraction of its weights is pruned.
-        filter_fn: ``filter_fn(qualified_name, linear) -> bool`` to choose layers by name or shape.
-        memory, method, **network_kwargs: passed to each :class:`IOSparseNetwork`.
-        verbose: print what was converted and what was skipped and why.
+        config: an :class:`IOSparseConfig` (torchao convention); or give its fields as keywords
+            (``sparsify_(m, memory=64)`` is ``sparsify_(m, config=IOSparseConfig(memory=64))``; unknown
+            keywords go to the planner through ``plan_kwargs``). Both at once must agree.
+        filter_fn: ``filter_fn(module, fqn) -> bool`` (torchao's order) to choose layers by name or shape.
+            A filter in the old ``(fqn, module)`` order is rejected with a ValueError.
     """
+    cfg = _resolve_config(config, kwargs)
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify takes an nn.Module, got {type(model).__name__}")
     if isinstance(model, IOSparseNetwork):
         return model
-    chains, skipped = find_chains(model, min_sparsity=min_sparsity, filter_fn=filter_fn)
-    if type(model) is nn.Linear:  # a bare Linear has no parent to swap it in
+    if _is_linear(model):  # a bare Linear has no parent to swap it in
         raise TypeError("sparsify_ cannot replace the root module in place; use sparsify(linear) or "
                         "IOSparseNetwork(linear)")
+    chains, skipped = find_chains(model, min_sparsity=cfg.min_sparsity, filter_fn=filter_fn)
     for parent, prefix, names in chains:
         mods = [getattr(parent, n) for n in names]
-        ref = getattr(mods[0], "weight_orig", mods[0].weight)  # a pruned layer's weight is derived
-        net = IOSparseNetwork(nn.Sequential(*mods), memory=memory, method=method, **network_kwargs)
-        net = net.to(device=ref.device)
-        net.requires_grad_(ref.requires_grad)
-        net.train(mods[0].training)
-        if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
-            # Their inference fast path reads linear1/linear2.weight as dense matrices; any forward
-            # hook inside the layer turns that path off, so the converted layers are called instead.
-            net.register_forward_pre_hook(_keep_off_transformer_fastpath)
+        net = _convert(mods, cfg, parent)
         setattr(parent, names[0], net)
         for n in names[1:]:
             setattr(parent, n, nn.Identity())
-        if verbose:
+        if cfg.verbose:
             where = ".".join(filter(None, [prefix, "[" + ",".join(names) + "]"]))
             print(f"sparsify: {where} -> {net.extra_repr()}")
-    if verbose:
+    if cfg.verbose:
         for name, why in skipped:
             print(f"sparsify: kept {name} ({why})")
     return model
 
 
-def sparsify(model: nn.Module, **kwargs) -> nn.Module:
-    """A converted copy of ``model`` (the original is untouched); same arguments as :func:`sparsify_`."""
-    if type(model) is nn.Linear:
-        kw = {k: v for k, v in kwargs.items() if k in ("memory", "method")}
-        if linear_sparsity(model) < kwargs.get("min_sparsity", 0.5):
-            return _deepcopy(model)
-        return IOSparseNetwork(model, **kw)
-    return sparsify_(_deepcopy(model), **kwargs)
+def sparsify(model: nn.Module, config: Optional[IOSparseConfig] = None, filter_fn: Optional[FilterFn] = None,
+             **kwargs) -> nn.Module:
+    """A converted copy of ``model`` (the original is untouched); same arguments as :func:`sparsify_`.
+    A bare ``nn.Linear`` goes through the same checks (min_sparsity, filter_fn with fqn ``""``, shared
+    weights, hooks) and options (strategy, verbose, …) as the layers of a model."""
+    cfg = _resolve_config(config, kwargs)
+    if _is_linear(model):
+        if filter_fn is not None:
+            _check_filter_signature(filter_fn)
+        copied = _deepcopy(model)
+        scan = _Scan(copied, cfg.min_sparsity, filter_fn)
+        if not scan.eligible("", copied):
+            if cfg.verbose:
+                for name, why in scan.skipped:
+                    print(f"sparsify: kept {name or '(root)'} ({why})")
+            return copied
+        net = _convert([copied], cfg, None)
+        if cfg.verbose:
+            print(f"sparsify: (root) -> {net.extra_repr()}")
+        return net
+    return sparsify_(_deepcopy(model), cfg, filter_fn)
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:
