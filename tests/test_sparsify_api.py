@@ -151,7 +151,11 @@ def test_ao_pruning_parametrized_layers_are_converted():
     x = torch.randn(6, 16)
     with torch.no_grad():
         assert torch.allclose(conv(x), m(x), atol=1e-5)
-    # edges = the mask's nonzeros
+    # edges = the mask's nonzeros (an unpruned weight that happens to be zero stays an edge)
+    with torch.no_grad():
+        keep = m[2].parametrizations.weight[0].mask.nonzero()[0]
+        m[2].parametrizations.weight.original[keep[0], keep[1]] = 0
+    conv = sparsify(m, memory=16)
     assert conv[0].summary()["n_edges"] == sum(int(m[i].parametrizations.weight[0].mask.sum()) for i in (0, 2, 4))
     # the original is untouched, and squash_mask afterwards gives the same function
     assert parametrize.is_parametrized(m[0], "weight")

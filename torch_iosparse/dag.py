@@ -73,6 +73,27 @@ def _stable_sort_numpy(primary: np.ndarray, secondary: Optional[np.ndarray]) -> 
     return np.lexsort((secondary, primary))
 
 
+def prune_mask(lin) -> Optional[torch.Tensor]:
+    """The pruning mask of a Linear's weight, or None: ``weight_mask`` of ``torch.nn.utils.prune``, else the
+    ``mask`` of its weight parametrizations (``torch.nn.utils.parametrize``, e.g. torch.ao.pruning's
+    FakeSparsity before ``squash_mask``; several masks are combined)."""
+    mask = getattr(lin, "weight_mask", None)
+    if mask is not None:
+        return mask
+    from torch.nn.utils import parametrize
+    if not parametrize.is_parametrized(lin, "weight"):
+        return None
+    shape = lin.parametrizations.weight.original.shape
+    masks = [p.mask for p in lin.parametrizations.weight
+             if isinstance(getattr(p, "mask", None), torch.Tensor) and p.mask.shape == shape]
+    if not masks:
+        return None
+    out = masks[0] != 0
+    for extra in masks[1:]:
+        out = out & (extra != 0)
+    return out
+
+
 def _index_dtype(n: int):
     return np.int32 if n < 2**31 - 1 else np.int64
 
@@ -271,7 +292,8 @@ class SparseDAG:
         """A layered DAG from an ``nn.Sequential`` of ``nn.Linear`` layers, each optionally followed by
         one supported activation module (ReLU, ReLU6, GELU, Tanh, Sigmoid, Identity, Hardtanh).
 
-        Sparsity comes from a ``torch.nn.utils.prune`` mask when the layer has one (so an unpruned weight
+        Sparsity comes from a ``torch.nn.utils.prune`` mask (or a parametrization's ``mask``, as
+        torch.ao.pruning's FakeSparsity) when the layer has one (so an unpruned weight
         that happens to be zero stays an edge), else from the nonzero weights. Biases are optional.
         """
         from torch import nn
@@ -328,7 +350,7 @@ class SparseDAG:
         act_table, act_index = [], np.zeros(n, dtype=np.int16)
         for k, (lin, a) in enumerate(layers):
             with torch.no_grad():
-                mask = getattr(lin, "weight_mask", None)
+                mask = prune_mask(lin)
                 orig = getattr(lin, "weight_orig", None)
                 # With a prune mask, lin.weight is only refreshed by a forward pre-hook: recompute it so
                 # edits of weight_orig since the last forward are not missed.

@@ -26,6 +26,7 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from . import activations as acts
+from .dag import prune_mask
 from .module import IOSparseNetwork
 
 FilterFn = Callable[[nn.Module, str], bool]  # torchao's order: filter_fn(module, fqn)
@@ -137,13 +138,7 @@ def _weight_param(m: nn.Linear) -> torch.Tensor:
 def linear_sparsity(lin: nn.Linear) -> float:
     """Fraction of weights that are pruned: masked out by ``torch.nn.utils.prune`` (or by a parametrization
     with a ``mask``, as torch.ao.pruning's FakeSparsity), else exactly zero."""
-    mask = getattr(lin, "weight_mask", None)
-    if mask is None and parametrize.is_parametrized(lin, "weight"):
-        masks = [p.mask for p in lin.parametrizations.weight if isinstance(getattr(p, "mask", None), torch.Tensor)]
-        if masks:
-            mask = masks[0] != 0
-            for extra in masks[1:]:
-                mask = mask & (extra != 0)
+    mask = prune_mask(lin)
     with torch.no_grad():
         pattern = (mask != 0) if mask is not None else (lin.weight != 0)
     return 1.0 - float(pattern.sum()) / max(1, pattern.numel())
