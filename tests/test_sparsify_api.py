@@ -177,3 +177,19 @@ def test_ao_pruning_in_place_and_explain():
     assert isinstance(m[0], IOSparseNetwork)
     with torch.no_grad():
         assert torch.allclose(m(x), ref, atol=1e-5)
+
+
+def test_ao_pruned_bare_linear_and_verbose(capsys):
+    from torch.ao.pruning import WeightNormSparsifier
+    torch.manual_seed(6)
+    holder = nn.Sequential(nn.Linear(16, 8))
+    sp = WeightNormSparsifier(sparsity_level=0.75, sparse_block_shape=(1, 4), zeros_per_block=4)
+    sp.prepare(holder, [{"tensor_fqn": "0.weight"}])
+    sp.step()
+    lin = holder[0]
+    net = sparsify(lin, memory=8, verbose=True)
+    assert isinstance(net, IOSparseNetwork) and "(root) ->" in capsys.readouterr().out
+    x = torch.randn(3, 16)
+    with torch.no_grad():
+        assert torch.allclose(net(x), lin(x), atol=1e-5)
+    assert net.summary()["n_edges"] == int(lin.parametrizations.weight[0].mask.sum())
