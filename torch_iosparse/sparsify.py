@@ -9,7 +9,12 @@ of the chain become ``nn.Identity`` so the indices (and state_dict keys) of unto
 move. An eligible ``nn.Linear`` that is a plain attribute of any other module (e.g. ``linear1`` of
 ``nn.TransformerEncoderLayer``) is a chain of one.
 
-Never touched: subclasses of ``nn.Linear`` and the insides of ``nn.MultiheadAttention`` (they read
+A Linear pruned by ``torch.ao.pruning`` (a ``torch.nn.utils.parametrize`` parametrization with a ``mask``
+on ``weight``, before ``squash_mask``) counts as pruned through that mask and is converted with its
+effective weight. Options: :class:`IOSparseConfig` (or its fields as keywords); ``filter_fn(module, fqn)``
+in torchao's order.
+
+Never touched: subclasses of ``nn.Linear`` (other than parametrized ones) and the insides of ``nn.MultiheadAttention`` (they read
 ``.weight`` directly instead of calling ``forward``), modules registered under several parents, and
 already converted networks — so ``sparsify`` is idempotent.
 """
