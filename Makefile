@@ -5,7 +5,7 @@ STAMP   := .venv/.deps-installed
 BUILT   := .venv/.ext-built
 NATIVE  := $(shell find kernels -name '*.cpp' -o -name '*.h' 2>/dev/null) setup.py
 
-.PHONY: demo test build clean bench bench-cpu bench-gpu-dry asan-test
+.PHONY: demo test build clean bench bench-cpu bench-gpu-dry asan-test cross-check
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
@@ -40,3 +40,8 @@ bench-gpu-dry: $(BUILT)
 # The op and CPU-kernel tests and the fuzz test against an AddressSanitizer + UBSan build (docs/hardening.md).
 asan-test: $(BUILT)
 	bash scripts/asan_test.sh
+
+# Every kernels/**/*.cpp (not cuda) compiled for aarch64 with Debian's cross g++ (installed with apt-get if
+# missing) against the venv's torch headers: the x86-only parts stay behind their guards (docs/cpu-kernel.md).
+cross-check: $(STAMP)
+	PY=$(PY) bash scripts/cross_check.sh

@@ -165,7 +165,7 @@ def strategy_label(meta, B):
         rows = (int(meta["n_neurons"]) - int(meta["n_inputs"])) / max(1, int(meta["panels"]))
         return f"panel tile={meta['panel_tile']} {rows:.1f} rows/panel"
     if s == "block":
-        tile = 16 if B <= 16 else 32 if B <= 32 else 64  # float32 columns per tile (dag_kernel.cpp block_forward)
+        tile = 16 if B <= 16 else 32 if B <= 32 else 64  # float32 columns per tile (cpu/block.cpp block_forward)
         edges = int(meta["n_edges"]) / max(1, int(meta["block_segments"]))
         return f"block tile={tile} {edges:.1f} edges/segment"
     return f"{s} BT={meta['batch_tile']} M={meta['memory']}"

@@ -1,4 +1,4 @@
-"""The block path of iosparse::dag_forward (kernels/cpu/dag_kernel.cpp, "block"): level by level, each
+"""The block path of iosparse::dag_forward (kernels/cpu/block.cpp): level by level, each
 neuron's edges visited one source block (consecutive neurons) at a time. Forward == dag.forward_reference
 on random DAGs, every activation, both dtypes, every tile width, block size and chunk size; outputs
 poisoned; the layout covers every edge once; corrupt block buffers raise; old buffers without blocks

@@ -1,4 +1,4 @@
-"""The level path's parallel chunks (kernels/cpu/dag_kernel.cpp::run_chunked: torch's OpenMP threads by
+"""The level path's parallel chunks (kernels/cpu/net.h::run_chunked: torch's OpenMP threads by
 default, the private ChunkPool with IOSPARSE_WORKERS=pool and in forked children): forward ==
 forward_reference when every level is split into many chunks shared by the caller and helper threads, with
 poisoned buffers, on deep non-layered DAGs (chunks of a level must wait for all earlier levels), repeated

@@ -1,4 +1,4 @@
-"""The panel path of iosparse::dag_forward (kernels/cpu/dag_kernel.cpp, "panel"): neurons of a level that
+"""The panel path of iosparse::dag_forward (kernels/cpu/panel.cpp): neurons of a level that
 share sources are computed together over the union of their sources. Forward == dag.forward_reference on
 random DAGs, every activation, both dtypes, every tile and panel shape; outputs poisoned; corrupt panel
 buffers raise; the builder groups sliding-window (RadiX-Net) layers; the strategy picks it where the model

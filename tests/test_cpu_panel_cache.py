@@ -1,4 +1,4 @@
-"""The panel path's cache of panel-ordered weights (kernels/cpu/dag_kernel.cpp, PanelWeightEntry): a cached
+"""The panel path's cache of panel-ordered weights (kernels/cpu/ordered_weights.cpp, OrderedWeights): a cached
 gather must notice every in-place update made through PyTorch (the version counter), new weight tensors
 (also ones allocated where a freed one lived), and stay bounded; the switch and the clear op work."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The differentiable op iosparse::dag_forward (torch_iosparse/ops.py, kernels/cpu/dag_kernel.cpp):
+"""The differentiable op iosparse::dag_forward (torch_iosparse/ops.py, kernels/cpu/):
 forward == dag.forward_reference for every strategy, dtype, activation and memory size; autograd ==
 numerical and == the dense model's gradients on the nonzero pattern; opcheck; torch.compile; clear errors."""
 import os

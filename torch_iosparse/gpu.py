@@ -29,7 +29,7 @@ __all__ = ["CudaCxxForward", "build_cuda_cxx", "choose_gpu_path", "find_nvcc", "
 
 
 # ---------------------------------------------------------------------------------------------- op adapter
-# Positions in the op's ``Tensor[] net`` and ``int[] config`` (kernels/cpu/dag_kernel.cpp, ops.NET_KEYS and
+# Positions in the op's ``Tensor[] net`` and ``int[] config`` (kernels/cpu/net.h, ops.NET_KEYS and
 # ops.CONFIG_KEYS; checked against ops.py by the tests).
 NET_IN_PTR, NET_IN_SRC, NET_ACT_CODE, NET_ACT_PARAM, NET_OUTPUTS = 0, 1, 2, 3, 4
 NET_LEVEL_PTR, NET_LEVEL_NEURON = 5, 6

@@ -139,7 +139,7 @@ def fast_memory_slots(batch_tile_: int, dtype: torch.dtype = torch.float32, info
 
 
 def panel_tile(dtype: torch.dtype = torch.float32, max_level_width: int = 0, info: Optional[CpuInfo] = None) -> int:
-    """Batch columns per tile of the panel path (kernels/cpu/dag_kernel.cpp): two 64-byte vectors per
+    """Batch columns per tile of the panel path (kernels/cpu/panel.cpp): two 64-byte vectors per
     value, so 8 rows x 2 accumulator vectors fill 16 registers and every source load feeds 16 FMAs.
     Measured on RadiX-Net layers of width 4096, 16384 and 65536 (B=256, 1 thread): 32 float columns
     1.05-1.2x faster than 16 at every width once sources are prefetched (``max_level_width`` is kept

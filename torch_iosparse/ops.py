@@ -2,7 +2,7 @@
 bias, net.buffers, net.meta)`` evaluates it. See docs/program-format.md ("The op") and docs/cpu-kernel.md.
 
 The op is ``torch.ops.iosparse.dag_forward(x, weight, bias, net: Tensor[], config: int[])`` with a C++
-CPU kernel (kernels/cpu/dag_kernel.cpp), a fake kernel (torch.compile / export), autograd through
+CPU kernel (kernels/cpu/), a fake kernel (torch.compile / export), autograd through
 ``torch.ops.iosparse.dag_backward`` and pure-PyTorch reference kernels for every other device
 (``CompositeExplicitAutograd``): a GPU backend overrides them with
 ``torch.library.register_kernel("iosparse::dag_forward", "cuda", fn)``.
@@ -21,19 +21,19 @@ from . import program as program_mod
 from .dag import SparseDAG
 from .planning import Plan, plan as make_plan
 
-# Order of the Tensor[] argument of the op (kernels/cpu/dag_kernel.cpp NetIndex).
+# Order of the Tensor[] argument of the op (kernels/cpu/net.h NetIndex).
 NET_KEYS = ("in_ptr", "in_src", "act_code", "act_param", "outputs", "level_ptr", "level_neuron",
             "prog_neuron", "prog_op_ptr", "prog_ops", "prog_output_rows",
             "dense_index", "dense_edge", "dense_edge_ptr", "dense_out_pos", "prog_group_ptr",
             "panel_ptr", "panel_src", "panel_row_ptr", "panel_target", "panel_edge_ptr", "panel_edge",
             "block_chunk_seg", "block_chunk_row", "block_chunk_edge", "block_seg", "block_local", "block_edge")
-# The panel and block buffers (kernels/cpu/dag_kernel.cpp "panel", "block"); networks prepared before they
+# The panel and block buffers (kernels/cpu/panel.cpp, block.cpp); networks prepared before they
 # existed run without.
 PANEL_KEYS = NET_KEYS[16:22]
 BLOCK_KEYS = NET_KEYS[22:]
 _BUFFER_DTYPES = {"panel_src": torch.int32, "panel_edge": torch.int32, "block_seg": torch.int32,
                   "block_local": torch.uint8, "block_edge": torch.int32}
-# Order of the int[] argument (kernels/cpu/dag_kernel.cpp ConfigIndex).
+# Order of the int[] argument (kernels/cpu/net.h ConfigIndex).
 CONFIG_KEYS = ("n_inputs", "n_neurons", "n_outputs", "memory", "n_slow", "batch_tile", "strategy",
                "level_max_batch", "dense_min_batch", "layered", "panel_min_batch", "panel_tile", "block_min_batch")
 STRATEGIES = {"auto": 0, "program": 1, "level": 2, "dense": 3, "panel": 4, "block": 5}
@@ -227,7 +227,7 @@ def panel_buffers(buffers: Dict[str, torch.Tensor], max_rows: int = PANEL_MAX_RO
                   min_efficiency: float = PANEL_MIN_EFFICIENCY, scan_limit: int = PANEL_SCAN_LIMIT
                   ) -> Dict[str, torch.Tensor]:
     """The panel tensors (neurons of a level computed together over the union of their sources) built
-    from the structure buffers by the native greedy builder (kernels/cpu/dag_kernel.cpp, build_panels)."""
+    from the structure buffers by the native greedy builder (kernels/cpu/builders.cpp, build_panels)."""
     _native.ops()
     n = int(buffers["in_ptr"].numel() - 1)
     out = torch.ops.iosparse.build_panels(buffers["in_ptr"].cpu(), buffers["in_src"].cpu(), buffers["level_ptr"].cpu(),
@@ -240,7 +240,7 @@ def block_buffers(buffers: Dict[str, torch.Tensor], block_sources: int = BLOCK_S
                   chunk_edges: int = BLOCK_CHUNK_EDGES) -> Dict[str, torch.Tensor]:
     """The block tensors (each level's rows in chunks of about ``chunk_edges`` edges; inside a chunk the
     edges grouped by source block of ``block_sources`` consecutive neurons, then by row) built from the
-    structure buffers by the native builder (kernels/cpu/dag_kernel.cpp, build_blocks)."""
+    structure buffers by the native builder (kernels/cpu/builders.cpp, build_blocks)."""
     _native.ops()
     n = int(buffers["in_ptr"].numel() - 1)
     out = torch.ops.iosparse.build_blocks(buffers["in_ptr"].cpu(), buffers["in_src"].cpu(), buffers["level_ptr"].cpu(),
