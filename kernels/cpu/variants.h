@@ -86,6 +86,16 @@ struct LevelVariants {
   LevelFns<T> fn[ISA_COUNT];
 };
 
+// The backward pass's per-ISA function (backward.cpp): for one neuron v with dz [B] (= g_v * act'(z_v)), over
+// its in-edges e from u: grad_w[e] += <dz, a_u> and g_u += w_e dz, in vectors of the ISA's width.
+template <typename T>
+using BackwardEdgesFn = void (*)(const Net& net, int64_t v, int64_t B, const T* w, const T* dz, const T* A, T* G,
+                                 T* gw, uint32_t& bad);
+template <typename T>
+struct BackwardVariants {
+  BackwardEdgesFn<T> fn[ISA_COUNT];
+};
+
 // The rows of the table, one per path (defined in the path's file, instantiated for float and double).
 template <typename T>
 TileVariants<ProgramFn<T>> program_variants();
@@ -95,6 +105,8 @@ template <typename T>
 TileVariants<BlockFn<T>> block_variants();
 template <typename T>
 LevelVariants<T> level_variants();
+template <typename T>
+BackwardVariants<T> backward_variants();
 
 // The table: every path's variants for element type T (variants.cpp; built once per process).
 template <typename T>
@@ -103,6 +115,7 @@ struct VariantTable {
   TileVariants<PanelFn<T>> panel;
   TileVariants<BlockFn<T>> block;
   LevelVariants<T> level;
+  BackwardVariants<T> backward;
 };
 template <typename T>
 const VariantTable<T>& variant_table();
@@ -121,6 +134,13 @@ template <typename T>
 const LevelFns<T>& select_variant(LevelVariants<T> VariantTable<T>::*path, Isa isa) {
   TORCH_CHECK(isa >= 0 && isa < ISA_COUNT, "iosparse: no kernel variant for ISA ", int(isa));
   return (variant_table<T>().*path).fn[isa];
+}
+template <typename T>
+BackwardEdgesFn<T> select_variant(BackwardVariants<T> VariantTable<T>::*path, Isa isa) {
+  TORCH_CHECK(isa >= 0 && isa < ISA_COUNT, "iosparse: no kernel variant for ISA ", int(isa));
+  const BackwardEdgesFn<T> fn = (variant_table<T>().*path).fn[isa];
+  TORCH_CHECK(fn != nullptr, "iosparse: no backward variant for ISA ", isa_name(isa));
+  return fn;
 }
 
 // A path's row of the table from its wrapper family NAME_generic / NAME_avx2 / NAME_avx512<T, NV>, NV the
