@@ -533,7 +533,9 @@ def _backward_of(grad_y, x, weight, bias, net, config):
 
 
 def _functorch_active() -> bool:
-    return torch._C._functorch.peek_interpreter_stack() is not None
+    # Not while torch.compile / export traces: dynamo wraps the interpreter-stack query in a grad-mode
+    # region (the op would then sit inside a wrap_with_set_grad_enabled submodule of the exported graph).
+    return not torch.compiler.is_compiling() and torch._C._functorch.peek_interpreter_stack() is not None
 
 
 class _DagForwardFunction(torch.autograd.Function):
