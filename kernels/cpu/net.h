@@ -141,8 +141,9 @@ struct Net {
   void flag_corrupt() const { corrupt->store(true, std::memory_order_relaxed); }
 };
 
-// validate.cpp: shape / dtype / size checks of one network buffer (also used by the builders).
-void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel);
+// validate.cpp: shape / dtype / size checks of one network buffer (also used by the builders); max_dim 2
+// for the buffers of rows ([n, 2] activation bounds, [K, 3] ops and block segments).
+void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel, int64_t max_dim = 1);
 // Every product that sizes a buffer is checked, so a forged size raises instead of wrapping around.
 int64_t checked_mul(int64_t a, int64_t b);
 [[noreturn]] void corrupt_buffers(const char* what);

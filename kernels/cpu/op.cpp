@@ -72,29 +72,28 @@ at::Tensor dag_forward_cpu(const at::Tensor& x_in, const at::Tensor& weight_in, 
   at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), bias = bias_in.contiguous();
   const int64_t strategy = choose_strategy(net, B);
   if (strategy == STRAT_DENSE) {
-    y = exact_where_nan(net, x, weight, bias, dense_forward(net, x, weight, bias, net_t).contiguous());
-    check_not_corrupt(corrupt);
-    return y;
+    y = dense_forward(net, x, weight, bias, net_t).contiguous();
+  } else {
+    advise_huge_pages(y.data_ptr(), size_t(y.nbytes()));
+    if (poison_enabled()) AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "poison", [&] { poison(y.data_ptr<scalar_t>(), y.numel()); });
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "iosparse_dag_forward", [&] {
+      const scalar_t* xp = x.data_ptr<scalar_t>();
+      const scalar_t* wp = weight.data_ptr<scalar_t>();
+      const scalar_t* bp = bias.data_ptr<scalar_t>();
+      scalar_t* yp = y.data_ptr<scalar_t>();
+      if (strategy == STRAT_PROGRAM) {
+        program_forward<scalar_t>(net, xp, B, wp, bp, yp);
+      } else if (strategy == STRAT_PANEL) {
+        panel_forward<scalar_t>(net, xp, B, wp, bp, yp, weight, net_t[NET_PANEL_EDGE]);
+      } else if (strategy == STRAT_BLOCK) {
+        block_forward<scalar_t>(net, xp, B, wp, bp, yp, weight, net_t[NET_BLOCK_EDGE]);
+      } else {
+        level_forward_out<scalar_t>(net, xp, B, wp, bp, yp);
+      }
+    });
   }
-  advise_huge_pages(y.data_ptr(), size_t(y.nbytes()));
-  if (poison_enabled()) AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "poison", [&] { poison(y.data_ptr<scalar_t>(), y.numel()); });
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "iosparse_dag_forward", [&] {
-    const scalar_t* xp = x.data_ptr<scalar_t>();
-    const scalar_t* wp = weight.data_ptr<scalar_t>();
-    const scalar_t* bp = bias.data_ptr<scalar_t>();
-    scalar_t* yp = y.data_ptr<scalar_t>();
-    if (strategy == STRAT_PROGRAM) {
-      program_forward<scalar_t>(net, xp, B, wp, bp, yp);
-    } else if (strategy == STRAT_PANEL) {
-      panel_forward<scalar_t>(net, xp, B, wp, bp, yp, weight, net_t[NET_PANEL_EDGE]);
-    } else if (strategy == STRAT_BLOCK) {
-      block_forward<scalar_t>(net, xp, B, wp, bp, yp, weight, net_t[NET_BLOCK_EDGE]);
-    } else {
-      level_forward_out<scalar_t>(net, xp, B, wp, bp, yp);
-    }
-  });
-  check_not_corrupt(corrupt);
-  if (strategy == STRAT_PANEL) y = exact_where_nan(net, x, weight, bias, y);
+  // The two paths that multiply zero-weight cells (exact_where_nan).
+  if (strategy == STRAT_DENSE || strategy == STRAT_PANEL) y = exact_where_nan(net, x, weight, bias, y);
   check_not_corrupt(corrupt);
   return y;
 }

@@ -4,15 +4,12 @@
 
 namespace iosparse {
 
-void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel) {
+void check_buffer(const at::Tensor& t, const char* name, at::ScalarType dtype, int64_t numel, int64_t max_dim) {
   TORCH_CHECK_VALUE(t.device().is_cpu(), "iosparse: network buffer '", name, "' must be on the CPU like the "
                     "input, got ", t.device());
   TORCH_CHECK_VALUE(t.scalar_type() == dtype, "iosparse: network buffer '", name, "' must be ", dtype, ", got ",
                     t.scalar_type(), " (was it built by torch_iosparse.ops.prepare?)");
-  TORCH_CHECK_VALUE(t.dim() == 1 || (t.dim() == 2 && std::strcmp(name, "prog_ops") == 0) ||
-                        (t.dim() == 2 && std::strcmp(name, "act_param") == 0) ||
-                        (t.dim() == 2 && std::strcmp(name, "block_seg") == 0),
-                    "iosparse: network buffer '", name, "' has shape ", t.sizes(), " (was it built by "
+  TORCH_CHECK_VALUE(t.dim() >= 1 && t.dim() <= max_dim, "iosparse: network buffer '", name, "' has shape ", t.sizes(), " (was it built by "
                     "torch_iosparse.ops.prepare?)");
   TORCH_CHECK_VALUE(t.is_contiguous(), "iosparse: network buffer '", name, "' must be contiguous");
   TORCH_CHECK_VALUE(numel < 0 || t.numel() == numel, "iosparse: network buffer '", name, "' has ", t.numel(),
@@ -378,7 +375,7 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   check_buffer(net_t[NET_IN_PTR], "in_ptr", at::kLong, n.n_neurons + 1);
   check_buffer(net_t[NET_IN_SRC], "in_src", at::kInt, m);
   check_buffer(net_t[NET_ACT_CODE], "act_code", at::kChar, n.n_neurons);
-  check_buffer(net_t[NET_ACT_PARAM], "act_param", at::kDouble, 2 * n.n_neurons);
+  check_buffer(net_t[NET_ACT_PARAM], "act_param", at::kDouble, 2 * n.n_neurons, 2);
   check_buffer(net_t[NET_OUTPUTS], "outputs", at::kLong, n.n_outputs);
   check_buffer(net_t[NET_LEVEL_PTR], "level_ptr", at::kLong, -1);
   TORCH_CHECK_VALUE(net_t[NET_LEVEL_PTR].numel() >= 2, "iosparse: network buffer 'level_ptr' needs at least 2 "
@@ -386,7 +383,7 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   check_buffer(net_t[NET_LEVEL_NEURON], "level_neuron", at::kLong, n.n_computed);
   check_buffer(net_t[NET_PROG_NEURON], "prog_neuron", at::kLong, n.n_computed);
   check_buffer(net_t[NET_PROG_OP_PTR], "prog_op_ptr", at::kLong, n.n_computed + 1);
-  check_buffer(net_t[NET_PROG_OPS], "prog_ops", at::kInt, -1);
+  check_buffer(net_t[NET_PROG_OPS], "prog_ops", at::kInt, -1, 2);
   TORCH_CHECK_VALUE(net_t[NET_PROG_OPS].numel() % 3 == 0, "iosparse: network buffer 'prog_ops' must hold "
                     "(opcode, a, b) rows");
   check_buffer(net_t[NET_PROG_OUTPUT_ROWS], "prog_output_rows", at::kLong, n.n_outputs);
@@ -422,7 +419,7 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   const int64_t n_chunk_ptr = net_t[NET_BLOCK_CHUNK_SEG].numel();
   check_buffer(net_t[NET_BLOCK_CHUNK_ROW], "block_chunk_row", at::kLong, n_chunk_ptr);
   check_buffer(net_t[NET_BLOCK_CHUNK_EDGE], "block_chunk_edge", at::kLong, n_chunk_ptr);
-  check_buffer(net_t[NET_BLOCK_SEG], "block_seg", at::kInt, -1);
+  check_buffer(net_t[NET_BLOCK_SEG], "block_seg", at::kInt, -1, 2);
   n.n_block_chunks = std::max<int64_t>(0, n_chunk_ptr - 1);
   check_buffer(net_t[NET_BLOCK_LOCAL], "block_local", at::kByte, n.n_block_chunks ? m : -1);
   check_buffer(net_t[NET_BLOCK_EDGE], "block_edge", at::kInt, n.n_block_chunks ? m : -1);
