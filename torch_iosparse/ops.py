@@ -298,10 +298,7 @@ def dag_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, buffe
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
     net, config = _op_args(buffers, meta)
-    for name, t in (("weight", weight), ("bias", bias), ("network buffers", net[0])):
-        if isinstance(t, torch.Tensor) and t.device != x.device:
-            raise ValueError(f"iosparse: input is on device {x.device} but {name} are on {t.device}; move the "
-                             "network (module.to(device)) or the input")
+    _check_same_device(x, weight, bias, net[:1])  # all buffers move together: the first stands for them
     _native.ops()
     if x.device.type == "cpu" and x.dtype in _CPU_UPCAST:
         # The C++ CPU kernel takes float32/float64: run float16/bfloat16 in float32 and cast back (plain
@@ -628,10 +625,11 @@ _registered = False
 def _check_same_device(x, weight, bias, net, *more) -> None:
     """The dispatcher picks the kernel from every tensor argument: one buffer on ``meta`` sends a CPU call to
     the fake kernel, which would return uninitialised memory. The fake kernel therefore accepts a call only
-    when every tensor is on the input's device (all on ``meta``, or all fake tensors of one device)."""
+    when every tensor is on the input's device (all on ``meta``, or all fake tensors of one device).
+    :func:`dag_forward` checks the same before dispatching, for the weight, the bias and the first buffer."""
     for name, t in (("weight", weight), ("bias", bias), *(("grad_output", g) for g in more),
                     *((f"network buffer {NET_KEYS[i] if i < len(NET_KEYS) else i}", b) for i, b in enumerate(net))):
-        if t.device != x.device:
+        if isinstance(t, torch.Tensor) and t.device != x.device:
             raise ValueError(f"iosparse: input is on device {x.device} but {name} is on {t.device}; move the "
                              "network (module.to(device)) or the input")
 
