@@ -34,17 +34,8 @@ SPARSEPROP_DENSE_LIMIT = 256 << 20
 
 
 # ---------------------------------------------------------------------- the machine
-def cpu_model() -> str:
-    """/proc/cpuinfo's "model name" (platform's processor string elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or platform.machine() or "unknown CPU"
+# The CPU model string every table names (the one the tuning cache keys its entries by).
+from torch_iosparse.hardware import cpu_model  # noqa: E402
 
 
 def openmp_runtimes() -> List[str]:

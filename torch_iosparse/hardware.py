@@ -99,6 +99,20 @@ def _isa() -> str:
     return "generic"
 
 
+def cpu_model() -> str:
+    """The CPU's model string (/proc/cpuinfo "model name", or its Arm counterparts; else the platform's)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Model", "Hardware", "cpu model"):
+                    return value.strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine() or "unknown"
+
+
 @functools.lru_cache(maxsize=None)
 def detect() -> CpuInfo:
     """The machine's caches, vector ISA and core count (cached)."""

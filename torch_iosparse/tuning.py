@@ -31,7 +31,6 @@ import json
 import logging
 import math
 import os
-import platform
 import stat
 import tempfile
 import threading
@@ -82,19 +81,6 @@ def tuning_dir(directory: Union[str, bool, None] = None) -> Optional[str]:
 
 # ---------------------------------------------------------------------- the machine and the network
 @functools.lru_cache(maxsize=None)
-def cpu_model() -> str:
-    """The CPU's model string (/proc/cpuinfo "model name", else the platform's)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() in ("model name", "Model", "Hardware", "cpu model"):
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 @functools.lru_cache(maxsize=None)
 def kernel_id() -> str:
     """SHA-256 (first 16 hex digits) of the native extension: a rebuilt kernel is another machine."""
@@ -110,7 +96,7 @@ def kernel_id() -> str:
 def machine_key() -> Dict:
     """What identifies this machine (and software) for measured timings."""
     info = hardware.detect()
-    return {"cpu": cpu_model(), "isa": info.isa, "isa_override": os.environ.get("IOSPARSE_ISA", ""),
+    return {"cpu": hardware.cpu_model(), "isa": info.isa, "isa_override": os.environ.get("IOSPARSE_ISA", ""),
             "l1d": info.l1d_bytes, "l2": info.l2_bytes, "l3": info.l3_bytes, "cpus": os.cpu_count() or 0,
             "torch": torch.__version__, "kernel": kernel_id()}
 
