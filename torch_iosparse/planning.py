@@ -11,7 +11,6 @@ import io
 import itertools
 import json
 import os
-import secrets
 import stat
 import zipfile
 from dataclasses import dataclass, field
@@ -20,6 +19,7 @@ from typing import Callable, Dict, Optional
 import numpy as np
 
 from .dag import SparseDAG
+from .files import atomic_write
 from .iomodel import (IOCount, MemorySpec, _simulate_checked, count_io, normalize_memory, normalize_order,
                       topological_order)
 
@@ -60,21 +60,7 @@ class Plan:
         order = np.ascontiguousarray(self.order, dtype=np.int64)
         meta_s = json.dumps(meta, sort_keys=True)
         checksum = hashlib.sha256(meta_s.encode() + order.tobytes()).hexdigest()
-        path = os.fspath(path)
-        directory, name = os.path.split(os.path.abspath(path))
-        tmp = os.path.join(directory, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        # os.open with 0o666: the umask applies as for open(path, "wb"); O_EXCL: never follow or reuse a file
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, meta=np.array(meta_s), order=order, checksum=np.array(checksum))
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
-            raise
+        atomic_write(path, lambda f: np.savez(f, meta=np.array(meta_s), order=order, checksum=np.array(checksum)))
 
     @classmethod
     def load(cls, path: str, dag: Optional[SparseDAG] = None) -> "Plan":

@@ -32,7 +32,6 @@ import logging
 import math
 import os
 import stat
-import tempfile
 import threading
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -40,6 +39,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 
 from . import cache, hardware
+from .files import atomic_write
 from . import strategy as strategy_mod
 
 BUCKETS: Tuple[int, ...] = tuple(1 << k for k in range(11))  # 1 .. 1024 (the last: every batch >= 1024)
@@ -142,22 +142,13 @@ def read_json(path: str) -> Optional[Dict]:
 
 
 def write_json(path: str, data: Dict) -> bool:
-    """Write atomically (temporary file in the same folder, then os.replace); False on an OS error (logged)."""
-    tmp = None
+    """Write atomically (files.atomic_write); False on an OS error (logged)."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, sort_keys=True)
-        os.replace(tmp, path)
+        atomic_write(path, lambda f: f.write(json.dumps(data, sort_keys=True).encode()))
         return True
     except OSError as e:  # a read-only or full disk must not stop the user's model from running
         log.warning("torch_iosparse: could not write %s: %s", path, e)
-        if tmp is not None:
-            try:
-                os.remove(tmp)
-            except OSError:
-                pass
         return False
 
 
