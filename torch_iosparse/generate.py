@@ -17,7 +17,7 @@ where the live count stays below M - 1. Every result is checked with the exact s
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -273,7 +273,8 @@ def radix_bias(width: int) -> float:
     return -0.30 - 0.05 * math.log(width / 1024, 4)
 
 
-def radix_net(width: int, depth: int, fan_in: int = 32, seed: int = 0, bias: Optional[float] = None) -> SparseDAG:
+def radix_net(width: int, depth: int, fan_in: int = 32, seed: int = 0, bias: Optional[float] = None, *,
+              layers: Optional[Tuple[int, int]] = None) -> SparseDAG:
     """A RadiX-Net-like sparse DNN (GraphChallenge style), built offline.
 
     ``depth`` layers of ``width`` neurons after ``width`` inputs. Layer l connects neuron j to
@@ -283,10 +284,19 @@ def radix_net(width: int, depth: int, fan_in: int = 32, seed: int = 0, bias: Opt
     computed neuron has in-degree exactly ``fan_in`` and every non-output neuron out-degree exactly
     ``fan_in``. Weights are 1/16, biases :func:`radix_bias` (or ``bias``), activation ReLU capped at 32
     (``hardtanh(0,32)``), as in the challenge.
+
+    ``layers=(start, stop)`` builds only layers ``start .. stop-1`` of that network (one stage of a layer
+    pipeline, :mod:`torch_iosparse.distributed`): its ``width`` inputs are the activations entering layer
+    ``start`` and its outputs those of layer ``stop-1``. The permutations of the layers before ``start``
+    are drawn (O(width) each) but their edges are not built, so the stages of a split, chained, are
+    exactly the whole network.
     """
     width, depth, fan_in = int(width), int(depth), int(fan_in)
     if width < 1 or depth < 1:
         raise ValueError(f"width and depth must be >= 1, got {width} and {depth}")
+    start, stop = (0, depth) if layers is None else (int(layers[0]), int(layers[1]))
+    if not 0 <= start < stop <= depth:
+        raise ValueError(f"layers must be (start, stop) with 0 <= start < stop <= depth={depth}, got {layers}")
     if not 1 <= fan_in <= width:
         raise ValueError(f"fan_in must be in [1, width={width}], got {fan_in}")
     strides = [1]
@@ -296,14 +306,16 @@ def radix_net(width: int, depth: int, fan_in: int = 32, seed: int = 0, bias: Opt
     j = np.arange(width)
     k = np.arange(fan_in)
     src, dst = [], []
-    for layer in range(depth):
+    for layer in range(stop):
         s = strides[layer % len(strides)]
         perm = rng.permutation(width)
+        if layer < start:
+            continue
         tgt = perm[(j[:, None] + k[None, :] * s) % width]
-        src.append(np.repeat(j, fan_in) + layer * width)
-        dst.append(tgt.reshape(-1) + (layer + 1) * width)
+        src.append(np.repeat(j, fan_in) + (layer - start) * width)
+        dst.append(tgt.reshape(-1) + (layer - start + 1) * width)
     src, dst = np.concatenate(src), np.concatenate(dst)
-    n = width * (depth + 1)
+    n = width * (stop - start + 1)
     b = radix_bias(width) if bias is None else float(bias)
     biases = torch.full((n,), b, dtype=torch.float32)
     return SparseDAG.from_edges(width, src, dst, torch.full((src.size,), 1.0 / 16), biases, n_neurons=n,
