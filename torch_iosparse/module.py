@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import weakref
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -301,8 +303,11 @@ class IOSparseNetwork(nn.Module):
             from .cache import cached_plan
             plan, self.cache_hit = cached_plan(dag, M, method, seed, time_budget, directory=cache_dir,
                                                use_cache=cache, **plan_kwargs)
+            self._replan = {"memory": memory, "method": method, "seed": seed, "time_budget": time_budget,
+                            "cache": cache, "cache_dir": cache_dir, "plan_kwargs": dict(plan_kwargs)}
         else:
             plan.check_dag(dag)
+            self._replan = _replan_like(plan.memory, plan.method, cache, cache_dir)
         self.method = plan.method
         wdt = dtype or dag.weight.dtype
         if train_bias is None:  # like the source: layers built with bias=False keep no trainable bias
@@ -317,6 +322,7 @@ class IOSparseNetwork(nn.Module):
             for k, v in _structure_tensors(dag, plan).items():
                 self.register_buffer(k, v)
         self._install_derived(self._derive(dag, plan))
+        _watch_pattern(self.weight)
 
     # -------------------------------------------------------------- construction helpers
     @classmethod
@@ -383,6 +389,8 @@ class IOSparseNetwork(nn.Module):
                 cur = self._buffers.get(k)
                 if cur is not None and cur.dtype != orig.dtype:
                     self._buffers[k] = orig.to(cur.device)
+        if self._parameters.get("weight") is not None:  # a conversion may make a new Parameter
+            _watch_pattern(self.weight)
         return self
 
     def _own_state(self) -> Dict[str, torch.Tensor]:
@@ -460,6 +468,181 @@ class IOSparseNetwork(nn.Module):
             return
         if derived is not None:
             self._install_derived(derived)
+            _pattern_changed(self.weight)  # optimizer state of the old edges must not be applied to the new ones
+
+    # -------------------------------------------------------------- pattern updates (gradual pruning)
+    def masks(self) -> List[torch.Tensor]:
+        """The sparsity pattern as one bool mask per layer, ``[out_features, in_features]`` (True = an edge),
+        in layer order: the form :meth:`update_mask_` takes (layered networks)."""
+        sizes = self._layer_sizes_or_raise("masks()")
+        off = np.cumsum([0] + sizes)
+        src, dst = self._edges()
+        out = []
+        for k in range(len(sizes) - 1):
+            sel = (dst >= off[k + 1]) & (dst < off[k + 2])
+            m = torch.zeros(sizes[k + 1], sizes[k], dtype=torch.bool)
+            m[torch.from_numpy(dst[sel] - off[k + 1]), torch.from_numpy(src[sel] - off[k])] = True
+            out.append(m)
+        return out
+
+    def update_mask_(self, masks, *, weights=None, optimizer=None) -> "MaskUpdate":
+        """Give the network a new sparsity pattern in place (gradual pruning, prune-and-regrow): a new mask
+        is a new network, re-planned through the plan cache (a pattern planned before, with the options
+        this module was built with, is a cache hit: :attr:`cache_hit`).
+
+        Args:
+            masks: one mask per layer, ``[out_features, in_features]`` (bool, or numbers where nonzero
+                means an edge, as ``torch.nn.utils.prune``'s ``weight_mask``), in the order of
+                :meth:`masks`; or, for any network, a :class:`SparseDAG` over the same neurons (inputs,
+                outputs, activations) whose edges are the new pattern (its weights are not used).
+            weights: the values of the new edges. Default: an edge of both patterns keeps its current
+                (trained) weight, a new edge starts at zero. Else one dense ``[out_features, in_features]``
+                matrix per layer (its entries outside the new mask are ignored) or a 1-D tensor with one
+                value per new edge in in-edge order (sorted by target neuron, then source).
+            optimizer: an optimizer (or a list of them) holding this network's parameters: its state of
+                ``weight`` (momentum, Adam moments, ...) is remapped edge by edge, see
+                :func:`remap_optimizer_state_`.
+
+        The Parameter objects stay the same (``weight`` is resized through ``.data``; ``bias`` does not
+        change), so optimizers, parameter groups and schedulers keep working; the old ``weight.grad`` is
+        dropped. Optimizer state of the old edges is never applied to the new ones: an optimizer that held
+        state of ``weight`` and was not remapped (here or with :func:`remap_optimizer_state_`) raises at
+        its next ``step()`` (eager optimizers; a ``torch.compile``d ``step`` is not checked). Wrappers that
+        size buffers by the parameters at construction (DDP, FSDP, an EMA copy) must be rebuilt or
+        remapped (:meth:`MaskUpdate.remap`). Nothing changes when the masks or the planning are invalid.
+
+        Returns a :class:`MaskUpdate` (which edges survived, counts, cache hit).
+        """
+        opts = _optimizer_list(optimizer)
+        for opt in opts:  # an optimizer that cannot be remapped stops the update before anything changes
+            if not _holds(opt, self.weight):
+                raise ValueError(f"this {type(opt).__name__} does not optimize the network's weight")
+            _check_remappable(opt, self.weight, self.nnz)
+        pending = self._prepare_mask_update(masks, weights)
+        self._commit_mask_update(pending)
+        update = pending["update"]
+        for opt in opts:
+            remap_optimizer_state_(opt, self.weight, update)
+        return update
+
+    def _layer_sizes_or_raise(self, what: str) -> List[int]:
+        sizes = self._summary["layer_sizes"]
+        if not sizes:
+            raise ValueError(f"{what} needs a layered network (built from nn.Linear layers); for a general DAG "
+                             "pass a SparseDAG over the same neurons to update_mask_")
+        return list(sizes)
+
+    def _edges(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(source, target) of every edge, in in-edge order (target, then source, ascending)."""
+        in_ptr = self.in_ptr.cpu().numpy().astype(np.int64)
+        return self.in_src.cpu().numpy().astype(np.int64), np.repeat(np.arange(in_ptr.size - 1), np.diff(in_ptr))
+
+    def _pattern_edges(self, masks) -> Tuple[np.ndarray, np.ndarray]:
+        """(source, target) of the edges of ``masks`` (see :meth:`update_mask_`), in in-edge order."""
+        n, n_in = self._summary["n_neurons"], self._summary["n_inputs"]
+        if isinstance(masks, SparseDAG):
+            dag = masks
+            if dag.n_inputs != n_in or dag.n_neurons != n or \
+                    not np.array_equal(np.asarray(dag.outputs, np.int64), self.outputs.cpu().numpy()):
+                raise ValueError(f"the new pattern's SparseDAG must have the same neurons ({n_in} inputs, {n} neurons, "
+                                 f"the same outputs); got {dag.n_inputs} inputs, {dag.n_neurons} neurons")
+            code = np.array([a.code for a in dag.activations], np.int64)[dag.act_index.astype(np.int64)]
+            bounds = np.array([[a.lo, a.hi] for a in dag.activations], np.float64)[dag.act_index.astype(np.int64)]
+            idx = self.act_index.cpu().numpy()
+            mine_code = self.act_code.cpu().numpy()[idx]
+            mine_bounds = self.act_bounds.cpu().contiguous().view(torch.float64).numpy()[idx]
+            differ = (code != mine_code) | (bounds != mine_bounds).any(axis=1)
+            differ[:n_in] = False
+            if differ.any():
+                v = _first(differ)
+                raise ValueError(f"the new pattern's SparseDAG has other activations (neuron {v}: "
+                                 f"{dag.activation_of(v)}); a pattern update keeps the neurons")
+            src, dst = dag.edges()
+            return src.astype(np.int64), dst.astype(np.int64)
+        sizes = self._layer_sizes_or_raise("per-layer masks")
+        if isinstance(masks, torch.Tensor) or not isinstance(masks, (list, tuple)):
+            raise TypeError(f"masks must be a list of {len(sizes) - 1} per-layer masks or a SparseDAG, got "
+                            f"{type(masks).__name__}")
+        if len(masks) != len(sizes) - 1:
+            raise ValueError(f"this network has {len(sizes) - 1} layers (sizes {sizes}); got {len(masks)} masks")
+        off = np.cumsum([0] + sizes)
+        srcs, dsts = [], []
+        for k, m in enumerate(masks):
+            m = _as_layer_matrix(m, (sizes[k + 1], sizes[k]), f"mask of layer {k}")
+            rows, cols = (m != 0).nonzero(as_tuple=True)  # row-major: in-edge order
+            srcs.append(cols.numpy() + off[k])
+            dsts.append(rows.numpy() + off[k + 1])
+        return np.concatenate(srcs).astype(np.int64), np.concatenate(dsts).astype(np.int64)
+
+    def _prepare_mask_update(self, masks, weights) -> Dict:
+        """Everything a pattern update installs, computed and validated without changing the module."""
+        if torch.compiler.is_compiling():
+            raise RuntimeError("update_mask_ changes the network's structure: call it outside torch.compile")
+        n = self._summary["n_neurons"]
+        src, dst = self._pattern_edges(masks)
+        old_src, old_dst = self._edges()
+        _, kept_old, kept_new = np.intersect1d(old_dst * n + old_src, dst * n + src, assume_unique=True,
+                                               return_indices=True)
+        kept_old, kept_new = torch.from_numpy(kept_old), torch.from_numpy(kept_new)
+        cur = self.weight.detach()
+        if weights is None:
+            w = torch.zeros(src.size, dtype=cur.dtype, device=cur.device)
+            w[kept_new.to(cur.device)] = cur[kept_old.to(cur.device)]
+        else:
+            w = self._new_edge_values(weights, src, dst).to(device=cur.device, dtype=cur.dtype)
+        in_ptr = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(np.bincount(dst, minlength=n), out=in_ptr[1:])
+        t = {k: getattr(self, k) for k in _STRUCTURE}
+        t["in_ptr"], t["in_src"] = torch.from_numpy(in_ptr), torch.from_numpy(src)
+        with _ordinary_tensors():
+            dag = _dag_from_tensors(t, w, self.bias)  # validates (layers, outputs, acyclicity)
+            plan, hit = self._replan_pattern(dag)
+            derived = self._derive(dag, plan)
+        update = MaskUpdate(kept_old, kept_new, int(old_src.size), int(src.size), hit)
+        return {"weight": w, "structure": _structure_tensors(dag, plan), "derived": derived, "update": update}
+
+    def _new_edge_values(self, weights, src: np.ndarray, dst: np.ndarray) -> torch.Tensor:
+        if isinstance(weights, torch.Tensor) and weights.dim() == 1:
+            if weights.numel() != src.size:
+                raise ValueError(f"weights: the new pattern has {src.size} edges, got {weights.numel()} values")
+            vals = weights.detach()
+        else:
+            sizes = self._layer_sizes_or_raise("per-layer weights")
+            if not isinstance(weights, (list, tuple)) or len(weights) != len(sizes) - 1:
+                raise ValueError(f"weights must be one dense matrix per layer ({len(sizes) - 1}) or a 1-D tensor "
+                                 "with one value per new edge")
+            off = np.cumsum([0] + sizes)
+            layer = np.searchsorted(off, dst, side="right") - 2  # the layer each edge's target ends
+            vals = torch.empty(src.size, dtype=torch.float64)
+            for k, W in enumerate(weights):
+                W = _as_layer_matrix(W, (sizes[k + 1], sizes[k]), f"weights of layer {k}")
+                sel = np.flatnonzero(layer == k)
+                vals[torch.from_numpy(sel)] = W[torch.from_numpy(dst[sel] - off[k + 1]),
+                                                torch.from_numpy(src[sel] - off[k])].double()
+        if not vals.is_floating_point() or not torch.isfinite(vals).all():
+            raise ValueError("weights must be finite floating-point values")
+        return vals
+
+    def _replan_pattern(self, dag: SparseDAG) -> Tuple[Plan, bool]:
+        """A plan of ``dag`` made as this module's own was (memory spec, method, seed, ...), through the
+        plan cache."""
+        from .cache import cached_plan
+        o = getattr(self, "_replan", None) or _replan_like(self.memory, self.method, True, None)
+        M = _auto_memory(o["memory"], self.weight.dtype, self.batch_tile)
+        return cached_plan(dag, M, o["method"], o["seed"], o["time_budget"], directory=o["cache_dir"],
+                           use_cache=o["cache"], **o["plan_kwargs"])
+
+    def _commit_mask_update(self, pending: Dict) -> None:
+        """Install a prepared pattern update (cannot fail half-way: everything was built and checked)."""
+        dev = self.in_ptr.device
+        with _ordinary_tensors():
+            self.weight.data = pending["weight"]
+            self.weight.grad = None  # the gradient of the old edges
+            for k, v in pending["structure"].items():
+                self._buffers[k] = v.to(dev)
+        self._install_derived(pending["derived"])
+        self.cache_hit = pending["update"].cache_hit
+        _pattern_changed(self.weight)
 
     # -------------------------------------------------------------- views
     @property
@@ -509,6 +692,8 @@ class IOSparseNetwork(nn.Module):
         super().__setstate__(state)
         if "_tuner" not in self.__dict__ and "_op_meta" in self.__dict__:  # pickled before tuning existed
             self._tuner = tuning.Tuner(self._op_meta, enabled=False)
+        if "weight" in self._parameters:
+            _watch_pattern(self.weight)
 
     def to_dag(self) -> SparseDAG:
         """The network (with the current, possibly trained, weights) as a :class:`SparseDAG`."""
@@ -577,6 +762,200 @@ class IOSparseNetwork(nn.Module):
             meta = self._op_meta
         y = ops.dag_forward(x2.contiguous(), self.weight, bias_full, bufs, meta)
         return y.reshape(*lead, self._summary["n_outputs"])
+
+
+# ---------------------------------------------------------------------- pattern updates
+@dataclass(frozen=True)
+class MaskUpdate:
+    """What :meth:`IOSparseNetwork.update_mask_` changed: the edges of both patterns (``kept_old[i]`` in the
+    old ``weight`` is ``kept_new[i]`` in the new one), the edge counts and whether the plan came from the
+    cache. :meth:`remap` carries any per-edge tensor (an EMA of the weights, an optimizer's state) over."""
+
+    kept_old: torch.Tensor
+    kept_new: torch.Tensor
+    n_old: int
+    n_new: int
+    cache_hit: bool
+
+    @property
+    def kept(self) -> int:
+        return int(self.kept_old.numel())
+
+    @property
+    def removed(self) -> int:
+        return self.n_old - self.kept
+
+    @property
+    def added(self) -> int:
+        return self.n_new - self.kept
+
+    def remap(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """A per-edge tensor of the old pattern (first dimension ``n_old``) for the new one: entries of
+        surviving edges kept, new edges ``fill``."""
+        if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != self.n_old:
+            raise ValueError(f"remap takes a tensor with one entry per old edge ({self.n_old}), got "
+                             f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        out = t.new_full((self.n_new, *t.shape[1:]), fill)
+        out[self.kept_new.to(t.device)] = t[self.kept_old.to(t.device)]
+        return out
+
+
+def remap_optimizer_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, update: MaskUpdate) -> None:
+    """Carry ``optimizer``'s state of a network's ``weight`` over a pattern update (``update`` from
+    :meth:`IOSparseNetwork.update_mask_`): every per-edge state tensor (SGD's momentum buffer, Adam's
+    moments, ...) keeps the entries of surviving edges, new edges start at zero, as a new parameter's state
+    would; scalars (Adam's ``step``) are kept. A state tensor of any other shape cannot be remapped: a
+    ValueError, before anything is changed."""
+    if not _holds(optimizer, param):
+        raise ValueError(f"this {type(optimizer).__name__} does not optimize the given parameter (pass the "
+                         "optimizer that holds the network's weight)")
+    _check_remappable(optimizer, param, update.n_old)
+    state = optimizer.state.get(param) or {}
+    for k, v in list(state.items()):
+        if isinstance(v, torch.Tensor) and v.dim() > 0:
+            state[k] = update.remap(v)
+
+
+def _holds(optimizer: torch.optim.Optimizer, param: torch.Tensor) -> bool:
+    return any(p is param for g in optimizer.param_groups for p in g["params"])
+
+
+def _check_remappable(optimizer: torch.optim.Optimizer, param: torch.Tensor, n_old: int) -> None:
+    for k, v in (optimizer.state.get(param) or {}).items():
+        if isinstance(v, torch.Tensor) and v.dim() > 0 and tuple(v.shape) != (n_old,):
+            raise ValueError(f"{type(optimizer).__name__} state {k!r} has shape {list(v.shape)}, not one entry per "
+                             f"edge ({n_old}): it cannot be remapped to the new pattern")
+
+
+def update_masks_(model: nn.Module, masks, *, optimizer=None) -> Dict[str, MaskUpdate]:
+    """:meth:`IOSparseNetwork.update_mask_` for the networks of a sparsified model, all or none.
+
+    Args:
+        masks: ``{name: masks}`` with the name of each network to update as ``model.named_modules()`` gives
+            it (e.g. ``"0"`` or ``"2.ffn.0"``) and its per-layer masks (or a SparseDAG) as
+            :meth:`IOSparseNetwork.update_mask_` takes them; or a callable ``(name, network) -> masks or
+            None`` (None: keep that network), e.g. magnitude pruning from ``network.to_dense()``.
+        optimizer: an optimizer (or a list) whose state of the networks' weights is remapped.
+
+    Every update is validated and planned before any network changes. Returns ``{name: MaskUpdate}``.
+    """
+    nets = {name: m for name, m in model.named_modules() if isinstance(m, IOSparseNetwork)}
+    if callable(masks):
+        chosen = {name: masks(name, net) for name, net in nets.items()}
+        chosen = {k: v for k, v in chosen.items() if v is not None}
+    else:
+        chosen = dict(masks)
+        unknown = sorted(set(chosen) - set(nets))
+        if unknown:
+            raise KeyError(f"no IOSparseNetwork named {unknown[0]!r} in the model (networks: "
+                           f"{', '.join(repr(n) for n in nets) or 'none'})")
+    opts = _optimizer_list(optimizer)
+    pending = {name: nets[name]._prepare_mask_update(m, None) for name, m in chosen.items()}
+    holders = {name: [o for o in opts if _holds(o, nets[name].weight)] for name in pending}
+    for name in pending:
+        for opt in holders[name]:
+            _check_remappable(opt, nets[name].weight, nets[name].nnz)
+    out = {}
+    for name, p in pending.items():
+        nets[name]._commit_mask_update(p)
+        out[name] = p["update"]
+        for opt in holders[name]:
+            remap_optimizer_state_(opt, nets[name].weight, out[name])
+    return out
+
+
+def _optimizer_list(optimizer) -> List[torch.optim.Optimizer]:
+    if optimizer is None:
+        return []
+    opts = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    for o in opts:
+        if not isinstance(o, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a list of them), got {type(o).__name__}")
+    return opts
+
+
+def _replan_like(memory, method: str, cache: bool, cache_dir: Optional[str]) -> Dict:
+    """Planning options for pattern updates of a network built from a ready plan: that plan's memory and
+    method (or the 2-optimal order when the method is not a registered one, e.g. a loaded plan)."""
+    return {"memory": memory, "method": method if method in _planning_methods() else "two_optimal", "seed": 0,
+            "time_budget": None, "cache": cache, "cache_dir": cache_dir, "plan_kwargs": {}}
+
+
+def _as_layer_matrix(m, shape: Tuple[int, int], name: str) -> torch.Tensor:
+    if isinstance(m, np.ndarray):
+        m = torch.from_numpy(m)
+    if not isinstance(m, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor of shape {list(shape)}, got {type(m).__name__}")
+    if tuple(m.shape) != shape:
+        raise ValueError(f"{name} must have shape {list(shape)} ([out_features, in_features]), got {list(m.shape)}")
+    m = m.detach().cpu()
+    if m.is_floating_point() and not torch.isfinite(m).all():
+        raise ValueError(f"{name} has NaN or infinite entries")
+    return m
+
+
+# Stale optimizer state. A pattern update keeps the weight Parameter but changes what its entries mean;
+# state an optimizer kept for the old edges (the same tensors, not remapped) must not reach the new ones,
+# even when the edge count did not change (prune-and-regrow). Every network's weight is registered with its
+# pattern version; global optimizer step hooks remember, per optimizer and weight, the version and the state
+# tensors after each step, and before the next step raise when the version moved on but the tensors did not.
+_PATTERN_VERSION: "WeakIdKeyDictionary" = None
+_SEEN_STATE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _watch_pattern(weight: torch.Tensor) -> None:
+    global _PATTERN_VERSION
+    if _PATTERN_VERSION is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+        from torch.utils.weak import WeakIdKeyDictionary
+        _PATTERN_VERSION = WeakIdKeyDictionary()
+        register_optimizer_step_pre_hook(_check_optimizer_state)
+        register_optimizer_step_post_hook(_record_optimizer_state)
+    if weight not in _PATTERN_VERSION:
+        _PATTERN_VERSION[weight] = 0
+
+
+def _pattern_changed(weight: torch.Tensor) -> None:
+    _watch_pattern(weight)
+    _PATTERN_VERSION[weight] += 1
+
+
+def _watched_state(optimizer):
+    """(weight, its pattern version, its per-edge state tensors) for every watched weight ``optimizer`` holds."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            version = _PATTERN_VERSION.get(p)
+            if version is not None:
+                yield p, version, [v for v in optimizer.state.get(p, {}).values()
+                                   if isinstance(v, torch.Tensor) and v.dim() > 0]
+
+
+def _check_optimizer_state(optimizer, args, kwargs) -> None:
+    seen = _SEEN_STATE.get(optimizer)
+    if seen is None or torch.compiler.is_compiling():
+        return
+    for p, version, state in _watched_state(optimizer):
+        last = seen.get(p)
+        if last is None or last[0] == version:
+            continue
+        before = {id(r()) for r in last[1] if r() is not None}
+        if any(id(t) in before for t in state):
+            raise RuntimeError(
+                f"{type(optimizer).__name__}.step(): its state of an IOSparseNetwork weight belongs to the sparsity "
+                "pattern before update_mask_ (or before a load_state_dict that changed the structure); pass the "
+                "optimizer to update_mask_(..., optimizer=opt), or call torch_iosparse.module."
+                "remap_optimizer_state_(opt, net.weight, update), or clear its state of that weight")
+
+
+def _record_optimizer_state(optimizer, args, kwargs) -> None:
+    if torch.compiler.is_compiling():
+        return
+    seen = _SEEN_STATE.get(optimizer)
+    if seen is None:
+        from torch.utils.weak import WeakIdKeyDictionary
+        seen = _SEEN_STATE[optimizer] = WeakIdKeyDictionary()
+    for p, version, state in _watched_state(optimizer):
+        seen[p] = (version, [weakref.ref(t) for t in state])
 
 
 def _all_linears_without_bias(module: nn.Module) -> bool:
