@@ -123,7 +123,9 @@ def test_unsupported_activation_between_linears_is_a_boundary_not_an_error():
             prune.random_unstructured(mod, "weight", 0.7)
     conv = sparsify(m)
     kinds = [type(mm).__name__ for mm in conv]
-    assert kinds == ["IOSparseNetwork", "SiLU", "IOSparseNetwork", "Identity", "ReLU", "IOSparseNetwork"]
+    # the fused ReLU's slot holds a pass-through (an nn.Identity that names the network doing its work)
+    assert kinds == ["IOSparseNetwork", "SiLU", "IOSparseNetwork", "FusedInto", "ReLU", "IOSparseNetwork"]
+    assert isinstance(conv[3], nn.Identity)
     x = torch.randn(5, 6)
     assert rel_err(conv(x), m(x)) <= 1e-5
 
@@ -140,23 +142,31 @@ def test_bad_input():
         sparsify_(lin)
 
 
-def test_sequential_subclass_with_own_forward_gets_no_chains():
+def test_sequential_subclass_with_own_forward_is_traced():
     class Residual(nn.Sequential):
         def forward(self, x):
             return x + super().forward(x)
 
+    class Reuse(nn.Sequential):  # the hidden value is used twice: no chain through it
+        def forward(self, x):
+            h = self[1](self[0](x))
+            return self[2](h) + h
+
     torch.manual_seed(4)
     block = Residual(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
-    for m in block:
+    reuse = Reuse(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8))
+    for m in [*block, *reuse]:
         if type(m) is nn.Linear:
             prune.l1_unstructured(m, "weight", 0.8)
-    model = nn.Sequential(block, nn.ModuleList([nn.Linear(8, 8)]))
+    model = nn.Sequential(block, nn.ModuleList([nn.Linear(8, 8)]), reuse)
     conv = sparsify(model, min_sparsity=0.5)
-    # converted one Linear at a time (each is a drop-in for a Linear), never merged across the override
-    assert [type(m).__name__ for m in conv[0]] == ["IOSparseNetwork", "ReLU", "IOSparseNetwork"]
+    # the traced forward shows x + chain(x): the chain is fused, the skip stays in the user's forward
+    assert [type(m).__name__ for m in conv[0]] == ["IOSparseNetwork", "FusedInto", "FusedInto"]
     assert type(conv[1][0]) is nn.Linear  # dense
+    assert [type(m).__name__ for m in conv[2]] == ["IOSparseNetwork", "FusedInto", "IOSparseNetwork"]
     x = torch.randn(3, 8)
     assert rel_err(conv[0](x), block(x)) <= 1e-5
+    assert rel_err(conv[2](x), reuse(x)) <= 1e-5
 
 
 # ---------------------------------------------------------------------- random models (hypothesis)

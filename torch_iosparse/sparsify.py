@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import inspect
+import sys
+import warnings
 from collections import Counter
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -31,6 +34,8 @@ from torch import nn
 from torch.nn.utils import parametrize, prune
 
 from . import activations as acts
+from . import chains as chains_mod
+from .chains import Chain, ChainEnd, FusedChain, FusedInto, _parent_and_name, is_linear
 from .dag import prune_mask
 from .module import IOSparseNetwork
 
@@ -43,6 +48,8 @@ class IOSparseConfig:
 
     ``min_sparsity`` and ``verbose`` belong to the model walk; the others are passed to each
     :class:`IOSparseNetwork` (``plan_kwargs``: extra keywords of the planning method, e.g. ``iterations``).
+    ``verbose``: True prints each network, each kept layer and a summary; None (default) shows only a
+    progress bar over the networks being planned (on a terminal, for more than one); False prints nothing.
     """
     memory: Any = "auto"
     method: str = "two_optimal"
@@ -56,7 +63,7 @@ class IOSparseConfig:
     train_bias: Optional[bool] = None
     dtype: Optional[torch.dtype] = None
     min_sparsity: float = 0.5
-    verbose: bool = False
+    verbose: Optional[bool] = None
     plan_kwargs: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def network_kwargs(self) -> Dict[str, Any]:
@@ -124,13 +131,7 @@ def _check_filter_signature(filter_fn) -> None:
                            "the old (fqn, module) order"))
 
 
-def _is_linear(m: nn.Module) -> bool:
-    """A plain ``nn.Linear``, or one whose parameters are parametrized (``torch.nn.utils.parametrize``,
-    e.g. torch.ao.pruning's FakeSparsity mask): parametrize swaps the class for a direct subclass."""
-    t = type(m)
-    if t is nn.Linear:
-        return True
-    return parametrize.is_parametrized(m) and t.__bases__ == (nn.Linear,)
+_is_linear = is_linear
 
 
 def _weight_param(m: nn.Linear) -> torch.Tensor:
@@ -159,6 +160,8 @@ def _is_activation(m: nn.Module) -> bool:
 
 
 class _Scan:
+    """Decides which Linears are eligible and remembers why the others were kept."""
+
     def __init__(self, model: nn.Module, min_sparsity: float, filter_fn: Optional[FilterFn]):
         if not 0.0 <= min_sparsity <= 1.0:
             raise ValueError(f"min_sparsity must lie in [0, 1], got {min_sparsity}")
@@ -168,26 +171,41 @@ class _Scan:
         self.param_uses = Counter(id(p) for _, p in model.named_parameters(remove_duplicate=False))
         self.module_uses = Counter(id(m) for _, m in model.named_modules(remove_duplicate=False))
         self.skipped: List[Tuple[str, str]] = []
+        self._seen: Dict[str, bool] = {}
+
+    def skip(self, name: str, why: str) -> None:
+        self.skipped.append((name, why))
 
     def eligible(self, name: str, m: nn.Module) -> bool:
+        if name not in self._seen:
+            self._seen[name] = self._eligible(name, m)
+        return self._seen[name]
+
+    def _eligible(self, name: str, m: nn.Module) -> bool:
         if not _is_linear(m):
             return False
         w = _weight_param(m)
+        if w.is_meta:
+            raise ValueError(
+                f"{name or 'the model'} has its weights on the meta device: sparsify reads the weights (the zeros "
+                "or prune masks define the network), so the model needs real values. Materialize it first, e.g. "
+                "model.to_empty(device='cpu') and load_state_dict(...), or torch_iosparse.load(model, path) "
+                "for a checkpoint written by torch_iosparse.save")
         if self.param_uses[id(w)] > 1 or self.module_uses[id(m)] > 1:
-            self.skipped.append((name, "shared weight or module"))
+            self.skip(name, "shared weight or module")
             return False
         if m.in_features == 0 or m.out_features == 0:  # nothing to compute (IOSparseNetwork rejects it)
-            self.skipped.append((name, f"zero-width layer ({m.in_features} -> {m.out_features})"))
+            self.skip(name, f"zero-width layer ({m.in_features} -> {m.out_features})")
             return False
         if _has_user_hooks(m):
-            self.skipped.append((name, "has forward hooks"))
+            self.skip(name, "has forward hooks")
             return False
         s = linear_sparsity(m)
         if s < self.min_sparsity:
-            self.skipped.append((name, f"sparsity {s:.1%} < min_sparsity {self.min_sparsity:.1%}"))
+            self.skip(name, f"sparsity {s:.1%} < min_sparsity {self.min_sparsity:.1%}")
             return False
         if self.filter_fn is not None and not self._accepts(m, name):
-            self.skipped.append((name, "rejected by filter_fn"))
+            self.skip(name, "rejected by filter_fn")
             return False
         return True
 
@@ -200,67 +218,19 @@ class _Scan:
         return bool(ok)
 
 
-def find_chains(model: nn.Module, *, min_sparsity: float = 0.5, filter_fn: Optional[FilterFn] = None):
-    """The chains :func:`sparsify_` would convert: a list of ``(parent, parent_name, [child names])``."""
+def _discover(model: nn.Module, min_sparsity: float, filter_fn: Optional[FilterFn]):
     if filter_fn is not None:
         _check_filter_signature(filter_fn)
     scan = _Scan(model, min_sparsity, filter_fn)
-    chains = _find(model, "", scan)
-    return chains, list(dict.fromkeys(scan.skipped))
+    found, notes = chains_mod.discover(model, scan)
+    return found, list(dict.fromkeys(scan.skipped)), notes
 
 
-def _find(parent: nn.Module, prefix: str, scan: _Scan):
-    out = []
-    if isinstance(parent, (IOSparseNetwork, nn.MultiheadAttention)):
-        return out
-    children = list(parent.named_children())
-    full = lambda n: f"{prefix}.{n}" if prefix else n  # noqa: E731
-    # Chains only inside a Sequential that runs its children in order (a subclass may override forward).
-    if isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward:
-        i = 0
-        while i < len(children):
-            name, m = children[i]
-            if not scan.eligible(full(name), m):
-                i += 1
-                continue
-            chain = [name]
-            j = i + 1
-            activated = False  # the last Linear of the chain already has its (non-identity) activation
-            while j < len(children):
-                nm, mm = children[j]
-                if _is_activation(mm):  # stateless: sharing an activation module is harmless
-                    nontrivial = acts.from_module(mm).kind != "identity"
-                    # one activation per Linear (Identity modules between do not count): a second one
-                    # ends the chain after the first
-                    if nontrivial and activated:
-                        break
-                    activated = activated or nontrivial
-                    chain.append(nm)
-                    j += 1
-                elif scan.eligible(full(nm), mm):
-                    chain.append(nm)
-                    activated = False
-                    j += 1
-                else:
-                    break
-            # trailing Identity modules add nothing; keep them out of the chain
-            while len(chain) > 1 and isinstance(dict(children)[chain[-1]], nn.Identity):
-                chain.pop()
-                j -= 1
-            out.append((parent, prefix, chain))
-            i = j
-        in_chain = {n for p, _, names in out if p is parent for n in names}
-        for name, m in children:
-            if name not in in_chain and not _is_linear(m):
-                out.extend(_find(m, full(name), scan))
-        return out
-    for name, m in children:
-        if _is_linear(m):
-            if scan.eligible(full(name), m):
-                out.append((parent, prefix, [name]))
-        else:
-            out.extend(_find(m, full(name), scan))
-    return out
+def find_chains(model: nn.Module, *, min_sparsity: float = 0.5, filter_fn: Optional[FilterFn] = None):
+    """The chains :func:`sparsify_` would convert (a list of :class:`torch_iosparse.chains.Chain`: members
+    and scope) and the Linears it would keep, as ``(fqn, reason)`` pairs."""
+    found, skipped, _ = _discover(model, min_sparsity, filter_fn)
+    return found, skipped
 
 
 def _keep_off_transformer_fastpath(module, args):
@@ -282,6 +252,83 @@ def _convert(mods: List[nn.Module], cfg: IOSparseConfig, parent: Optional[nn.Mod
     return net
 
 
+def _layer_name(m: nn.Module) -> str:
+    """``Linear(in_features=…, …)`` (parametrized layers print as the Linear they compute)."""
+    name = "Linear" if _is_linear(m) else type(m).__name__
+    return f"{name}({m.extra_repr()})"
+
+
+def _config_record(cfg: IOSparseConfig) -> Dict[str, Any]:
+    return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+
+
+def _apply(model: nn.Module, chain: Chain, cfg: IOSparseConfig) -> IOSparseNetwork:
+    """Build the network of ``chain`` and install it with its pass-throughs and run-time checks."""
+    mods = []
+    for m in chain.members:
+        mod = model.get_submodule(m.path)
+        mods.append(mod if m.kind == "linear" else m.activation.to_module())
+    head_parent, head_name = _parent_and_name(model, chain.head)
+    net = _convert(mods, cfg, head_parent)
+    linears = [(x.in_features, x.out_features, x.bias is not None) for x in mods if _is_linear(x)]
+    record = FusedChain(chain.head, linears, len(chain.members) - 1, _config_record(cfg))
+    net.sparsify_record = record  # a plain attribute: no state-dict entry
+    if record.n_passthroughs:
+        net.register_forward_hook(record)
+    setattr(head_parent, head_name, net)
+    n_linear = 0
+    for pos, m in enumerate(chain.members[1:]):
+        parent, name = _parent_and_name(model, m.path)
+        old = getattr(parent, name)
+        if m.kind == "linear":
+            n_linear += 1
+            fused = FusedInto(record, pos, _layer_name(old), linear_index=n_linear)
+        else:
+            fused = FusedInto(record, pos, _layer_name(old), original=old)
+        fused.train(old.training)
+        setattr(parent, name, fused)
+    if record.n_passthroughs:
+        model.get_submodule(chain.scope).register_forward_hook(ChainEnd(record, chain.scope))
+    return net
+
+
+def _progress(items: List, cfg: IOSparseConfig):
+    """tqdm over the networks being planned: on a terminal, for more than one network, unless verbose=False."""
+    show = cfg.verbose is not False and len(items) > 1 and sys.stderr.isatty()
+    if not show:
+        return items
+    from tqdm.auto import tqdm
+    return tqdm(items, desc="sparsify: planning", unit="network", leave=False)
+
+
+def _old_parameters(model: nn.Module, chains: List[Chain]) -> Dict[int, str]:
+    out = {}
+    for c in chains:
+        for m in c.members:
+            for pname, p in model.get_submodule(m.path).named_parameters():
+                out[id(p)] = f"{m.path}.{pname}"
+    return out
+
+
+def _warn_stale_optimizers(old: Dict[int, str]) -> None:
+    """Warn about live optimizers that hold parameters sparsify_ just replaced: they would go on updating
+    tensors the model no longer uses."""
+    if not old:
+        return
+    gc.collect()
+    stale = []
+    for obj in gc.get_objects():
+        if issubclass(type(obj), torch.optim.Optimizer):  # type(): no __class__ lookups on lazy proxies
+            held = [old[id(p)] for g in obj.param_groups for p in g["params"] if id(p) in old]
+            if held:
+                stale.append((obj, held))
+    for opt, held in stale:
+        warnings.warn(
+            f"{type(opt).__name__} optimizer holds {len(held)} parameter(s) of layers that sparsify_ replaced "
+            f"({', '.join(held[:3])}{', ...' if len(held) > 3 else ''}): it would train tensors the model no longer "
+            "uses. Create the optimizer after sparsify_ (torch.optim.X(model.parameters(), ...))", stacklevel=3)
+
+
 def sparsify_(model: nn.Module, config: Optional[IOSparseConfig] = None, filter_fn: Optional[FilterFn] = None,
               **kwargs) -> nn.Module:
     """Convert ``model`` in place (see the module docstring) and return it.
@@ -292,8 +339,15 @@ def sparsify_(model: nn.Module, config: Optional[IOSparseConfig] = None, filter_
             keywords go to the planner through ``plan_kwargs``). Both at once must agree.
         filter_fn: ``filter_fn(module, fqn) -> bool`` (torchao's order) to choose layers by name or shape.
             A filter in the old ``(fqn, module)`` order is rejected with a ValueError.
+
+    An optimizer made before ``sparsify_`` still holds the replaced layers' parameters: a warning names it;
+    create optimizers afterwards.
     """
-    cfg = _resolve_config(config, kwargs)
+    return _sparsify_in_place(model, _resolve_config(config, kwargs), filter_fn, fresh_copy=False)
+
+
+def _sparsify_in_place(model: nn.Module, cfg: IOSparseConfig, filter_fn: Optional[FilterFn],
+                       fresh_copy: bool) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify takes an nn.Module, got {type(model).__name__}")
     if isinstance(model, IOSparseNetwork):
@@ -301,20 +355,30 @@ def sparsify_(model: nn.Module, config: Optional[IOSparseConfig] = None, filter_
     if _is_linear(model):  # a bare Linear has no parent to swap it in
         raise TypeError("sparsify_ cannot replace the root module in place; use sparsify(linear) or "
                         "IOSparseNetwork(linear)")
-    chains, skipped = find_chains(model, min_sparsity=cfg.min_sparsity, filter_fn=filter_fn)
-    for parent, prefix, names in chains:
-        mods = [getattr(parent, n) for n in names]
-        net = _convert(mods, cfg, parent)
-        setattr(parent, names[0], net)
-        for n in names[1:]:
-            setattr(parent, n, nn.Identity())
+    chains, skipped, notes = _discover(model, cfg.min_sparsity, filter_fn)
+    if notes:
+        warnings.warn("sparsify: " + "; ".join(notes), stacklevel=3)
+    old = {} if fresh_copy else _old_parameters(model, chains)
+    for chain in _progress(chains, cfg):
+        net = _apply(model, chain, cfg)
         if cfg.verbose:
-            where = ".".join(filter(None, [prefix, "[" + ",".join(names) + "]"]))
-            print(f"sparsify: {where} -> {net.extra_repr()}")
+            print(f"sparsify: {chain.describe()} -> {net.extra_repr()}")
     if cfg.verbose:
         for name, why in skipped:
             print(f"sparsify: kept {name} ({why})")
+        for note in notes:
+            print(f"sparsify: note: {note}")
+        _print_report(model)
+    _warn_stale_optimizers(old)
     return model
+
+
+def _print_report(model: nn.Module) -> None:
+    try:
+        from .explain import sparsify_report
+    except ImportError:  # the report formatter is optional
+        return
+    print(sparsify_report(model))
 
 
 def sparsify(model: nn.Module, config: Optional[IOSparseConfig] = None, filter_fn: Optional[FilterFn] = None,
@@ -326,18 +390,22 @@ def sparsify(model: nn.Module, config: Optional[IOSparseConfig] = None, filter_f
     if _is_linear(model):
         if filter_fn is not None:
             _check_filter_signature(filter_fn)
-        copied = _deepcopy(model)
-        scan = _Scan(copied, cfg.min_sparsity, filter_fn)
-        if not scan.eligible("", copied):
+        scan = _Scan(model, cfg.min_sparsity, filter_fn)
+        if not scan.eligible("", model):
             if cfg.verbose:
                 for name, why in scan.skipped:
                     print(f"sparsify: kept {name or '(root)'} ({why})")
-            return copied
+            return _deepcopy(model)
+        copied = _deepcopy(model)
         net = _convert([copied], cfg, None)
+        net.sparsify_record = FusedChain("", [(copied.in_features, copied.out_features, copied.bias is not None)],
+                                         0, _config_record(cfg))
         if cfg.verbose:
             print(f"sparsify: (root) -> {net.extra_repr()}")
         return net
-    return sparsify_(_deepcopy(model), cfg, filter_fn)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify takes an nn.Module, got {type(model).__name__}")
+    return _sparsify_in_place(_deepcopy(model), cfg, filter_fn, fresh_copy=True)
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:
