@@ -66,3 +66,51 @@ def test_train_eval_and_no_grad_modes():
     assert not y.requires_grad
     frozen = copy.deepcopy(net).requires_grad_(False)
     assert frozen(x).requires_grad  # still differentiable w.r.t. the input
+
+
+def test_whole_train_step_compiles_fullgraph_and_matches_eager():
+    """forward + loss + backward + optimizer update as one torch.compile(fullgraph=True) graph (Inductor, CPU).
+
+    ``loss.backward()`` inside a compiled function needs dynamo's ``trace_autograd_ops``; ``Optimizer.step()``
+    itself holds a deliberate graph break (torch/optim/optimizer.py, ``_use_grad``), so the update is the
+    optimizer's functional form (``torch.optim.sgd.sgd``), which the eager ``torch.optim.SGD`` also runs."""
+    import importlib
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    sgd = importlib.import_module("torch.optim.sgd").sgd
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = sparsify(nn.Sequential(pruned(3), nn.LayerNorm(3)), tune=False)
+    eager = copy.deepcopy(model)
+    params = list(model.parameters())
+    initial = [p.detach().clone() for p in params]
+    momentum = [torch.zeros_like(p) for p in params]  # SGD's first step: buffer = grad = 0 * 0.9 + grad
+    hyper = dict(weight_decay=1e-3, momentum=0.9, lr=0.1, dampening=0.0, nesterov=False, maximize=False)
+
+    def train_step(x, y):
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        with torch.no_grad():
+            sgd(params, [p.grad for p in params], momentum, foreach=False, **hyper)
+        for p in params:
+            p.grad = None
+        return loss.detach()
+
+    opt = torch.optim.SGD(eager.parameters(), foreach=False, **{k: v for k, v in hyper.items() if k != "maximize"})
+    batches = [(torch.randn(16, 10), torch.randint(0, 3, (16,))) for _ in range(3)]
+    with torch._dynamo.config.patch(trace_autograd_ops=True):
+        compiled = torch.compile(train_step, fullgraph=True)
+        losses = [compiled(x, y) for x, y in batches]
+    for (x, y), loss in zip(batches, losses):
+        opt.zero_grad()
+        ref = nn.functional.cross_entropy(eager(x), y)
+        ref.backward()
+        opt.step()
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-5, atol=1e-6)
+    assert sum(counters["graph_break"].values()) == 0 and counters["stats"]["unique_graphs"] == 1
+    for (name, p), q, p0 in zip(model.named_parameters(), eager.parameters(), initial):
+        assert not torch.equal(p, p0), name  # trained
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
