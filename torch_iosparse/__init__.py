@@ -5,7 +5,8 @@ Inference* (2023): a network is a DAG of neurons computed in a fast memory of M 
 minimise the transfers (I/Os) between fast and slow memory. See docs/theory.md.
 
 Public API (shared/api.md): SparseDAG, count_io, lower_bound, upper_bound, plan / Plan, generate.*,
-IOSparseNetwork, sparsify / sparsify_, explain, tune (measured strategy choice, torch_iosparse.tuning).
+IOSparseNetwork, sparsify / sparsify_ (FusedInto: the pass-throughs of fused layers), densify, save / load
+(sparse checkpoints), explain, tune (measured strategy choice, torch_iosparse.tuning).
 """
 import torch as _torch
 
@@ -18,6 +19,8 @@ from . import planner  # noqa: F401  registers plan(method="greedy" | "anneal")
 from . import generate, ops
 from .module import IOSparseNetwork
 from .sparsify import IOSparseConfig, sparsify, sparsify_
+from .chains import FusedInto
+from .checkpoint import densify, load, save
 from .explain import explain, plot_io_vs_memory
 from . import cache, tuning
 from .tuning import tune
@@ -35,5 +38,5 @@ __all__ = [
     "simulate", "simulate_reference", "trace", "topological_order", "normalize_memory",
     "Plan", "PlanError", "plan", "methods", "register_method", "brute_force_optimum", "all_topological_orders",
     "generate", "ops", "IOSparseNetwork", "IOSparseConfig", "sparsify", "sparsify_", "explain", "plot_io_vs_memory", "cache",
-    "tune", "tuning",
+    "tune", "tuning", "FusedInto", "densify", "save", "load",
 ]

@@ -355,37 +355,45 @@ class _Tracer(fx.Tracer):
         return out
 
 
-class _SequentialRoot(nn.Module):
-    """Traces a plain nn.Sequential root through the tracer's slot-by-slot path."""
+class _OneInput(nn.Module):
+    """Calls the traced root with one input (its other arguments at their defaults), so that the root goes
+    through the tracer's ``call_module``: a plain nn.Sequential is traced slot by slot, and a forward that
+    takes ``*args, **kwargs`` (a decorated forward) gets a real argument tuple."""
 
-    def __init__(self, seq: nn.Sequential):
+    def __init__(self, root: nn.Module):
         super().__init__()
-        self.inner = seq
+        self.inner = root
 
     def forward(self, input):
         return self.inner(input)
 
 
 def _trace(root: nn.Module) -> _Tracer:
-    """Trace ``root`` (quietly); classes whose forward fails are made opaque and the trace repeated. Raises
-    :class:`_Untraceable` when the root's own forward cannot be traced."""
+    """Trace ``root`` (quietly); classes whose forward fails are made opaque and the trace repeated. The root
+    is traced with all of its arguments symbolic, else (for a plain nn.Sequential, first) with one input and
+    the other arguments at their defaults. Raises :class:`_Untraceable` when the root's own forward cannot be
+    traced either way."""
     paths = {}
     for name, m in root.named_modules(remove_duplicate=False):
         paths.setdefault(id(m), name)
-    opaque: Set[type] = set()
-    while True:
-        tracer = _Tracer(paths, opaque)
-        target = _SequentialRoot(root) if _runs_children_in_order(root) else root
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                tracer.trace(target)
-            return tracer
-        except Exception as e:  # anything the traced code raises on proxies
-            failed = getattr(e, "_tis_failed_in", None)
-            if failed is None or failed is type(root) or failed in opaque or failed is _SequentialRoot:
-                raise _Untraceable(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-            opaque.add(failed)
+    attempts = [_OneInput(root)] if _runs_children_in_order(root) else [root, _OneInput(root)]
+    first_error = None
+    for target in attempts:
+        opaque: Set[type] = set()
+        while True:
+            tracer = _Tracer(paths, opaque)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    tracer.trace(target)
+                return tracer
+            except Exception as e:  # anything the traced code raises on proxies
+                failed = getattr(e, "_tis_failed_in", None)
+                if failed is None or failed is type(root) or failed in opaque:
+                    first_error = first_error or f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                    break
+                opaque.add(failed)
+    raise _Untraceable(first_error)
 
 
 # ---------------------------------------------------------------------- discovery
@@ -404,7 +412,7 @@ class _Graph:
         self.read_directly = set()  # Linear paths whose parameters the forward reads (F.linear(x, fc.weight))
         for node in tracer.graph.nodes:
             if node.op == "get_attr":
-                target = node.target[len("inner."):] if isinstance(tracer.root, _SequentialRoot) else node.target
+                target = node.target[len("inner."):] if isinstance(tracer.root, _OneInput) else node.target
                 if "." in target:
                     self.read_directly.add(target.rpartition(".")[0])
         self.info: Dict[fx.Node, Tuple[Member, Tuple[str, ...]]] = {}
