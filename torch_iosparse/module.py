@@ -726,6 +726,13 @@ class IOSparseNetwork(nn.Module):
                 layers.append(a.to_module())
         return nn.Sequential(*layers)
 
+    def __prepare_scriptable__(self):
+        """torch.jit.script calls this first: the kernel is a custom op with Python-side dispatch and
+        metadata, which TorchScript cannot compile; say so instead of failing on IOCount's source."""
+        raise RuntimeError("torch.jit.script cannot compile an IOSparseNetwork (its kernel is a custom op with a "
+                           "Python dispatcher); use torch.compile or torch.export, or torch_iosparse.densify(model) "
+                           "for a dense TorchScript model")
+
     def extra_repr(self) -> str:
         s = self._summary
         sizes = "x".join(map(str, s["layer_sizes"])) if s["layer_sizes"] else \
