@@ -6,7 +6,8 @@ minimise the transfers (I/Os) between fast and slow memory. See docs/theory.md.
 
 Public API (shared/api.md): SparseDAG, count_io, lower_bound, upper_bound, plan / Plan, generate.*,
 IOSparseNetwork, sparsify / sparsify_ (FusedInto: the pass-throughs of fused layers), densify, save / load
-(sparse checkpoints), explain, tune (measured strategy choice, torch_iosparse.tuning).
+(sparse checkpoints), explain, sparsify_report, save_plans / apply_plans (plan folders), tune (measured
+strategy choice, torch_iosparse.tuning).
 """
 import torch as _torch
 
@@ -21,7 +22,7 @@ from .module import IOSparseNetwork
 from .sparsify import IOSparseConfig, sparsify, sparsify_
 from .chains import FusedInto
 from .checkpoint import densify, load, save
-from .explain import explain, plot_io_vs_memory
+from .explain import apply_plans, explain, plot_io_vs_memory, save_plans, sparsify_report
 from . import cache, tuning
 from .tuning import tune
 
@@ -37,6 +38,7 @@ __all__ = [
     "Activation", "GraphError", "SparseDAG", "IOCount", "Event", "OPS", "count_io", "lower_bound", "upper_bound",
     "simulate", "simulate_reference", "trace", "topological_order", "normalize_memory",
     "Plan", "PlanError", "plan", "methods", "register_method", "brute_force_optimum", "all_topological_orders",
-    "generate", "ops", "IOSparseNetwork", "IOSparseConfig", "sparsify", "sparsify_", "explain", "plot_io_vs_memory", "cache",
+    "generate", "ops", "IOSparseNetwork", "IOSparseConfig", "sparsify", "sparsify_", "explain", "plot_io_vs_memory",
+    "sparsify_report", "save_plans", "apply_plans", "cache",
     "tune", "tuning", "FusedInto", "densify", "save", "load",
 ]
