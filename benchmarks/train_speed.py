@@ -7,7 +7,9 @@ and B = 16 / 64 / 256.
 Memory, two measures:
 - saved MiB: the bytes autograd saves for backward in one forward (saved-tensor hooks, distinct storages),
   "step / all": the tensors a step allocates for backward (not the model's parameters or buffers, not the
-  input) / all of them (also the parameters and buffers the backward reads, which exist anyway);
+  input) / all of them (also the parameters and buffers the backward reads, which exist anyway). SparseProp
+  keeps its input on a ctx attribute instead of saving it, which the hooks do not see: its saved column
+  undercounts, its peak column does not;
 - peak MiB: how much a train step raises the resident set (VmHWM after the step minus VmRSS before it, the
   peak reset through /proc/self/clear_refs), measured in a fresh process per configuration holding only that
   model. torch allocates on the CPU through malloc, so this sees activations, gradients and temporaries;
