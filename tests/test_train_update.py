@@ -277,3 +277,26 @@ def test_compiled_module_follows_the_update():
     for masks in (masks, swap_one_edge(masks)):  # another edge count, then the same count
         net.update_mask_(masks)
         torch.testing.assert_close(compiled(x), masked_dense_model(net, masks)(x), rtol=1e-5, atol=1e-6)
+
+
+def test_load_state_dict_of_another_pattern_makes_optimizer_state_stale_but_another_plan_does_not():
+    import copy
+    net, dense = network(7)
+    opt = torch.optim.Adam(net.parameters())
+    x = torch.randn(3, SIZES[0], dtype=torch.float64)
+
+    def step():
+        opt.zero_grad()
+        net(x).sum().backward()
+        opt.step()
+
+    step()
+    replanned = IOSparseNetwork(dense, dtype=torch.float64, tune=False, memory=5)  # same edges, another plan
+    net.load_state_dict(replanned.state_dict())
+    assert net.memory == 5
+    step()  # the same edges: the state still fits
+    other = copy.deepcopy(net)
+    other.update_mask_(swap_one_edge(net.masks()))
+    net.load_state_dict(other.state_dict())  # the same edge count, other edges
+    with pytest.raises(RuntimeError, match="load_state_dict"):
+        step()

@@ -468,7 +468,8 @@ class IOSparseNetwork(nn.Module):
             return
         if derived is not None:
             self._install_derived(derived)
-            _pattern_changed(self.weight)  # optimizer state of the old edges must not be applied to the new ones
+            if any(not torch.equal(changed[k].cpu(), self._buffers[k].cpu()) for k in ("in_ptr", "in_src")):
+                _pattern_changed(self.weight)  # optimizer state of the old edges must not reach the new ones
 
     # -------------------------------------------------------------- pattern updates (gradual pruning)
     def masks(self) -> List[torch.Tensor]:
