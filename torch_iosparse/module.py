@@ -939,8 +939,10 @@ def _watched_state(optimizer):
 
 
 def _check_optimizer_state(optimizer, args, kwargs) -> None:
+    if torch.compiler.is_compiling():  # first: nothing else here is traced
+        return
     seen = _SEEN_STATE.get(optimizer)
-    if seen is None or torch.compiler.is_compiling():
+    if seen is None:
         return
     for p, version, state in _watched_state(optimizer):
         last = seen.get(p)
@@ -956,7 +958,7 @@ def _check_optimizer_state(optimizer, args, kwargs) -> None:
 
 
 def _record_optimizer_state(optimizer, args, kwargs) -> None:
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling():  # first: nothing else here is traced
         return
     seen = _SEEN_STATE.get(optimizer)
     if seen is None:
