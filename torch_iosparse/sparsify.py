@@ -1,22 +1,26 @@
 """sparsify: swap every pruned ``nn.Linear`` chain of a model for an :class:`IOSparseNetwork`.
 
-A *chain* is a maximal run ``Linear, [activation], Linear, [activation], …`` of consecutive children of
-an ``nn.Sequential`` in which every Linear is eligible (sparse enough, accepted by ``filter_fn``, weight
-not shared, no user hooks) and every activation is one the kernels support (ReLU, ReLU6, GELU, Tanh,
-Sigmoid, Hardtanh, Identity). Anything else (Dropout, LayerNorm, LeakyReLU, a dense Linear …) is a
-boundary: it is left in place and ends the chain. A chain replaces its first module; the other modules
-of the chain become ``nn.Identity`` so the indices (and state_dict keys) of untouched siblings do not
-move. An eligible ``nn.Linear`` that is a plain attribute of any other module (e.g. ``linear1`` of
-``nn.TransformerEncoderLayer``) is a chain of one.
+A *chain* is a maximal run ``Linear, [activation], Linear, [activation], …`` in the model's dataflow
+graph (traced by ``torch.fx``, across module boundaries; :mod:`torch_iosparse.chains`) in which every
+Linear is eligible (sparse enough, accepted by ``filter_fn``, weight not shared, no user hooks), every
+activation is one the kernels support (ReLU, ReLU6, GELU, Tanh, Sigmoid, Hardtanh, Identity) held by a
+module that can be swapped, and no intermediate value has another consumer. Anything else (Dropout,
+LayerNorm, LeakyReLU, a dense Linear, a residual use …) is a boundary: it is left in place and ends the
+chain. A chain replaces its first Linear; the chain's other modules become
+:class:`~torch_iosparse.chains.FusedInto` pass-throughs, so the paths (and state_dict keys) of untouched
+modules do not move. Where fx cannot trace a forward, that module's eligible Linear children are
+converted one by one (with a warning); an eligible Linear the forward never calls is a chain of one.
 
 A Linear pruned by ``torch.ao.pruning`` (a ``torch.nn.utils.parametrize`` parametrization with a ``mask``
 on ``weight``, before ``squash_mask``) counts as pruned through that mask and is converted with its
 effective weight. Options: :class:`IOSparseConfig` (or its fields as keywords); ``filter_fn(module, fqn)``
-in torchao's order.
+in torchao's order. :func:`torch_iosparse.densify` goes back; :func:`torch_iosparse.save` /
+:func:`torch_iosparse.load` keep a sparsified model.
 
-Never touched: subclasses of ``nn.Linear`` (other than parametrized ones) and the insides of ``nn.MultiheadAttention`` (they read
-``.weight`` directly instead of calling ``forward``), modules registered under several parents, and
-already converted networks — so ``sparsify`` is idempotent.
+Never touched: subclasses of ``nn.Linear`` (other than parametrized ones), the insides of
+``nn.MultiheadAttention`` (they read ``.weight`` directly instead of calling ``forward``), Linears whose
+weight a forward reads directly, modules registered under several parents, and already converted
+networks — so ``sparsify`` is idempotent.
 """
 from __future__ import annotations
 
