@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
+from torch.nn.utils import prune
 
 import torch_iosparse as tis
 from torch_iosparse import SparseDAG, cache
@@ -253,9 +254,24 @@ def test_model_level_update_all_or_nothing():
     before = {k: v.clone() for k, v in sparse.state_dict().items()}
     with pytest.raises(ValueError, match="shape"):
         update_masks_(sparse, {"0.0": new["0.0"], "2.0": new["0.0"]}, optimizer=opt)
-    with pytest.raises(KeyError, match="no IOSparseNetwork named '1'"):
+    with pytest.raises(KeyError, match="named '1'"):
         update_masks_(sparse, {"1": new["0.0"]})
+    with pytest.raises(ValueError, match="both whole and by layer"):
+        update_masks_(sparse, {"0.0": new["0.0"], "0.2": new["0.0"][1]})
+    with pytest.raises(TypeError, match="one tensor"):
+        update_masks_(sparse, {"0.2": new["0.0"]})
     assert all(torch.equal(v, before[k]) for k, v in sparse.state_dict().items())
+    # by the original Linear layers' names (as torch.nn.utils.prune on densify(model) names them)
+    dense = tis.densify(sparse)
+    linears = {n: m for n, m in dense.named_modules() if isinstance(m, nn.Linear)}
+    assert list(linears) == ["0.0", "0.2", "2.0", "2.2"]
+    prune.l1_unstructured(linears["0.2"], "weight", amount=0.9)
+    kept = sparse.get_submodule("0.0").masks()[0]
+    updates = update_masks_(sparse, {"0.2": linears["0.2"].weight_mask}, optimizer=opt)
+    assert list(updates) == ["0.0"]
+    assert torch.equal(sparse.get_submodule("0.0").masks()[0], kept)
+    assert torch.equal(sparse.get_submodule("0.0").masks()[1], linears["0.2"].weight_mask.bool())
+    torch.testing.assert_close(sparse(x), dense(x))
     updates = update_masks_(sparse, lambda name, net: new[name] if name == "2.0" else None, optimizer=opt)
     assert list(updates) == ["2.0"] and isinstance(updates["2.0"], MaskUpdate)
     updates = update_masks_(sparse, new, optimizer=opt)

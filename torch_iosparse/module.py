@@ -839,24 +839,26 @@ def update_masks_(model: nn.Module, masks, *, optimizer=None) -> Dict[str, MaskU
     """:meth:`IOSparseNetwork.update_mask_` for the networks of a sparsified model, all or none.
 
     Args:
-        masks: ``{name: masks}`` with the name of each network to update as ``model.named_modules()`` gives
-            it (e.g. ``"0"`` or ``"2.ffn.0"``) and its per-layer masks (or a SparseDAG) as
-            :meth:`IOSparseNetwork.update_mask_` takes them; or a callable ``(name, network) -> masks or
-            None`` (None: keep that network), e.g. magnitude pruning from ``network.to_dense()``.
+        masks: ``{name: mask(s)}``, where a name is either
+            - a network's path (as ``model.named_modules()`` gives it, e.g. ``"0"`` or ``"2.ffn.0"``) with its
+              per-layer masks (a list) or a SparseDAG, as :meth:`IOSparseNetwork.update_mask_` takes them; or
+            - the path of an ``nn.Linear`` that :func:`~torch_iosparse.sparsify` fused into a network (its path in
+              the original model, in :func:`~torch_iosparse.densify`'s copy and for ``torch.nn.utils.prune``)
+              with that layer's mask (one ``[out_features, in_features]`` tensor); the network's other layers
+              keep their patterns. A network's own path names its first Linear too: a tensor there is that
+              layer's mask, a list the whole network's.
+            Or a callable ``(name, network) -> masks or None`` (per network; None: keep it), e.g. magnitude
+            pruning from ``network.to_dense()``.
         optimizer: an optimizer (or a list) whose state of the networks' weights is remapped.
 
-    Every update is validated and planned before any network changes. Returns ``{name: MaskUpdate}``.
+    Every update is validated and planned before any network changes. Returns ``{network path: MaskUpdate}``.
     """
     nets = {name: m for name, m in model.named_modules() if isinstance(m, IOSparseNetwork)}
     if callable(masks):
         chosen = {name: masks(name, net) for name, net in nets.items()}
         chosen = {k: v for k, v in chosen.items() if v is not None}
     else:
-        chosen = dict(masks)
-        unknown = sorted(set(chosen) - set(nets))
-        if unknown:
-            raise KeyError(f"no IOSparseNetwork named {unknown[0]!r} in the model (networks: "
-                           f"{', '.join(repr(n) for n in nets) or 'none'})")
+        chosen = _masks_by_network(model, nets, dict(masks))
     opts = _optimizer_list(optimizer)
     pending = {name: nets[name]._prepare_mask_update(m, None) for name, m in chosen.items()}
     holders = {name: [o for o in opts if _holds(o, nets[name].weight)] for name in pending}
@@ -869,6 +871,41 @@ def update_masks_(model: nn.Module, masks, *, optimizer=None) -> Dict[str, MaskU
         out[name] = p["update"]
         for opt in holders[name]:
             remap_optimizer_state_(opt, nets[name].weight, out[name])
+    return out
+
+
+def _masks_by_network(model: nn.Module, nets: Dict[str, IOSparseNetwork], masks: Dict) -> Dict:
+    """``{network path: per-layer masks}`` from names of networks and of the Linear layers fused into them."""
+    from .chains import FusedInto
+    layer_of: Dict[str, Tuple[str, int]] = {name: (name, 0) for name in nets}  # a network's path: its first layer
+    by_record = {id(net.sparsify_record): name for name, net in nets.items()
+                 if getattr(net, "sparsify_record", None) is not None}
+    for path, m in model.named_modules():
+        if isinstance(m, FusedInto) and m.linear_index is not None and id(m.chain) in by_record:
+            layer_of[path] = (by_record[id(m.chain)], m.linear_index)
+    out: Dict[str, object] = {}
+    per_layer: Dict[str, Dict[int, object]] = {}
+    for name, value in masks.items():
+        if name not in layer_of:
+            raise KeyError(f"no IOSparseNetwork or Linear fused into one is named {name!r} in the model (networks: "
+                           f"{', '.join(repr(n) for n in nets) or 'none'})")
+        if isinstance(value, (torch.Tensor, np.ndarray)):  # one Linear's mask
+            net_name, k = layer_of[name]
+            per_layer.setdefault(net_name, {})[k] = value
+        elif name in nets:
+            out[name] = value
+        else:
+            raise TypeError(f"{name!r} is a Linear fused into the network {layer_of[name][0]!r}: give its mask as one "
+                            f"tensor, got {type(value).__name__}")
+    for net_name, layers in per_layer.items():
+        if net_name in out:
+            raise ValueError(f"the network {net_name!r} is given both whole and by layer; give one of them")
+        current = nets[net_name].masks()
+        for k, m in layers.items():
+            if k >= len(current):
+                raise ValueError(f"the network {net_name!r} has {len(current)} layers, a mask was given for layer {k}")
+            current[k] = m
+        out[net_name] = current
     return out
 
 
