@@ -10,9 +10,6 @@ namespace iosparse {
 
 namespace {
 
-// Rows of the block path's values buffer past the last neuron: a block may start at any neuron and its
-// one-byte offsets reach 255 rows further (only forged buffers read them; the block builder never does).
-constexpr int64_t BLOCK_PAD_ROWS = 256;
 
 // Level by level like the level path, but each neuron's edges are visited one source block at a time: a
 // block is up to 256 consecutive neurons (ops.BLOCK_SOURCES) whose values for a tile of BT columns stay in
@@ -24,10 +21,12 @@ constexpr int64_t BLOCK_PAD_ROWS = 256;
 // close to the FMA rate of a core (one 64-column edge = four 16-lane FMAs).
 // Weights stream in block order (a cached copy, OrderedWeights). vals[n_neurons][BT] per column tile;
 // the chunks of a level run in parallel; rows start at their bias and are finished (activation) once all
-// their segments are done.
+// their segments are done. `pre` (training, block_backward.cpp): where the rows' pre-activations are kept
+// (same layout as vals), or nullptr.
 template <typename T, int NV, int VB>
 __attribute__((always_inline)) inline void block_chunk_body(const Net& net, int64_t c, const T* __restrict pw,
-                                                            const T* __restrict b, T* __restrict vals) {
+                                                            const T* __restrict b, T* __restrict vals,
+                                                            T* __restrict pre) {
   using V = typename Vec<T, VB>::type;
   constexpr int64_t BT = NV * int64_t(VB / sizeof(T));
   const int64_t r0 = net.block_chunk_row[c], r1 = net.block_chunk_row[c + 1];
@@ -68,23 +67,24 @@ __attribute__((always_inline)) inline void block_chunk_body(const Net& net, int6
   for (int64_t q = r0; q < r1; ++q) {
     const int64_t v = net.level_neuron[q];
     V* y = reinterpret_cast<V*>(vals + v * BT);
+    if (pre) std::copy(vals + v * BT, vals + (v + 1) * BT, pre + v * BT);
     finish_vec<T, NV, VB>(net, v, y, y);
   }
 }
 // The per-ISA builds of a chunk (variants.h).
 #if IOSPARSE_X86
 template <typename T, int NV>
-IOSPARSE_TARGET_AVX512 void block_chunk_avx512(const Net& net, int64_t c, const T* pw, const T* b, T* vals) {
-  block_chunk_body<T, NV, 64>(net, c, pw, b, vals);
+IOSPARSE_TARGET_AVX512 void block_chunk_avx512(const Net& net, int64_t c, const T* pw, const T* b, T* vals, T* pre) {
+  block_chunk_body<T, NV, 64>(net, c, pw, b, vals, pre);
 }
 template <typename T, int NV>
-IOSPARSE_TARGET_AVX2 void block_chunk_avx2(const Net& net, int64_t c, const T* pw, const T* b, T* vals) {
-  block_chunk_body<T, 2 * NV, 32>(net, c, pw, b, vals);
+IOSPARSE_TARGET_AVX2 void block_chunk_avx2(const Net& net, int64_t c, const T* pw, const T* b, T* vals, T* pre) {
+  block_chunk_body<T, 2 * NV, 32>(net, c, pw, b, vals, pre);
 }
 #endif
 template <typename T, int NV>
-void block_chunk_generic(const Net& net, int64_t c, const T* pw, const T* b, T* vals) {
-  block_chunk_body<T, 4 * NV, 16>(net, c, pw, b, vals);
+void block_chunk_generic(const Net& net, int64_t c, const T* pw, const T* b, T* vals, T* pre) {
+  block_chunk_body<T, 4 * NV, 16>(net, c, pw, b, vals, pre);
 }
 
 }  // namespace
@@ -128,7 +128,7 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
       if (poison_enabled()) poison(vals, (net.n_neurons + BLOCK_PAD_ROWS) * BT);
       const int64_t b0 = (c - n_pw) * BT, nb = std::min(BT, B - b0);
       transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, same_row);
-      for (int64_t k = 0; k < C; ++k) fn(net, k, pw, b, vals);
+      for (int64_t k = 0; k < C; ++k) fn(net, k, pw, b, vals, nullptr);
       gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, same_row);
     });
     ow.remember(net, weight_t, block_edge_t);
@@ -161,7 +161,7 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
         const int64_t i0 = (c - fill) * TRANSPOSE_FEATURES;
         transpose_in<T>(x + b0 * n_in, n_in, nb, BT, vals, same_row, i0, std::min(n_in, i0 + TRANSPOSE_FEATURES));
       } else {
-        fn(net, c - pre, pw, b, vals);
+        fn(net, c - pre, pw, b, vals, nullptr);
       }
     });
     gather_out<T>(vals, net.outputs, n_out, nb, BT, y + b0 * n_out, same_row);

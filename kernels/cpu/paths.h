@@ -17,6 +17,10 @@ template <typename T>
 void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y, const at::Tensor& weight_t,
                    const at::Tensor& panel_edge_t);
 
+// Rows of the block path's values buffers past the last neuron: a block may start at any neuron and its
+// one-byte offsets reach 255 rows further (only forged buffers read them; the block builder never does).
+constexpr int64_t BLOCK_PAD_ROWS = 256;
+
 // block.cpp: level by level, each row's edges one source block at a time.
 template <typename T>
 void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b, T* y, const at::Tensor& weight_t,
@@ -41,6 +45,17 @@ at::Tensor dense_forward(const Net& net, const at::Tensor& x, const at::Tensor& 
 template <typename T>
 void backward_chunk(const Net& net, const T* x, const T* gy, int64_t B, const T* w, const T* b, T* gx, T* gw,
                     T* gb);
+
+// block_backward.cpp: the gradients of a whole batch through the block layout (the forward recomputed by
+// the block path keeping pre-activations, then the chunks in reverse), into gx [B, n_in] and the zeroed
+// gw / gb. Needs B >= block_backward_min_batch<T>() and block buffers.
+template <typename T>
+void block_backward(const Net& net, const T* x, const T* gy, int64_t B, const T* w, const T* b, T* gx, T* gw, T* gb,
+                    const at::Tensor& weight_t, const at::Tensor& block_edge_t);
+template <typename T>
+constexpr int64_t block_backward_min_batch() {
+  return int64_t(64 / sizeof(T));
+}
 
 // builders.cpp: the panel and block buffers (as described at NetIndex) from the structure buffers.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> build_panels_cpu(

@@ -33,7 +33,7 @@ const char* isa_name(Isa isa) {
 template <typename T>
 const VariantTable<T>& variant_table() {
   static const VariantTable<T> table{program_variants<T>(), panel_variants<T>(), block_variants<T>(),
-                                     level_variants<T>(), backward_variants<T>()};
+                                     block_backward_variants<T>(), level_variants<T>(), backward_variants<T>()};
   return table;
 }
 template const VariantTable<float>& variant_table<float>();

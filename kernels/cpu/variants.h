@@ -45,9 +45,15 @@ using ProgramFn = void (*)(const Net& net, const T* w, const T* b, T* slots, T* 
 // One tile of the panel path: every panel over BT columns of vals.
 template <typename T>
 using PanelFn = void (*)(const Net& net, const T* pw, const RowParams<T>* rows, T* vals);
-// One chunk of the block path over BT columns of vals.
+// One chunk of the block path over BT columns of vals (pre: where to keep the pre-activations, or nullptr).
 template <typename T>
-using BlockFn = void (*)(const Net& net, int64_t chunk, const T* pw, const T* b, T* vals);
+using BlockFn = void (*)(const Net& net, int64_t chunk, const T* pw, const T* b, T* vals, T* pre);
+// The block path's backward of one chunk over BT columns of which the first nb hold the batch
+// (block_backward.cpp): the chunk's rows' dz = g * act'(z) into G, their bias gradients, then per edge (block
+// order) gw_ordered += <dz, a_u>, g_u += w dz.
+template <typename T>
+using BlockBackwardFn = void (*)(const Net& net, int64_t chunk, int64_t nb, const T* pw, const T* vals, const T* pre,
+                                 T* G, T* gw_ordered, T* gb);
 
 // Tile widths of the tiled paths: nv 64-byte vectors per value, nv = 1 << index.
 constexpr int TILE_WIDTHS = 4;  // nv = 1, 2, 4, 8
@@ -104,6 +110,8 @@ TileVariants<PanelFn<T>> panel_variants();
 template <typename T>
 TileVariants<BlockFn<T>> block_variants();
 template <typename T>
+TileVariants<BlockBackwardFn<T>> block_backward_variants();
+template <typename T>
 LevelVariants<T> level_variants();
 template <typename T>
 BackwardVariants<T> backward_variants();
@@ -114,6 +122,7 @@ struct VariantTable {
   TileVariants<ProgramFn<T>> program;
   TileVariants<PanelFn<T>> panel;
   TileVariants<BlockFn<T>> block;
+  TileVariants<BlockBackwardFn<T>> block_backward;
   LevelVariants<T> level;
   BackwardVariants<T> backward;
 };
