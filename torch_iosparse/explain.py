@@ -235,10 +235,10 @@ def plot_io_vs_memory(nets: Iterable, memories: Optional[Sequence[int]] = None, 
         ax.plot(M, lb, "--", color="green", lw=1, label="lower bound LB")
         ax.plot(M, ub, ":", color="red", lw=1.2, label="2-optimal upper bound UB")
         ax.plot(M, io, "-", color="C0", lw=1.4, label="planned I/O")
-        title = _short(titles[k] if titles is not None else f"network {k}")
+        title = _short(titles[k] if titles is not None else f"network {k}", 40)
         if isinstance(net, IOSparseNetwork):
             planned = net.memory
-            title += "  (M=\u221e)" if planned is None else f"  (M={planned})"
+            title += ("\n" if len(title) > 26 else "  ") + ("(M=\u221e)" if planned is None else f"(M={planned})")
             if planned is not None and M[0] <= planned <= M[-1]:
                 any_planned = True
                 ax.axvline(planned, color="0.3", lw=0.9)
