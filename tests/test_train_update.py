@@ -316,3 +316,17 @@ def test_load_state_dict_of_another_pattern_makes_optimizer_state_stale_but_anot
     net.load_state_dict(other.state_dict())  # the same edge count, other edges
     with pytest.raises(RuntimeError, match="load_state_dict"):
         step()
+
+
+def test_update_under_inference_mode_keeps_the_network_trainable():
+    net, _ = network(8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    x = torch.randn(3, SIZES[0], dtype=torch.float64)
+    net(x).sum().backward()
+    opt.step()
+    with torch.inference_mode():
+        net.update_mask_(random_masks(3), optimizer=opt)
+    assert not net.weight.is_inference() and not opt.state[net.weight]["momentum_buffer"].is_inference()
+    opt.zero_grad()
+    net(x).sum().backward()
+    opt.step()

@@ -576,31 +576,33 @@ class IOSparseNetwork(nn.Module):
         return np.concatenate(srcs).astype(np.int64), np.concatenate(dsts).astype(np.int64)
 
     def _prepare_mask_update(self, masks, weights) -> Dict:
-        """Everything a pattern update installs, computed and validated without changing the module."""
+        """Everything a pattern update installs, computed and validated without changing the module (ordinary
+        tensors also under ``torch.inference_mode()``: the weight stays trainable)."""
         if torch.compiler.is_compiling():
             raise RuntimeError("update_mask_ changes the network's structure: call it outside torch.compile")
-        n = self._summary["n_neurons"]
-        src, dst = self._pattern_edges(masks)
-        old_src, old_dst = self._edges()
-        _, kept_old, kept_new = np.intersect1d(old_dst * n + old_src, dst * n + src, assume_unique=True,
-                                               return_indices=True)
-        kept_old, kept_new = torch.from_numpy(kept_old), torch.from_numpy(kept_new)
-        cur = self.weight.detach()
-        if weights is None:
-            w = torch.zeros(src.size, dtype=cur.dtype, device=cur.device)
-            w[kept_new.to(cur.device)] = cur[kept_old.to(cur.device)]
-        else:
-            w = self._new_edge_values(weights, src, dst).to(device=cur.device, dtype=cur.dtype)
-        in_ptr = np.zeros(n + 1, dtype=np.int64)
-        np.cumsum(np.bincount(dst, minlength=n), out=in_ptr[1:])
-        t = {k: getattr(self, k) for k in _STRUCTURE}
-        t["in_ptr"], t["in_src"] = torch.from_numpy(in_ptr), torch.from_numpy(src)
         with _ordinary_tensors():
+            n = self._summary["n_neurons"]
+            src, dst = self._pattern_edges(masks)
+            old_src, old_dst = self._edges()
+            _, kept_old, kept_new = np.intersect1d(old_dst * n + old_src, dst * n + src, assume_unique=True,
+                                                   return_indices=True)
+            kept_old, kept_new = torch.from_numpy(kept_old), torch.from_numpy(kept_new)
+            cur = self.weight.detach()
+            if weights is None:
+                w = torch.zeros(src.size, dtype=cur.dtype, device=cur.device)
+                w[kept_new.to(cur.device)] = cur[kept_old.to(cur.device)]
+            else:
+                w = self._new_edge_values(weights, src, dst).to(device=cur.device, dtype=cur.dtype)
+            in_ptr = np.zeros(n + 1, dtype=np.int64)
+            np.cumsum(np.bincount(dst, minlength=n), out=in_ptr[1:])
+            t = {k: getattr(self, k) for k in _STRUCTURE}
+            t["in_ptr"], t["in_src"] = torch.from_numpy(in_ptr), torch.from_numpy(src)
             dag = _dag_from_tensors(t, w, self.bias)  # validates (layers, outputs, acyclicity)
             plan, hit = self._replan_pattern(dag)
             derived = self._derive(dag, plan)
+            structure = _structure_tensors(dag, plan)
         update = MaskUpdate(kept_old, kept_new, int(old_src.size), int(src.size), hit)
-        return {"weight": w, "structure": _structure_tensors(dag, plan), "derived": derived, "update": update}
+        return {"weight": w, "structure": structure, "derived": derived, "update": update}
 
     def _new_edge_values(self, weights, src: np.ndarray, dst: np.ndarray) -> torch.Tensor:
         if isinstance(weights, torch.Tensor) and weights.dim() == 1:
@@ -803,8 +805,9 @@ class MaskUpdate:
         if not isinstance(t, torch.Tensor) or t.dim() < 1 or t.shape[0] != self.n_old:
             raise ValueError(f"remap takes a tensor with one entry per old edge ({self.n_old}), got "
                              f"{list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        out = t.new_full((self.n_new, *t.shape[1:]), fill)
-        out[self.kept_new.to(t.device)] = t[self.kept_old.to(t.device)]
+        with torch.inference_mode(False):  # an ordinary tensor (trainable state) also under inference mode
+            out = t.new_full((self.n_new, *t.shape[1:]), fill)
+            out[self.kept_new.to(t.device)] = t[self.kept_old.to(t.device)]
         return out
 
 
