@@ -18,7 +18,7 @@ from .iomodel import (OPS, Event, IOCount, count_io, lower_bound, normalize_memo
 from .planning import Plan, PlanError, all_topological_orders, brute_force_optimum, methods, plan, register_method
 from . import planner  # noqa: F401  registers plan(method="greedy" | "anneal")
 from . import generate, ops
-from .module import IOSparseNetwork
+from .module import IOSparseNetwork, MaskUpdate, remap_optimizer_state_, update_masks_
 from .sparsify import IOSparseConfig, sparsify, sparsify_
 from .chains import FusedInto
 from .checkpoint import densify, load, save
@@ -40,5 +40,6 @@ __all__ = [
     "Plan", "PlanError", "plan", "methods", "register_method", "brute_force_optimum", "all_topological_orders",
     "generate", "ops", "IOSparseNetwork", "IOSparseConfig", "sparsify", "sparsify_", "explain", "plot_io_vs_memory",
     "sparsify_report", "save_plans", "apply_plans", "cache",
-    "tune", "tuning", "FusedInto", "densify", "save", "load",
+    "tune", "tuning", "FusedInto", "densify", "save", "load", "MaskUpdate", "remap_optimizer_state_",
+    "update_masks_",
 ]
