@@ -115,3 +115,23 @@ def test_jacrev_and_grad_match_dense():
     net.zero_grad()
     net(x1).sum().backward()
     torch.testing.assert_close(gw, net.weight.grad)
+
+
+@pytest.mark.parametrize("strategy", ["level", "block", "program"])
+def test_nested_torch_func_transforms_equal_the_dense_model(strategy):
+    """grad(grad(f)), jacrev(jacrev(f)) and vmap(grad(f)) through the op equal the masked dense model's;
+    a third derivative raises instead of returning a wrong value."""
+    model = masked_mlp()
+    net = sparse_net(model, strategy)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    f_sparse = lambda v: net(v.unsqueeze(0)).pow(2).sum()  # noqa: E731
+    f_dense = lambda v: model(v.unsqueeze(0)).pow(2).sum()  # noqa: E731
+    torch.testing.assert_close(torch.func.grad(lambda v: torch.func.grad(f_sparse)(v).sum())(x[0]),
+                               torch.func.grad(lambda v: torch.func.grad(f_dense)(v).sum())(x[0]))
+    torch.testing.assert_close(torch.func.jacrev(torch.func.jacrev(f_sparse))(x[0]),
+                               torch.func.jacrev(torch.func.jacrev(f_dense))(x[0]))
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(f_sparse))(x),
+                               torch.func.vmap(torch.func.grad(f_dense))(x))
+    third = lambda f: torch.func.grad(lambda v: torch.func.grad(lambda u: torch.func.grad(f)(u).sum())(v).sum())  # noqa: E731
+    with pytest.raises(NotImplementedError, match="third or higher order"):
+        third(f_sparse)(x[0])

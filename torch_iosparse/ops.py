@@ -9,45 +9,30 @@ CPU kernel (kernels/cpu/), a fake kernel (torch.compile / export), autograd thro
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
-from . import _native, hardware
+from . import _native, activations, hardware
 from . import program as program_mod
+from .abi import BLOCK_KEYS, CONFIG_KEYS, NET_DTYPES, NET_KEYS, NEVER, PANEL_KEYS, ActCode, NetIndex
+from .abi import STRATEGY_CODES as STRATEGIES
 from .dag import SparseDAG
 from .planning import Plan, plan as make_plan
 
-# Order of the Tensor[] argument of the op (kernels/cpu/net.h NetIndex).
-NET_KEYS = ("in_ptr", "in_src", "act_code", "act_param", "outputs", "level_ptr", "level_neuron",
-            "prog_neuron", "prog_op_ptr", "prog_ops", "prog_output_rows",
-            "dense_index", "dense_edge", "dense_edge_ptr", "dense_out_pos", "prog_group_ptr",
-            "panel_ptr", "panel_src", "panel_row_ptr", "panel_target", "panel_edge_ptr", "panel_edge",
-            "block_chunk_seg", "block_chunk_row", "block_chunk_edge", "block_seg", "block_local", "block_edge")
-# The panel and block buffers (kernels/cpu/panel.cpp, block.cpp); networks prepared before they
-# existed run without.
-PANEL_KEYS = NET_KEYS[16:22]
-BLOCK_KEYS = NET_KEYS[22:]
-_BUFFER_DTYPES = {"panel_src": torch.int32, "panel_edge": torch.int32, "block_seg": torch.int32,
-                  "block_local": torch.uint8, "block_edge": torch.int32}
-# Order of the int[] argument (kernels/cpu/net.h ConfigIndex).
-CONFIG_KEYS = ("n_inputs", "n_neurons", "n_outputs", "memory", "n_slow", "batch_tile", "strategy",
-               "level_max_batch", "dense_min_batch", "layered", "panel_min_batch", "panel_tile", "block_min_batch")
-STRATEGIES = {"auto": 0, "program": 1, "level": 2, "dense": 3, "panel": 4, "block": 5}
+# The orders of the op's Tensor[] and int[] arguments (NET_KEYS, CONFIG_KEYS; the panel and block buffers
+# PANEL_KEYS, BLOCK_KEYS may be absent and then run as empty tensors) and the strategy codes (STRATEGIES,
+# {name: code}) come from torch_iosparse.abi, the one Python definition of the op's ABI.
 # Panel construction (build_panels): rows per panel, least useful fraction of a panel's multiply-adds,
 # sources / out-edges scanned per neighbour search.
 PANEL_MAX_ROWS = 8
 PANEL_MIN_EFFICIENCY = 0.75
 PANEL_SCAN_LIMIT = 64
-# Block construction (build_blocks): consecutive source neurons per block (the most one-byte offsets
-# reach; their values for a 64-column tile are 64 KiB, yet measured faster than 128 or 192 on the
-# 4096-wide MLP: fewer, longer segments) and edges per chunk of a level's rows (the unit of parallel work).
-BLOCK_SOURCES = 256
+# Block construction (build_blocks): edges per chunk of a level's rows (the unit of parallel work); the
+# sources per block come from the detected L2 (hardware.block_sources).
 BLOCK_CHUNK_EDGES = 1 << 16
-NEVER = 2**62  # a batch threshold that is never reached
 
 
 @dataclass
@@ -236,12 +221,15 @@ def panel_buffers(buffers: Dict[str, torch.Tensor], max_rows: int = PANEL_MAX_RO
     return dict(zip(PANEL_KEYS, out))
 
 
-def block_buffers(buffers: Dict[str, torch.Tensor], block_sources: int = BLOCK_SOURCES,
+def block_buffers(buffers: Dict[str, torch.Tensor], block_sources: Optional[int] = None,
                   chunk_edges: int = BLOCK_CHUNK_EDGES) -> Dict[str, torch.Tensor]:
     """The block tensors (each level's rows in chunks of about ``chunk_edges`` edges; inside a chunk the
-    edges grouped by source block of ``block_sources`` consecutive neurons, then by row) built from the
-    structure buffers by the native builder (kernels/cpu/builders.cpp, build_blocks)."""
+    edges grouped by source block of ``block_sources`` consecutive neurons (default: from this machine's
+    L2, hardware.block_sources), then by row) built from the structure buffers by the native builder
+    (kernels/cpu/builders.cpp, build_blocks)."""
     _native.ops()
+    if block_sources is None:
+        block_sources = hardware.block_sources()
     n = int(buffers["in_ptr"].numel() - 1)
     out = torch.ops.iosparse.build_blocks(buffers["in_ptr"].cpu(), buffers["in_src"].cpu(), buffers["level_ptr"].cpu(),
                                           buffers["level_neuron"].cpu(), n, int(block_sources), int(chunk_edges))
@@ -267,12 +255,12 @@ def panel_weight_cache_size() -> int:
 
 def _empty_buffers(keys, device) -> Dict[str, torch.Tensor]:
     """Empty tensors for optional buffers (the kernels then run without panels / blocks)."""
-    return {k: torch.zeros(0, dtype=_BUFFER_DTYPES.get(k, torch.int64), device=device) for k in keys}
+    return {k: torch.zeros(0, dtype=NET_DTYPES[k], device=device) for k in keys}
 
 
 def _op_args(buffers: Dict[str, torch.Tensor], meta: Dict[str, Union[int, float]]):
     for keys in (PANEL_KEYS, BLOCK_KEYS):
-        if all(k not in buffers for k in keys):  # prepared before these buffers existed: run without them
+        if all(k not in buffers for k in keys):  # optional buffers absent: run without them
             ref = buffers.get("in_ptr")
             buffers = dict(buffers, **_empty_buffers(keys, ref.device if isinstance(ref, torch.Tensor) else None))
     if "panel_min_batch" not in meta:
@@ -333,69 +321,28 @@ def _use_sparse_mm(edges: int, batch: int) -> bool:
     return edges * batch >= SPARSE_MM_MIN_WORK
 
 
-def _act_apply(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """Activation per row of ``z`` [k, B] with per-row code [k] and (lo, hi) [k, 2]."""
-    import torch.nn.functional as F
-    out = z.clone()
+def _per_code(fn, z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """``fn(code, rows of z, lo, hi)`` (activations.forward or .gradient) for every activation code present,
+    rows of ``z`` [k, B] grouped by their code [k]; (lo, hi) per row from ``param`` [k, 2]."""
+    out = torch.empty_like(z)
     for c in torch.unique(code).tolist():
+        if not 0 <= c < len(ActCode):
+            raise ValueError(f"iosparse: network buffers are corrupt or belong to another network (unknown "
+                             f"activation code {c}; codes are 0..{len(ActCode) - 1})")
         rows = (code == c).nonzero(as_tuple=True)[0]
-        zr = z[rows]
-        if c == 0:
-            r = zr
-        elif c == 1:
-            r = torch.relu(zr)
-        elif c == 2:
-            p = param[rows].to(z.dtype)
-            r = torch.clamp(zr, p[:, :1], p[:, 1:])
-        elif c == 3:
-            r = F.gelu(zr)
-        elif c == 4:
-            r = F.gelu(zr, approximate="tanh")
-        elif c == 5:
-            r = torch.tanh(zr)
-        elif c == 6:
-            r = torch.sigmoid(zr)
-        else:
-            raise _unknown_activation(c)
-        out[rows] = r
+        p = param[rows].to(z.dtype)
+        out[rows] = fn(c, z[rows], p[:, :1], p[:, 1:])
     return out
 
 
-def _unknown_activation(code: int) -> ValueError:
-    from .activations import KINDS
-    return ValueError(f"iosparse: network buffers are corrupt or belong to another network (unknown activation "
-                      f"code {code}; codes are 0..{len(KINDS) - 1})")
+def _act_apply(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Activation per row of ``z`` [k, B] with per-row code [k] and (lo, hi) [k, 2] (activations.forward)."""
+    return _per_code(activations.forward, z, code, param)
 
 
 def _act_grad(z: torch.Tensor, code: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-    """d act / d z per row of ``z``, written out (PyTorch's conventions, as kernels/cpu/activation.h:
-    relu'(0) = 0, hardtanh' = 0 at its bounds)."""
-    d = torch.ones_like(z)
-    for c in torch.unique(code).tolist():
-        rows = (code == c).nonzero(as_tuple=True)[0]
-        zr = z[rows]
-        if c == 0:
-            r = torch.ones_like(zr)
-        elif c == 1:
-            r = (zr > 0).to(z.dtype)
-        elif c == 2:
-            p = param[rows].to(z.dtype)
-            r = ((zr > p[:, :1]) & (zr < p[:, 1:])).to(z.dtype)
-        elif c == 3:
-            r = 0.5 * (1 + torch.erf(zr * math.sqrt(0.5))) + zr * torch.exp(-0.5 * zr * zr) / math.sqrt(2 * math.pi)
-        elif c == 4:
-            k, a = math.sqrt(2 / math.pi), 0.044715
-            t = torch.tanh(k * (zr + a * zr ** 3))
-            r = 0.5 * (1 + t) + 0.5 * zr * (1 - t * t) * k * (1 + 3 * a * zr * zr)
-        elif c == 5:
-            r = 1 - torch.tanh(zr) ** 2
-        elif c == 6:
-            s = torch.sigmoid(zr)
-            r = s * (1 - s)
-        else:
-            raise _unknown_activation(c)
-        d[rows] = r
-    return d
+    """d act / d z per row of ``z`` (activations.gradient)."""
+    return _per_code(activations.gradient, z, code, param)
 
 
 def _level_edges(in_ptr: torch.Tensor, in_src: torch.Tensor, neurons: torch.Tensor, n: int):
@@ -429,7 +376,8 @@ def _levels_of(net: Sequence[torch.Tensor], n: int):
     from torch.utils.weak import WeakIdKeyDictionary
     if _LEVEL_CACHE is None:
         _LEVEL_CACHE = WeakIdKeyDictionary()
-    in_ptr, in_src, level_ptr, level_neuron = net[0], net[1], net[5], net[6]
+    in_ptr, in_src = net[NetIndex.IN_PTR], net[NetIndex.IN_SRC]
+    level_ptr, level_neuron = net[NetIndex.LEVEL_PTR], net[NetIndex.LEVEL_NEURON]
     try:
         key = tuple((t.data_ptr(), t._version) for t in (in_ptr, in_src, level_ptr, level_neuron)) + (n,)
     except RuntimeError:  # inference tensors have no version counter: do not cache
@@ -453,7 +401,7 @@ def _reference_levels(x, weight, bias, net: Sequence[torch.Tensor], config: Sequ
     index tensors, w, compute dtype). Big levels run as one CSR matmul, small ones as gathers;
     ``differentiable``: gathers only (ops that autograd differentiates twice), for double backward."""
     n_in, n = config[0], config[1]
-    act_code, act_param = net[2], net[3]
+    act_code, act_param = net[NetIndex.ACT_CODE], net[NetIndex.ACT_PARAM]
     B = x.shape[0]
     cdt = _compute_dtype(x.dtype)
     w, b = weight.to(cdt), bias.to(cdt)
@@ -477,7 +425,7 @@ def reference_forward(x, weight, bias, net: List[torch.Tensor], config: List[int
     """Pure-PyTorch kernel of ``iosparse::dag_forward`` (level by level; float16/bfloat16 accumulate in
     float32); any device."""
     vals, _, _, _, _ = _reference_levels(x, weight, bias, net, config, keep_pre=False)
-    return vals[net[4]].t().to(x.dtype).contiguous()
+    return vals[net[NetIndex.OUTPUTS]].t().to(x.dtype).contiguous()
 
 
 def differentiable_backward(grad_y, x, weight, bias, net: List[torch.Tensor], config: List[int]):
@@ -490,7 +438,7 @@ def differentiable_backward(grad_y, x, weight, bias, net: List[torch.Tensor], co
         if not inputs:
             return None, None, None
         vals, _, _, _, _ = _reference_levels(x, weight, bias, net, config, keep_pre=False, differentiable=True)
-        y = vals[net[4]].t().to(x.dtype)
+        y = vals[net[NetIndex.OUTPUTS]].t().to(x.dtype)
         grads = iter(torch.autograd.grad(y, inputs, grad_y, create_graph=True, allow_unused=True))
         return tuple(next(grads) if t.requires_grad else None for t in (x, weight, bias))
 
@@ -501,7 +449,8 @@ def reference_backward(grad_y, x, weight, bias, net: List[torch.Tensor], config:
     DAG level by level (W^T g for the values, a sampled product g x^T for the weights)."""
     n_in, n = config[0], config[1]
     vals, pre, per_level, w, cdt = _reference_levels(x, weight, bias, net, config, keep_pre=True)
-    act_code, act_param, outputs = net[2], net[3].view(-1, 2), net[4]
+    act_code, act_param = net[NetIndex.ACT_CODE], net[NetIndex.ACT_PARAM].view(-1, 2)
+    outputs = net[NetIndex.OUTPUTS]
     B = x.shape[0]
     G = torch.zeros_like(vals)
     G.index_add_(0, outputs, grad_y.t().to(cdt))
@@ -554,11 +503,67 @@ class _DagForwardFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        # The transforms track requires_grad at their own levels, so the native kernel computes every
-        # gradient here (first-order transforms: grad, vjp, jacrev; vmapped through dag_backward's rule).
+        # The transforms track requires_grad at their own levels, so every gradient is computed here, by
+        # _DagBackwardFunction (the native kernel; differentiable again for nested grad / jacrev).
         x, weight, bias, *net = ctx.saved_tensors
-        gx, gw, gb = torch.ops.iosparse.dag_backward(grad_y.contiguous(), x, weight, bias, net, ctx.config)
+        gx, gw, gb = _DagBackwardFunction.apply(grad_y.contiguous(), x, weight, bias, tuple(ctx.config), *net)
         return (gx, gw, gb, None) + (None,) * len(net)
+
+
+class _DagBackwardFunction(torch.autograd.Function):
+    """``iosparse::dag_backward`` under torch.func transforms, differentiable once more: nested transforms
+    (``grad(grad(f))``, ``jacrev(jacrev(f))``, Hessians) differentiate the backward through the
+    differentiable reference (:func:`differentiable_backward`). A third derivative raises instead of
+    returning a wrong value (:class:`_NoThirdDerivative`)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(grad_y, x, weight, bias, config, *net):
+        return torch.ops.iosparse.dag_backward(grad_y, x, weight, bias, list(net), list(config))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        grad_y, x, weight, bias, config, *net = inputs
+        ctx.save_for_backward(grad_y, x, weight, bias, *net)
+        ctx.config = list(config)
+
+    @staticmethod
+    def backward(ctx, ggx, ggw, ggb):
+        grad_y, x, weight, bias, *net = ctx.saved_tensors
+        config = ctx.config
+
+        def forward(x_, w_, b_):
+            vals = _reference_levels(x_, w_, b_, net, config, keep_pre=False, differentiable=True)[0]
+            return vals[net[NetIndex.OUTPUTS]].t().to(x_.dtype)
+
+        def backward(gy_, x_, w_, b_):
+            return torch.func.vjp(forward, x_, w_, b_)[1](gy_)
+
+        # Inside a transform, gradients are taken with torch.func (requires_grad_ is not available there).
+        _, vjp = torch.func.vjp(backward, *_NoThirdDerivative.apply(grad_y, x, weight, bias))
+        cotangents = tuple(torch.zeros_like(t) if g is None else g for g, t in zip((ggx, ggw, ggb), (x, weight, bias)))
+        return (*vjp(cotangents), None) + (None,) * len(net)
+
+
+class _NoThirdDerivative(torch.autograd.Function):
+    """Identity whose derivative raises: marks the inputs of the op's second derivative, so that a third
+    derivative through the op is an error instead of a wrong value."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(*tensors):
+        return tuple(t.view_as(t) for t in tensors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError("iosparse: derivatives of third or higher order through the op are not "
+                                  "supported (first and second order are)")
 
 
 def _in_dim(d, i=None):
