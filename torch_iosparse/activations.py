@@ -1,8 +1,13 @@
-"""Element-wise activations a neuron can apply after its weighted sum (σ_v in the cost model).
+"""Element-wise activations a neuron can apply after its weighted sum (σ_v in docs/theory.md).
 
-One table serves the DAG, the reference evaluator and the native kernels: an activation is a
-``(kind, lo, hi)`` triple, where ``lo``/``hi`` only matter for ``hardtanh`` (a clamp). Native kernels
-receive the integer ``code`` of the kind.
+An activation is a ``(kind, lo, hi)`` triple, where ``lo``/``hi`` only matter for ``hardtanh`` (a
+clamp). Kernels receive the integer code of the kind (:class:`torch_iosparse.abi.ActCode`).
+
+:func:`forward` and :func:`gradient` are the one PyTorch definition of every activation's math: the
+reference evaluator (:meth:`Activation.apply`, ``SparseDAG.forward_reference``), the op's reference
+kernels (torch_iosparse/ops.py) and the program interpreter (torch_iosparse/program.py) all call them.
+The device kernels carry their own copies (kernels/cpu/activation.h, the Triton ``_activate`` in
+torch_iosparse/triton_kernels.py, kernels/cuda/iosparse_forward.cu) and are tested against these.
 """
 from __future__ import annotations
 
@@ -13,9 +18,10 @@ from typing import NamedTuple, Union
 import torch
 import torch.nn.functional as F
 
-# Codes are part of the native ABI (kernels/*/activation.h): append, never renumber.
-KINDS = ("identity", "relu", "hardtanh", "gelu", "gelu_tanh", "tanh", "sigmoid")
-CODE = {k: i for i, k in enumerate(KINDS)}
+from .abi import ACTIVATION_KINDS as KINDS, ActCode
+
+#: ``{kind: code}``, e.g. ``CODE["relu"] == 1`` (the codes are :class:`torch_iosparse.abi.ActCode`).
+CODE = {a.kind: int(a) for a in ActCode}
 
 _ALIASES = {
     "linear": "identity", "none": "identity", "id": "identity",
@@ -40,23 +46,12 @@ class Activation(NamedTuple):
         return self.kind
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        """Reference (pure PyTorch) evaluation, the oracle every kernel is compared with."""
-        k = self.kind
-        if k == "identity":
-            return x
-        if k == "relu":
-            return torch.relu(x)
-        if k == "hardtanh":
-            return torch.clamp(x, self.lo, self.hi)
-        if k == "gelu":
-            return F.gelu(x)
-        if k == "gelu_tanh":
-            return F.gelu(x, approximate="tanh")
-        if k == "tanh":
-            return torch.tanh(x)
-        if k == "sigmoid":
-            return torch.sigmoid(x)
-        raise AssertionError(k)
+        """Reference (pure PyTorch) evaluation, the oracle every kernel is compared with (:func:`forward`)."""
+        return forward(self.code, x, self.lo, self.hi)
+
+    def grad(self, z: torch.Tensor) -> torch.Tensor:
+        """d act / d z at pre-activations ``z`` (:func:`gradient`)."""
+        return gradient(self.code, z, self.lo, self.hi)
 
     def to_module(self) -> torch.nn.Module:
         k = self.kind
@@ -76,6 +71,59 @@ class Activation(NamedTuple):
 
 
 IDENTITY = Activation("identity")
+
+Bound = Union[float, torch.Tensor]
+
+
+def forward(code: int, z: torch.Tensor, lo: Bound = -math.inf, hi: Bound = math.inf) -> torch.Tensor:
+    """Activation ``code`` (:class:`~torch_iosparse.abi.ActCode`) of ``z``, with PyTorch's formulas.
+
+    ``lo`` / ``hi`` are the clamp bounds of hardtanh: floats, or tensors that broadcast against ``z``
+    (per-row bounds ``[k, 1]`` for ``z`` of shape ``[k, B]``). NaN passes through every activation.
+    ValueError for an unknown code."""
+    if code == ActCode.IDENTITY:
+        return z
+    if code == ActCode.RELU:
+        return torch.relu(z)
+    if code == ActCode.HARDTANH:
+        return torch.clamp(z, lo, hi)
+    if code == ActCode.GELU:
+        return F.gelu(z)
+    if code == ActCode.GELU_TANH:
+        return F.gelu(z, approximate="tanh")
+    if code == ActCode.TANH:
+        return torch.tanh(z)
+    if code == ActCode.SIGMOID:
+        return torch.sigmoid(z)
+    raise _unknown(code)
+
+
+def gradient(code: int, z: torch.Tensor, lo: Bound = -math.inf, hi: Bound = math.inf) -> torch.Tensor:
+    """d act / d z of activation ``code`` at pre-activations ``z``, written out (it also runs where autograd
+    does not: below the autograd key, in the op's reference backward). PyTorch's conventions: relu'(0) = 0,
+    hardtanh' = 0 at its bounds. ``lo`` / ``hi`` as in :func:`forward`."""
+    if code == ActCode.IDENTITY:
+        return torch.ones_like(z)
+    if code == ActCode.RELU:
+        return (z > 0).to(z.dtype)
+    if code == ActCode.HARDTANH:
+        return ((z > lo) & (z < hi)).to(z.dtype)
+    if code == ActCode.GELU:
+        return 0.5 * (1 + torch.erf(z * math.sqrt(0.5))) + z * torch.exp(-0.5 * z * z) / math.sqrt(2 * math.pi)
+    if code == ActCode.GELU_TANH:
+        k, a = math.sqrt(2 / math.pi), 0.044715
+        t = torch.tanh(k * (z + a * z ** 3))
+        return 0.5 * (1 + t) + 0.5 * z * (1 - t * t) * k * (1 + 3 * a * z * z)
+    if code == ActCode.TANH:
+        return 1 - torch.tanh(z) ** 2
+    if code == ActCode.SIGMOID:
+        s = torch.sigmoid(z)
+        return s * (1 - s)
+    raise _unknown(code)
+
+
+def _unknown(code) -> ValueError:
+    return ValueError(f"unknown activation code {code}; codes are 0..{len(KINDS) - 1} ({', '.join(KINDS)})")
 
 _CALL = re.compile(r"^\s*([a-z_0-9]+)\s*(?:\(\s*([^,()]+)\s*,\s*([^,()]+)\s*\))?\s*$")
 

@@ -8,8 +8,9 @@ with the recorded I/O) are all checked; an entry that fails any check is ignored
 regular file is read, and only as many bytes as a plan of the network can take (:meth:`Plan.load`): a FIFO,
 a device or a decompression bomb at an entry's path is a corrupt entry too.
 
-Location: ``$TORCH_IOSPARSE_CACHE`` when set, else ``~/.cache/torch_iosparse``. Set the variable to an
-empty string or ``0`` to disable the cache.
+Location: ``$IOSPARSE_CACHE_DIR`` (or its alias ``$TORCH_IOSPARSE_CACHE``) when set, else
+``~/.cache/torch_iosparse``. Set the variable to an empty string or ``0`` to disable the cache
+(torch_iosparse.env).
 """
 from __future__ import annotations
 
@@ -19,11 +20,11 @@ import os
 import warnings
 from typing import Optional, Tuple
 
-from . import planning
+from . import env, planning
 from .dag import SparseDAG
 from .iomodel import count_io, normalize_order
 
-ENV_VAR = "TORCH_IOSPARSE_CACHE"
+ENV_VAR = "IOSPARSE_CACHE_DIR"  # read through torch_iosparse.env (alias TORCH_IOSPARSE_CACHE)
 _DISABLED = ("", "0", "off", "none", "false")
 
 # Planner keywords that only change how planning reports, not the plan it returns.
@@ -37,9 +38,9 @@ def cache_dir(override: Optional[str] = None) -> Optional[str]:
     """The cache directory (created on demand), or None when caching is disabled."""
     if override is not None:
         return override
-    env = os.environ.get(ENV_VAR)
-    if env is not None:
-        return None if env.strip().lower() in _DISABLED else os.path.expanduser(env)
+    setting = env.cache_dir_setting()
+    if setting is not None:
+        return None if setting.strip().lower() in _DISABLED else os.path.expanduser(setting)
     return os.path.join(os.path.expanduser("~"), ".cache", "torch_iosparse")
 
 

@@ -15,26 +15,32 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
+from . import env
 from . import ops as ops_mod
 from . import triton_kernels as tk
+from .abi import ConfigIndex, NetIndex, Strategy
 
 __all__ = ["CudaCxxForward", "build_cuda_cxx", "choose_gpu_path", "find_nvcc", "kernel_program_from_buffers",
            "level_program_from_buffers", "reference_backward_from_buffers", "register", "registered", "triton_forward_from_buffers"]
 
 
 # ---------------------------------------------------------------------------------------------- op adapter
-# Positions in the op's ``Tensor[] net`` and ``int[] config`` (kernels/cpu/net.h, ops.NET_KEYS and
-# ops.CONFIG_KEYS; checked against ops.py by the tests).
-NET_IN_PTR, NET_IN_SRC, NET_ACT_CODE, NET_ACT_PARAM, NET_OUTPUTS = 0, 1, 2, 3, 4
-NET_LEVEL_PTR, NET_LEVEL_NEURON = 5, 6
-NET_PROG_NEURON, NET_PROG_OP_PTR, NET_PROG_OPS, NET_PROG_OUTPUT_ROWS = 7, 8, 9, 10
-CFG_N_INPUTS, CFG_N_NEURONS, CFG_N_OUTPUTS, CFG_MEMORY, CFG_N_SLOW, CFG_STRATEGY = 0, 1, 2, 3, 4, 6
+# Positions in the op's ``Tensor[] net`` and ``int[] config`` (torch_iosparse.abi).
+NET_IN_PTR, NET_IN_SRC, NET_ACT_CODE, NET_ACT_PARAM, NET_OUTPUTS = (
+    NetIndex.IN_PTR, NetIndex.IN_SRC, NetIndex.ACT_CODE, NetIndex.ACT_PARAM, NetIndex.OUTPUTS)
+NET_LEVEL_PTR, NET_LEVEL_NEURON = NetIndex.LEVEL_PTR, NetIndex.LEVEL_NEURON
+NET_PROG_NEURON, NET_PROG_OP_PTR, NET_PROG_OPS, NET_PROG_OUTPUT_ROWS = (
+    NetIndex.PROG_NEURON, NetIndex.PROG_OP_PTR, NetIndex.PROG_OPS, NetIndex.PROG_OUTPUT_ROWS)
+CFG_N_INPUTS, CFG_N_NEURONS, CFG_N_OUTPUTS, CFG_MEMORY, CFG_N_SLOW, CFG_STRATEGY = (
+    ConfigIndex.N_INPUTS, ConfigIndex.N_NEURONS, ConfigIndex.N_OUTPUTS, ConfigIndex.MEMORY, ConfigIndex.N_SLOW,
+    ConfigIndex.STRATEGY)
 
 _PROGRAMS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
@@ -84,7 +90,7 @@ def level_program_from_buffers(net: Sequence[torch.Tensor], config: Sequence[int
 
 
 STRATEGY_AUTO, STRATEGY_PROGRAM, STRATEGY_LEVEL, STRATEGY_DENSE, STRATEGY_PANEL, STRATEGY_BLOCK = (
-    ops_mod.STRATEGIES[k] for k in ("auto", "program", "level", "dense", "panel", "block"))
+    s.code for s in (Strategy.AUTO, Strategy.PROGRAM, Strategy.LEVEL, Strategy.DENSE, Strategy.PANEL, Strategy.BLOCK))
 
 
 def choose_gpu_path(batch: int, strategy: int, device) -> str:
@@ -95,17 +101,12 @@ def choose_gpu_path(batch: int, strategy: int, device) -> str:
     ``IOSPARSE_GPU_STRATEGY`` (program | level) if set, else the level kernels: on an H100 the plan
     executor (one program per batch tile walking the whole plan, latency-bound) measured 25-100x slower
     than the level kernels at every batch size (benchmarks/RESULTS.md, docs/gpu.md). ``batch`` and
-    ``device`` do not change the choice today; they stay for a measured rule per device and batch."""
+    ``device`` are accepted for a rule per device and batch size; the choice does not depend on them."""
     if strategy == STRATEGY_PROGRAM:
         return "program"
     if strategy in (STRATEGY_LEVEL, STRATEGY_DENSE, STRATEGY_PANEL, STRATEGY_BLOCK):  # CPU twins of the GPU's blocks
         return "level"
-    env = os.environ.get("IOSPARSE_GPU_STRATEGY", "").strip().lower()
-    if env in ("program", "level"):
-        return env
-    if env:
-        raise ValueError(f"IOSPARSE_GPU_STRATEGY must be 'program' or 'level', got {env!r}")
-    return "level"
+    return env.gpu_strategy() or "level"
 
 
 def triton_forward_from_buffers(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -151,7 +152,7 @@ def find_nvcc() -> Optional[str]:
 
 def build_cuda_cxx(arch: Optional[str] = None, cache_dir: Optional[str] = None):
     """Compile kernels/cuda/iosparse_forward.cu into a shared library (cached by source hash and
-    architecture) and load it with ctypes. ``arch`` like ``"90"`` (default: the current GPU's, else 90).
+    architecture, in ``cache_dir``, default the package's cache folder) and load it with ctypes. ``arch`` like ``"90"`` (default: the current GPU's, else 90).
     Raises RuntimeError when nvcc or the source is missing or the compile fails."""
     if not os.path.exists(CUDA_SOURCE):
         raise RuntimeError(f"{CUDA_SOURCE} is missing (the CUDA C++ kernel ships with the source tree only)")
@@ -162,8 +163,9 @@ def build_cuda_cxx(arch: Optional[str] = None, cache_dir: Optional[str] = None):
         arch = "%d%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else "90"
     with open(CUDA_SOURCE, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
-    cache_dir = cache_dir or os.environ.get("IOSPARSE_CACHE_DIR") or os.path.join(
-        os.path.expanduser("~"), ".cache", "torch_iosparse")
+    if cache_dir is None:  # the package's cache folder (torch_iosparse.env), else the temporary folder
+        from . import cache
+        cache_dir = cache.cache_dir() or os.path.join(tempfile.gettempdir(), "torch_iosparse")
     os.makedirs(cache_dir, exist_ok=True)
     out = os.path.join(cache_dir, f"iosparse_forward_{digest}_sm{arch}.so")
     if out in _CUDA_LIBS:

@@ -3,7 +3,7 @@ size derived from them (docs/cpu-kernel.md, "Choosing BT and M").
 
 Everything is detected once (``/sys/devices/system/cpu/cpu0/cache`` first, ``os.sysconf`` second,
 conservative defaults last) and can be overridden with the environment variables
-``IOSPARSE_L1_BYTES``, ``IOSPARSE_L2_BYTES``, ``IOSPARSE_L3_BYTES`` or by the arguments of
+``IOSPARSE_L1_BYTES``, ``IOSPARSE_L2_BYTES``, ``IOSPARSE_L3_BYTES`` (torch_iosparse.env) or by the arguments of
 :func:`batch_tile` / :func:`fast_memory_slots` (and ``ops.prepare(memory=, batch_tile=)``).
 """
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Optional
 
 import torch
 
+from . import env
+
 _SYS_CACHE = "/sys/devices/system/cpu/cpu0/cache"
 
 # The kernel keeps ACCUMULATOR_VECTORS vector registers of partial sums per neuron (the rest of the
@@ -25,6 +27,13 @@ ACCUMULATOR_VECTORS = 4
 # Share of the per-core L2 given to the M slots (the rest holds the streamed ops and weights, the
 # activation being written and the input tile).
 SLOT_CACHE_FRACTION = 0.5
+# The block path (kernels/cpu/block.cpp) reads a source block from every row of a chunk with edges into it:
+# the block's values for the widest tile (four 64-byte vectors per source) should stay in this share of the
+# per-core L2. Blocks hold at most 256 sources (the layout's one-byte offsets).
+BLOCK_TILE_BYTES = 4 * 64
+BLOCK_CACHE_FRACTION = 0.5
+BLOCK_MAX_SOURCES = 256
+BLOCK_MIN_SOURCES = 16
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,16 @@ def _parse_size(text: str) -> int:
         raise ValueError(text)
     mult = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[m.group(2).upper()]
     return int(m.group(1)) * mult
+
+
+def _override_size(level: int, text: Optional[str], detected: int) -> int:
+    """``IOSPARSE_L{level}_BYTES`` parsed when set, else the detected size."""
+    if not text:
+        return detected
+    try:
+        return _parse_size(text)
+    except ValueError:
+        raise ValueError(f"IOSPARSE_L{level}_BYTES must be a size such as 32K, 2M or 1048576, got {text!r}") from None
 
 
 def _read(path: str) -> str:
@@ -124,12 +143,10 @@ def detect() -> CpuInfo:
     l1 = sizes.get(1, 32 << 10)
     l2 = sizes.get(2, 1 << 20)
     l3 = sizes.get(3, 8 << 20)
-    env = {k: os.environ.get(f"IOSPARSE_{k}_BYTES") for k in ("L1", "L2", "L3")}
-    if any(env.values()):
+    override = {level: env.cache_size_override(level) for level in (1, 2, 3)}
+    if any(override.values()):
         source += "+env"
-    l1 = _parse_size(env["L1"]) if env["L1"] else l1
-    l2 = _parse_size(env["L2"]) if env["L2"] else l2
-    l3 = _parse_size(env["L3"]) if env["L3"] else l3
+    l1, l2, l3 = (_override_size(level, override[level], size) for level, size in ((1, l1), (2, l2), (3, l3)))
     isa = _isa()
     vec = {"avx512": 64, "avx2": 32, "generic": 16}[isa]
     return CpuInfo(l1, l2, l3, torch.get_num_threads(), vec, isa, source)
@@ -150,6 +167,15 @@ def fast_memory_slots(batch_tile_: int, dtype: torch.dtype = torch.float32, info
     info = info or detect()
     itemsize = torch.empty((), dtype=dtype).element_size()
     return max(2, int(fraction * info.l2_bytes) // (int(batch_tile_) * itemsize))
+
+
+def block_sources(info: Optional[CpuInfo] = None) -> int:
+    """Consecutive source neurons per block of the block path: as many as fit, at the widest tile, in
+    BLOCK_CACHE_FRACTION of the per-core L2, between BLOCK_MIN_SOURCES and BLOCK_MAX_SOURCES (L2 of
+    512 KiB or more: 256; an emulated 32 KiB L2, ``IOSPARSE_L2_BYTES=32K``: 64)."""
+    info = info or detect()
+    fit = int(BLOCK_CACHE_FRACTION * info.l2_bytes) // BLOCK_TILE_BYTES
+    return max(BLOCK_MIN_SOURCES, min(BLOCK_MAX_SOURCES, fit))
 
 
 def panel_tile(dtype: torch.dtype = torch.float32, max_level_width: int = 0, info: Optional[CpuInfo] = None) -> int:

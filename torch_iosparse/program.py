@@ -16,17 +16,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import iomodel
+from . import activations, iomodel
+from .abi import OPCODE_NAMES, Opcode
 from .dag import SparseDAG
 from .iomodel import IOCount
 from .planning import Plan
 
-# Opcodes of Program.ops (part of the native ABI: kernels/cpu/*.cpp and the GPU kernels read them).
-LOAD = 1    # (slow_row, slot):  slots[slot] = slow[slow_row]
-FMA = 2     # (slot, edge):      acc += weight[edge] * slots[slot]
-FINISH = 3  # (slot, -1):        slots[slot] = act(acc)
-STORE = 4   # (slot, slow_row):  slow[slow_row] = slots[slot]
-OPCODE_NAMES = {LOAD: "LOAD", FMA: "FMA", FINISH: "FINISH", STORE: "STORE"}
+# Opcodes of Program.ops (torch_iosparse.abi.Opcode), as plain ints for the numpy code below.
+LOAD, FMA, FINISH, STORE = (int(op) for op in (Opcode.LOAD, Opcode.FMA, Opcode.FINISH, Opcode.STORE))
 
 # Event codes of iomodel.OPS
 _EV = {name: i for i, name in enumerate(iomodel.OPS)}
@@ -43,11 +40,11 @@ class Program:
         n_slow: rows of the slow buffer: inputs (rows ``0..n_inputs-1``), then every value the
             schedule stores (spilled intermediates and outputs), in order of their first store.
         neuron: int64 [n_computed], the neuron computed at plan position ``i``.
-        act_code: int8 [n_computed] activation code (``activations.KINDS`` index) of that neuron;
+        act_code: int8 [n_computed] activation code (:class:`torch_iosparse.abi.ActCode`) of that neuron;
             act_lo / act_hi: float64 [n_computed] its clamp bounds (hardtanh only; float64 so that
             float64 runs clamp exactly where the reference does).
         op_ptr: int64 [n_computed + 1]; the ops of position ``i`` are ``ops[op_ptr[i]:op_ptr[i+1]]``.
-        ops: int32 [K, 3] rows ``(opcode, a, b)``, opcodes LOAD/FMA/FINISH/STORE above. Every position
+        ops: int32 [K, 3] rows ``(opcode, a, b)``, opcodes :class:`torch_iosparse.abi.Opcode`. Every position
             starts with the implicit ``acc = bias[neuron[i]]``.
         output_rows: int64 [n_outputs], the slow row of each output, in ``dag.outputs`` order.
         io: the IOCount of the plan (== the op counts, checked at compile time).
@@ -189,11 +186,6 @@ def compile_plan(dag: SparseDAG, plan: Plan) -> Program:
 
 
 # ---------------------------------------------------------------------- reference interpreter
-def _activation(code: int, lo: float, hi: float, x: torch.Tensor) -> torch.Tensor:
-    from .activations import KINDS, Activation
-    return Activation(KINDS[code], float(lo), float(hi)).apply(x)
-
-
 def interpret(program: Program, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
               *, poison: float = float("nan")) -> torch.Tensor:
     """Pure-PyTorch executor of ``program`` (one Python step per op; small networks only).
@@ -217,7 +209,8 @@ def interpret(program: Program, x: torch.Tensor, weight: torch.Tensor, bias: tor
             elif code == FMA:
                 acc = acc + w[b] * slots[a]
             elif code == FINISH:
-                slots[a] = _activation(int(program.act_code[i]), program.act_lo[i], program.act_hi[i], acc)
+                slots[a] = activations.forward(int(program.act_code[i]), acc, float(program.act_lo[i]),
+                                               float(program.act_hi[i]))
             elif code == STORE:
                 slow[b] = slots[a]
             else:

@@ -49,7 +49,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-NEVER = 2**62
+from .abi import NEVER, STRATEGY_CODES, Strategy
 PROGRAM_RATE = 12e9     # batch-column x edge multiply-adds per second per thread (16-column tiles)
 PROGRAM_OVERHEAD = 30e-6  # seconds per call (input transpose into the tile, output gather)
 LEVEL_RATE = 1.2e9      # edges per second per thread, level path at batch 1 (memory-bound)
@@ -126,8 +126,8 @@ def current_profile(directory: Optional[str] = None) -> Profile:
     foreign (other machine) file is ignored."""
     if _profile_override is not None:
         return _profile_override
-    from . import cache
-    memo_key = (cache.cache_dir(directory), os.environ.get("IOSPARSE_ISA", ""))
+    from . import cache, env
+    memo_key = (cache.cache_dir(directory), env.isa_override())
     p = _profile_memo.get(memo_key)
     if p is None:
         p = _profile_memo[memo_key] = load_profile(directory) or DEFAULT_PROFILE
@@ -371,7 +371,7 @@ def calibrate_thresholds(net, batches: Iterable[int] = MODEL_BATCHES,
         x = torch.randn(B, n_in, dtype=dtype)
         times[B] = {}
         for s in strategies:
-            meta = dict(net.meta, strategy=ops.STRATEGIES[s])
+            meta = dict(net.meta, strategy=STRATEGY_CODES[s])
             ops.dag_forward(x, w, b, net.buffers, meta)  # warm-up
             best = math.inf
             for _ in range(repeats):
@@ -445,7 +445,7 @@ def _fit_profile(repeats: int) -> Profile:
         w = torch.randn(int(net.meta["n_edges"]), generator=g) * 0.05
         b = torch.zeros(int(net.meta["n_neurons"]))
         x = torch.randn(batch, int(net.meta["n_inputs"]), generator=g)
-        meta = dict(net.meta, strategy=ops.STRATEGIES[path])
+        meta = dict(net.meta, strategy=STRATEGY_CODES[path])
         with torch.no_grad():
             return min(time_call(lambda: ops.dag_forward(x, w, b, net.buffers, meta), repeats) for _ in range(3))
 
@@ -491,9 +491,9 @@ def _fit_profile(repeats: int) -> Profile:
 
 def chosen(meta: Dict, batch: int) -> str:
     """The strategy the kernel will run for ``batch`` under ``meta`` (mirrors choose_strategy in C++)."""
-    s = int(meta["strategy"])
-    if s:
-        return {1: "program", 2: "level", 3: "dense", 4: "panel", 5: "block"}[s]
+    s = Strategy.from_code(int(meta["strategy"]))
+    if s is not Strategy.AUTO:
+        return s.value
     if meta.get("layered") and batch >= int(meta["dense_min_batch"]):
         return "dense"
     if batch <= int(meta["level_max_batch"]):

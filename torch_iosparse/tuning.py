@@ -38,13 +38,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from . import cache, hardware
+from . import cache, env, hardware
+from .abi import NET_KEYS, STRATEGY_CODES
 from .files import atomic_write
 from . import strategy as strategy_mod
 
 BUCKETS: Tuple[int, ...] = tuple(1 << k for k in range(11))  # 1 .. 1024 (the last: every batch >= 1024)
-ENV_VAR = "IOSPARSE_TUNE"
-_OFF = ("0", "off", "false", "no", "none")
+ENV_VAR = "IOSPARSE_TUNE"  # read through torch_iosparse.env
 FORMAT = 1
 PLAUSIBLE_FACTOR = 3.0    # time the paths the model predicts within 3x of its best ...
 PLAUSIBLE_SLACK = 50e-6   # ... or within 50 us of it (small nets: the model's per-call costs are the least sure)
@@ -65,10 +65,10 @@ def bucket(batch: int) -> int:
 
 
 def enabled(tune: Optional[bool] = None) -> bool:
-    """``tune`` when given, else the environment (``IOSPARSE_TUNE=0|off|false|no`` switches tuning off)."""
+    """``tune`` when given, else the environment (``IOSPARSE_TUNE=0|off|false|no|none`` switches tuning off)."""
     if tune is not None:
         return bool(tune)
-    return os.environ.get(ENV_VAR, "1").strip().lower() not in _OFF
+    return env.tune_enabled()
 
 
 def tuning_dir(directory: Union[str, bool, None] = None) -> Optional[str]:
@@ -96,7 +96,7 @@ def kernel_id() -> str:
 def machine_key() -> Dict:
     """What identifies this machine (and software) for measured timings."""
     info = hardware.detect()
-    return {"cpu": hardware.cpu_model(), "isa": info.isa, "isa_override": os.environ.get("IOSPARSE_ISA", ""),
+    return {"cpu": hardware.cpu_model(), "isa": info.isa, "isa_override": env.isa_override(),
             "l1d": info.l1d_bytes, "l2": info.l2_bytes, "l3": info.l3_bytes, "cpus": os.cpu_count() or 0,
             "torch": torch.__version__, "kernel": kernel_id()}
 
@@ -111,10 +111,9 @@ _META_KEYS = ("n_inputs", "n_neurons", "n_outputs", "memory", "n_slow", "batch_t
 
 def network_key(buffers: Dict[str, torch.Tensor], meta: Dict) -> str:
     """SHA-256 of everything the op runs on except the weights: its buffers and configuration."""
-    from . import ops
     h = hashlib.sha256()
     h.update(json.dumps({k: int(meta[k]) for k in _META_KEYS if k in meta}, sort_keys=True).encode())
-    for k in ops.NET_KEYS:
+    for k in NET_KEYS:
         t = buffers.get(k)
         if t is None:
             h.update(f"{k}:absent;".encode())
@@ -347,7 +346,7 @@ class Tuner:
             for s in candidates:
                 if times and time.perf_counter() > deadline:
                     break
-                meta = dict(self.meta, strategy=ops.STRATEGIES[s])
+                meta = dict(self.meta, strategy=STRATEGY_CODES[s])
                 cutoff = PLAUSIBLE_FACTOR * min(times.values()) if times else math.inf
                 try:
                     times[s] = time_call(lambda: ops.dag_forward(x, w, bi, buffers, meta), REPEATS, deadline, cutoff)
