@@ -1,4 +1,4 @@
-"""Triton executor of a compiled program (helper-notes/PROGRAM.md, docs/program-format.md).
+"""Triton executor of a compiled program (docs/program-format.md, docs/gpu.md).
 
 Kernels and launchers only; the registration as the CUDA kernel of the ``iosparse`` op lives in
 :mod:`torch_iosparse.gpu`. Everything here also runs on CPU tensors under ``TRITON_INTERPRET=1`` (the
@@ -33,6 +33,9 @@ from typing import Optional
 import numpy as np
 import torch
 
+from . import env
+from .abi import ActCode, Opcode
+
 try:
     import triton
     import triton.language as tl
@@ -40,8 +43,8 @@ except ImportError:  # pragma: no cover - triton ships with torch on Linux
     triton = None
     tl = None
 
-# Opcodes of the compiled program (PROGRAM.md).
-LOAD, FMA, FINISH, STORE = 1, 2, 3, 4
+# Opcodes of the compiled program (torch_iosparse.abi.Opcode), as plain ints for numpy.
+LOAD, FMA, FINISH, STORE = (int(op) for op in (Opcode.LOAD, Opcode.FMA, Opcode.FINISH, Opcode.STORE))
 # Step kinds of the re-encoded program (this module only).
 STEP_CHUNK, STEP_LOAD, STEP_STORE, STEP_FINISH = 0, 1, 2, 3
 
@@ -327,12 +330,10 @@ def choose_tiling(device=None, batch: int = 1024, *, batch_tile: Optional[int] =
     could hold) and at least 2. On CPU (the interpreter) M = 64.
     Environment overrides: ``IOSPARSE_GPU_BT``, ``IOSPARSE_GPU_M``; arguments override both.
     """
-    env_bt = os.environ.get("IOSPARSE_GPU_BT")
-    env_m = os.environ.get("IOSPARSE_GPU_M")
-    if batch_tile is None and env_bt:
-        batch_tile = int(env_bt)
-    if memory is None and env_m:
-        memory = int(env_m)
+    if batch_tile is None:
+        batch_tile = env.positive_int("IOSPARSE_GPU_BT")
+    if memory is None:
+        memory = env.positive_int("IOSPARSE_GPU_M")
     batch = max(1, int(batch))
     dev = torch.device(device) if device is not None else torch.device("cpu")
     props = torch.cuda.get_device_properties(dev) if dev.type == "cuda" and torch.cuda.is_available() else None
@@ -367,6 +368,13 @@ def choose_tiling(device=None, batch: int = 1024, *, batch_tile: Optional[int] =
 
 # ---------------------------------------------------------------------------------------------- kernel
 if triton is not None:
+    # Activation codes (torch_iosparse.abi.ActCode) as compile-time constants of the kernels.
+    _ACT_RELU = tl.constexpr(int(ActCode.RELU))
+    _ACT_HARDTANH = tl.constexpr(int(ActCode.HARDTANH))
+    _ACT_GELU = tl.constexpr(int(ActCode.GELU))
+    _ACT_GELU_TANH = tl.constexpr(int(ActCode.GELU_TANH))
+    _ACT_TANH = tl.constexpr(int(ActCode.TANH))
+    _ACT_SIGMOID = tl.constexpr(int(ActCode.SIGMOID))
 
     @triton.jit
     def _tanh(x):
@@ -376,19 +384,19 @@ if triton is not None:
 
     @triton.jit
     def _activate(acc, code, lo, hi):
-        # Codes: activations.KINDS = identity, relu, hardtanh, gelu, gelu_tanh, tanh, sigmoid.
-        if code == 1:
+        # The Triton copy of torch_iosparse.activations.forward (identity: unchanged).
+        if code == _ACT_RELU:
             acc = tl.maximum(acc, 0.0)
-        elif code == 2:
+        elif code == _ACT_HARDTANH:
             acc = tl.minimum(tl.maximum(acc, lo), hi)
-        elif code == 3:
+        elif code == _ACT_GELU:
             acc = 0.5 * acc * (1.0 + tl.erf(acc * 0.7071067811865476))
-        elif code == 4:
+        elif code == _ACT_GELU_TANH:
             inner = 0.7978845608028654 * (acc + 0.044715 * acc * acc * acc)
             acc = 0.5 * acc * (1.0 + _tanh(inner))
-        elif code == 5:
+        elif code == _ACT_TANH:
             acc = _tanh(acc)
-        elif code == 6:
+        elif code == _ACT_SIGMOID:
             z = tl.exp(-tl.abs(acc))  # in (0, 1]: never overflows
             acc = tl.where(acc >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
         return acc
