@@ -4,7 +4,7 @@ Implements the model of Gleinig, Ben-Nun & Hoefler, *A Theory of I/O-Efficient S
 Inference* (2023): a network is a DAG of neurons computed in a fast memory of M slots; we count and
 minimise the transfers (I/Os) between fast and slow memory. See docs/theory.md.
 
-Public API (shared/api.md): SparseDAG, count_io, lower_bound, upper_bound, plan / Plan, generate.*,
+Public API (README.md): SparseDAG, count_io, lower_bound, upper_bound, plan / Plan, generate.*,
 IOSparseNetwork, sparsify / sparsify_ (FusedInto: the pass-throughs of fused layers), densify, save / load
 (sparse checkpoints), explain, sparsify_report, save_plans / apply_plans (plan folders), tune (measured
 strategy choice, torch_iosparse.tuning).

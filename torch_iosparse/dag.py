@@ -1,4 +1,4 @@
-"""SparseDAG: the neuron-level graph of a sparse feed-forward network (cost-model.md, "Network").
+"""SparseDAG: the neuron-level graph of a sparse feed-forward network (docs/theory.md, "1. The model").
 
 Neurons are numbered ``0..n_neurons-1``; the first ``n_inputs`` are the inputs. The structure is kept as
 two CSR views (in-edges grouped by destination, out-edges grouped by source, both sorted by the other

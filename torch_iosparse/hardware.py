@@ -163,7 +163,7 @@ def batch_tile(dtype: torch.dtype = torch.float32, info: Optional[CpuInfo] = Non
 def fast_memory_slots(batch_tile_: int, dtype: torch.dtype = torch.float32, info: Optional[CpuInfo] = None,
                       fraction: float = SLOT_CACHE_FRACTION) -> int:
     """M = floor(fraction * L2_per_core / (BT * itemsize)), at least 2: the slots of BT values that fit
-    in this core's share of the cache (cost-model.md, "Mapping to real hardware")."""
+    in this core's share of the cache (docs/cpu-kernel.md, "The program path: the cost model on real hardware")."""
     info = info or detect()
     itemsize = torch.empty((), dtype=dtype).element_size()
     return max(2, int(fraction * info.l2_bytes) // (int(batch_tile_) * itemsize))

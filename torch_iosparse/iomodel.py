@@ -1,4 +1,4 @@
-"""The I/O cost model (shared/cost-model.md) in one place: IOCount, the exact simulator of the
+"""The I/O cost model (docs/theory.md) in one place: IOCount, the exact simulator of the
 2-optimal strategy, and the lower / upper bounds.
 
 Schedule semantics (the contract the native simulator, this reference and the kernels share):

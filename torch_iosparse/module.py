@@ -56,7 +56,7 @@ def _batch_tile(batch_tile: Optional[int], dtype: torch.dtype) -> int:
 # pattern, so any other dtype would change its values; a float in_ptr would be truncated by copy_).
 _STRUCTURE_DTYPES = {k: torch.int64 for k in _STRUCTURE}
 _STRUCTURE_DTYPES["plan_method"] = torch.uint8
-_OPTIONAL = ("plan_method",)  # states saved before it existed load as method "loaded"
+_OPTIONAL = ("plan_method",)  # a state without it loads as method "loaded"
 
 
 @contextlib.contextmanager
@@ -261,7 +261,7 @@ class IOSparseNetwork(nn.Module):
             network is built.
         cache: look up / store the plan in the on-disk plan cache (:mod:`torch_iosparse.cache`), and the
             measured strategy choices (False: they live in this process only).
-        cache_dir: cache directory (default ``$TORCH_IOSPARSE_CACHE`` or ``~/.cache/torch_iosparse``).
+        cache_dir: cache directory (default ``$IOSPARSE_CACHE_DIR`` or ``~/.cache/torch_iosparse``).
         train_bias: make the biases a Parameter (default: yes, unless built from Linear layers that all
             have ``bias=False``; then they stay a zero buffer, as in the source model).
 

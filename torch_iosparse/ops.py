@@ -140,7 +140,7 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
             batch-size bucket (torch_iosparse.tuning): entries measured earlier on this machine are applied
             now, new buckets are measured by :meth:`CompiledNetwork.forward` on first use. False: the cost
             model alone. Default: on unless ``IOSPARSE_TUNE=0``.
-        tune_cache: where measured entries live: None (the cache folder, ``$TORCH_IOSPARSE_CACHE``), a
+        tune_cache: where measured entries live: None (the cache folder, ``$IOSPARSE_CACHE_DIR``), a
             folder, or False (this process only).
     """
     from . import strategy as strategy_mod  # (the argument `strategy` shadows the module name)

@@ -11,7 +11,7 @@ choice for that bucket; :func:`torch_iosparse.strategy.thresholds_from_paths` tu
 (measured where measured, the model's elsewhere) into the kernel's thresholds in ``meta``.
 
 On disk: ``<cache>/tuning/<sha256 of the key>.json`` (the cache folder of torch_iosparse.cache:
-``$TORCH_IOSPARSE_CACHE`` or ``~/.cache/torch_iosparse``), one JSON file per key = (network: a hash of the
+``$IOSPARSE_CACHE_DIR`` or ``~/.cache/torch_iosparse``), one JSON file per key = (network: a hash of the
 op's buffers and configuration, bucket, dtype, thread count, machine: CPU model, ISA and ``IOSPARSE_ISA``,
 cache sizes, torch version and a hash of the native kernel). The file repeats its key; an entry that cannot
 be read, is truncated, names another key (machine, network...) or a path the network cannot run is
