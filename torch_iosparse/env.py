@@ -42,6 +42,9 @@ variable                       read by     default                 effect
 ``IOSPARSE_LEVEL_CHUNK``       C++         32768                   multiply-adds per chunk of the level path
 ``IOSPARSE_LEVEL_SERIAL``      C++         65536                   least multiply-adds per forward for which the
                                                                    level path wakes helper threads
+``IOSPARSE_BACKWARD_TILE``     C++         4                       ``1``, ``2`` or ``4``: the widest column tile (in
+                                                                   64-byte vectors) of the block path's backward
+                                                                   (kernels/cpu/block_backward.cpp)
 ``IOSPARSE_GPU_STRATEGY``      Python      (level)                 ``program`` or ``level``: what the ``auto``
                                                                    strategy runs on CUDA (gpu.choose_gpu_path)
 ``IOSPARSE_GPU_BT``,           Python      (from the device)       batch tile and slot count of the Triton plan
@@ -92,6 +95,7 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     Variable("IOSPARSE_LEVEL_CHUNK", ("c++",), "32768", "multiply-adds per chunk of the level path"),
     Variable("IOSPARSE_LEVEL_SERIAL", ("c++",), "65536", "least multiply-adds for which the level path "
                                                           "wakes helper threads"),
+    Variable("IOSPARSE_BACKWARD_TILE", ("c++",), "4", "1, 2 or 4: widest tile of the block path's backward"),
     Variable("IOSPARSE_GPU_STRATEGY", ("python",), "", "program or level: what auto runs on CUDA"),
     Variable("IOSPARSE_GPU_BT", ("python",), "", "batch tile of the Triton plan executor"),
     Variable("IOSPARSE_GPU_M", ("python",), "", "slots of the Triton plan executor"),
