@@ -300,7 +300,7 @@ def radix_net(width: int, depth: int, fan_in: int = 32, seed: int = 0, bias: Opt
     if not 1 <= fan_in <= width:
         raise ValueError(f"fan_in must be in [1, width={width}], got {fan_in}")
     strides = [1]
-    while strides[-1] * fan_in * fan_in <= width:
+    while fan_in > 1 and strides[-1] * fan_in * fan_in <= width:  # fan_in 1: one stride
         strides.append(strides[-1] * fan_in)
     rng = np.random.default_rng(seed)
     j = np.arange(width)
