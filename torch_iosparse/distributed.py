@@ -475,8 +475,9 @@ def run_local(fn: Callable, nprocs: int, args: tuple = (), *, timeout: float = 1
                             results[r] = (False, f"exited with code {p.exitcode} without a result")
                             deadline = min(deadline, time.monotonic() + grace)
     finally:
-        for p in procs:
-            p.join(timeout=2.0)
+        for r, p in enumerate(procs):
+            if r in results:  # reported: let it tear its group down
+                p.join(timeout=2.0)
         for p in procs:
             if p.is_alive():
                 p.kill()

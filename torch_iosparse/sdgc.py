@@ -88,8 +88,10 @@ def reference_rows(widths: Sequence[int], depth: int, batch: int, fan_in: int = 
 
 
 def reference_table(widths: Sequence[int], depth: int, batch: int, fan_in: int = 32, repeat: int = 3,
-                    out=sys.stdout) -> None:
-    """Print :func:`reference_rows` as a markdown table, one row per width as soon as it is measured."""
+                    out=None) -> None:
+    """Print :func:`reference_rows` as a markdown table to ``out`` (default sys.stdout), one row per width
+    as soon as it is measured."""
+    out = sys.stdout if out is None else out
     print(f"torch threads: {torch.get_num_threads()}", file=out)
     print("| width | layers | edges | inputs | categories | max abs diff | forward_reference inputs·edges/s | "
           "scipy inputs·edges/s | IOSparseNetwork inputs·edges/s |", file=out)
