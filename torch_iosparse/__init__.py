@@ -23,7 +23,8 @@ from .sparsify import IOSparseConfig, sparsify, sparsify_
 from .chains import FusedInto
 from .checkpoint import densify, load, save
 from .explain import apply_plans, explain, plot_io_vs_memory, save_plans, sparsify_report
-from . import cache, tuning
+from . import cache, distributed, tuning
+from .distributed import build_replicated, pipeline_forward, sharded_forward
 from .tuning import tune
 
 if _torch.cuda.is_available():  # Triton kernels for iosparse::dag_forward / dag_backward on CUDA
@@ -35,6 +36,7 @@ if _torch.cuda.is_available():  # Triton kernels for iosparse::dag_forward / dag
 __version__ = "0.1.0"
 
 __all__ = [
+    "distributed", "build_replicated", "sharded_forward", "pipeline_forward",
     "Activation", "GraphError", "SparseDAG", "IOCount", "Event", "OPS", "count_io", "lower_bound", "upper_bound",
     "simulate", "simulate_reference", "trace", "topological_order", "normalize_memory",
     "Plan", "PlanError", "plan", "methods", "register_method", "brute_force_optimum", "all_topological_orders",
