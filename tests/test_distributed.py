@@ -100,6 +100,9 @@ def _sharded_library():
     planned_here = tis.cache.stats["misses"] - misses_before
     orders = D.gather_objects(net.plan_order.tolist())
     out = {"planned_here": planned_here, "same_plan": all(o == orders[0] for o in orders)}
+    torch.manual_seed(0)
+    no_bias = D.build_replicated(nn.Sequential(nn.Linear(4, 3, bias=False)))
+    out["no_bias_parameters"] = sorted(n for n, _ in no_bias.named_parameters())
     for n_rows in (5, 1, 0):  # uneven, fewer rows than ranks, empty
         x = torch.randn(n_rows, 12, generator=torch.Generator().manual_seed(n_rows)) if rank == 0 else None
         stats = {}
@@ -202,7 +205,7 @@ SCENARIOS = {"sharded_command": _sharded_command, "pipeline_command": _pipeline_
 
 
 def _all_scenarios(cache_dir: str):
-    os.environ["TORCH_IOSPARSE_CACHE"] = cache_dir
+    os.environ["IOSPARSE_CACHE_DIR"] = cache_dir
     os.environ["IOSPARSE_TUNE"] = "0"  # no first-call measurements: the same paths on every run
     results = {}
     for name, fn in SCENARIOS.items():
@@ -215,9 +218,21 @@ def _all_scenarios(cache_dir: str):
 
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
-    """Every scenario's ``(status, result)`` on rank 0 and rank 1."""
-    cache = str(tmp_path_factory.mktemp("plan_cache"))
-    return D.run_local(_all_scenarios, 2, (cache,), timeout=300, threads=1)
+    """Every scenario's ``(status, result)`` on rank 0 and rank 1. Computed once per test session: pytest-xdist
+    workers share it through a file under their common temporary root, behind a lock (filelock comes with
+    torch), the pattern pytest-xdist documents for fixtures that must run once."""
+    import pickle
+
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    done = root / "test_distributed_two_ranks.pkl"
+    with FileLock(str(done) + ".lock"):
+        if not done.exists():
+            cache = str(tmp_path_factory.mktemp("plan_cache"))
+            done.write_bytes(pickle.dumps(D.run_local(_all_scenarios, 2, (cache,), timeout=300, threads=1)))
+    return pickle.loads(done.read_bytes())
 
 
 def _ok(two_ranks, name):
@@ -259,6 +274,7 @@ def test_sharded_library_plans_once_and_handles_uneven_batches(two_ranks):
     r0, r1 = _ok(two_ranks, "sharded_library")
     assert r0["planned_here"] == 1 and r1["planned_here"] == 0  # rank 1 received rank 0's plan
     assert r0["same_plan"]
+    assert r0["no_bias_parameters"] == r1["no_bias_parameters"] == ["weight"]  # bias=False kept on every rank
     for n_rows, rows in ((5, (3, 2)), (1, (1, 0)), (0, (0, 0))):
         assert (r0[n_rows]["rows"], r1[n_rows]["rows"]) == rows
         assert r0[n_rows]["shape"] == (n_rows, 3) and r1[n_rows]["none"]
@@ -304,7 +320,7 @@ def test_fsdp2_gradients_and_step_equal_one_process(two_ranks):
 
 
 def test_torchrun_command(tmp_path):
-    env = dict(os.environ, TORCH_IOSPARSE_CACHE=str(tmp_path / "cache"), IOSPARSE_TUNE="0",
+    env = dict(os.environ, IOSPARSE_CACHE_DIR=str(tmp_path / "cache"), IOSPARSE_TUNE="0",
                PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "torch_iosparse.sdgc"] + SMALL + ["--check"]
@@ -318,6 +334,7 @@ def test_torchrun_command(tmp_path):
 # ---------------------------------------------------------------------- the launcher's failure paths
 def _rank0_raises_rank1_hangs():
     rank, _ = D.world()
+    torch.distributed.barrier()  # both ranks are past the group's set-up
     if rank == 0:
         raise ValueError("rank zero gives up")
     time.sleep(3600)
@@ -411,6 +428,12 @@ def test_helpers_without_a_process_group():
         D.pipeline_forward(net, x, microbatches=0)
     with pytest.raises(RuntimeError, match="n_inputs / n_outputs"):
         D.pipeline_forward(nn.ReLU(), x)
+    with pytest.raises(TypeError, match="not an IOSparseNetwork"):
+        D.build_replicated(net)
+    with pytest.raises(ValueError, match="do not pass plan="):
+        D.build_replicated(_pruned_mlp(), plan=net.plan())
+    no_bias = nn.Sequential(nn.Linear(4, 3, bias=False))
+    assert "bias" not in dict(D.build_replicated(no_bias).named_parameters())  # like IOSparseNetwork(no_bias)
 
 
 def test_sdgc_one_process(capsys, monkeypatch):

@@ -140,19 +140,21 @@ def build_replicated(network: Union[SparseDAG, nn.Module], *, src: int = 0, grou
     """
     from .module import IOSparseNetwork
 
+    if isinstance(network, IOSparseNetwork):
+        raise TypeError("build_replicated takes the network (a SparseDAG or a pruned nn.Sequential / nn.Linear), "
+                        "not an IOSparseNetwork; pass net.to_dag()")
+    if "plan" in network_kwargs:
+        raise ValueError("build_replicated plans on rank src and broadcasts that plan; do not pass plan=")
     rank, size = world(group)
     if size == 1:
         return IOSparseNetwork(network, **network_kwargs)
-    dag = _as_dag(network) if not isinstance(network, SparseDAG) else network
+    dag = _as_dag(network)
     if check:
         check_consensus(network_fingerprint(dag), "the network (structure, weights and activations)", group)
-    if "plan" in network_kwargs:
-        raise ValueError("build_replicated plans on rank src and broadcasts that plan; do not pass plan=")
-    dtype = network_kwargs.get("dtype")
     net, meta, problem = None, None, None
     if rank == src:
         try:
-            net = IOSparseNetwork(dag, **network_kwargs)
+            net = IOSparseNetwork(network, **network_kwargs)  # the module itself: its bias=False carries over
             meta = {"n": int(net.plan_order.numel()), "memory": net.memory, "io": net.io.as_tuple(),
                     "method": net.method}
         except Exception as e:  # tell the other ranks instead of leaving them in the broadcast
@@ -167,7 +169,7 @@ def build_replicated(network: Union[SparseDAG, nn.Module], *, src: int = 0, grou
     if rank != src:
         plan = Plan(order.numpy(), meta["memory"], IOCount(*meta["io"]), meta["method"], dag.structure_hash())
         kwargs = {k: v for k, v in network_kwargs.items() if k not in ("memory", "method")}
-        net = IOSparseNetwork(dag, plan=plan, **kwargs)
+        net = IOSparseNetwork(network, plan=plan, **kwargs)
     return net
 
 
@@ -458,22 +460,29 @@ def run_local(fn: Callable, nprocs: int, args: tuple = (), *, timeout: float = 1
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
+        exited_at: Dict[int, float] = {}
         while len(results) < nprocs and time.monotonic() < deadline:
             try:
                 rank, ok, payload = q.get(timeout=0.2)
                 results[rank] = (ok, payload)
                 if not ok:
                     deadline = min(deadline, time.monotonic() + grace)
+                continue
             except queue_mod.Empty:
-                for r, p in enumerate(procs):  # died without reporting (killed, crashed in C++)
-                    if r not in results and p.exitcode is not None:
-                        try:  # its report may still be in the pipe
-                            rank, ok, payload = q.get(timeout=1.0)
-                            results[rank] = (ok, payload)
-                            continue
-                        except queue_mod.Empty:
-                            results[r] = (False, f"exited with code {p.exitcode} without a result")
-                            deadline = min(deadline, time.monotonic() + grace)
+                pass
+            now = time.monotonic()
+            for r, p in enumerate(procs):  # died without reporting (killed, crashed in C++)?
+                if r in results or p.exitcode is None:
+                    continue
+                if now - exited_at.setdefault(r, now) > max(grace, 5.0):  # a report would have come by now
+                    results[r] = (False, f"exited with code {p.exitcode} without a result")
+                    deadline = min(deadline, now + grace)
+        while True:  # reports that came late replace "without a result"
+            try:
+                rank, ok, payload = q.get(timeout=0.1)
+                results[rank] = (ok, payload)
+            except queue_mod.Empty:
+                break
     finally:
         for r, p in enumerate(procs):
             if r in results:  # reported: let it tear its group down
