@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import cpu_speed  # noqa: E402
-from torch_iosparse import ops  # noqa: E402
+from torch_iosparse import hardware, ops  # noqa: E402
 
 
 def main():
@@ -39,7 +39,7 @@ def main():
     print("| block sources | chunk edges | segments | edges/segment | ours ms | torch CSR ms | ratio |")
     print("|---|---|---|---|---|---|---|")
     configs = [(s, ops.BLOCK_CHUNK_EDGES) for s in (64, 128, 192, 256)] + \
-        [(ops.BLOCK_SOURCES, c) for c in (1 << 14, 1 << 18)]
+        [(hardware.block_sources(), c) for c in (1 << 14, 1 << 18)]
     for sources, chunk in configs:
         bufs = dict(net.buffers, **ops.block_buffers(net.buffers, block_sources=sources, chunk_edges=chunk))
         meta = dict(net.meta, strategy=ops.STRATEGIES["block"])

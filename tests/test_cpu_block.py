@@ -19,7 +19,7 @@ from torch_iosparse.generate import radix_net
 pytestmark = pytest.mark.usefixtures("poison_buffers")  # conftest: outputs filled with NaN before each call
 
 
-def with_blocks(net, block_sources=ops.BLOCK_SOURCES, chunk_edges=ops.BLOCK_CHUNK_EDGES):
+def with_blocks(net, block_sources=None, chunk_edges=ops.BLOCK_CHUNK_EDGES):
     """net's buffers and meta with blocks built by the given parameters, strategy forced to block."""
     bufs = dict(net.buffers, **ops.block_buffers(net.buffers, block_sources=block_sources, chunk_edges=chunk_edges))
     return bufs, dict(net.meta, strategy=ops.STRATEGIES["block"])

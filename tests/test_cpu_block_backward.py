@@ -1,6 +1,8 @@
 """The block layout's backward (kernels/cpu/block_backward.cpp) equals the pure-PyTorch reference backward:
 random DAGs (skip edges, bias-only and unread neurons, every activation), batch sizes around its tile
 widths, one and two threads, every ISA variant, non-finite values."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -35,11 +37,13 @@ def threads():
 
 
 @given(dag=random_dags(max_inputs=6, max_computed=14), dtype=st.sampled_from([torch.float32, torch.float64]),
-       batch=st.sampled_from([8, 9, 16, 17, 33, 64, 100]), n_threads=st.sampled_from([1, 2]))
+       batch=st.sampled_from([8, 9, 16, 17, 33, 64, 100]), n_threads=st.sampled_from([1, 2]),
+       block_sources=st.sampled_from([1, 3, 16, None]), chunk_edges=st.sampled_from([1, 7, 1 << 16]))
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-def test_block_backward_equals_reference(threads, dag, dtype, batch, n_threads):
+def test_block_backward_equals_reference(threads, dag, dtype, batch, n_threads, block_sources, chunk_edges):
     threads(n_threads)
     net = ops.prepare(dag, memory=4, strategy="block", dtype=dtype)
+    net.buffers.update(ops.block_buffers(net.buffers, block_sources=block_sources, chunk_edges=chunk_edges))
     x = torch.randn(batch, dag.n_inputs, dtype=dtype)
     gy = torch.randn(batch, dag.n_outputs, dtype=dtype)
     assert_gradients_close(*native_and_reference(dag, net, x, gy, dtype), dtype)
@@ -118,3 +122,35 @@ def test_block_backward_under_each_isa(isa):
         "        torch.testing.assert_close(g, r.to(dt), rtol=2e-4, atol=2e-4)\n"
         "print('ok')\n")
     run_under_isa(isa, code)
+
+
+def test_block_sources_follow_the_l2():
+    from torch_iosparse import hardware
+    info = hardware.detect()
+    sizes = {l2: hardware.block_sources(dataclasses.replace(info, l2_bytes=l2)) for l2 in (4 << 10, 32 << 10, 1 << 20)}
+    assert sizes == {4 << 10: hardware.BLOCK_MIN_SOURCES, 32 << 10: 64, 1 << 20: hardware.BLOCK_MAX_SOURCES}
+
+
+def test_forward_and_backward_under_an_emulated_small_cache():
+    """IOSPARSE_L2_BYTES=32K: smaller source blocks (more segments per row), same results."""
+    code = (
+        "import numpy as np, torch\n"
+        "from torch_iosparse import SparseDAG, hardware, ops\n"
+        "assert hardware.block_sources() == 64, hardware.block_sources()\n"
+        "rng = np.random.default_rng(5)\n"
+        "a, b = np.nonzero(rng.random((70, 400)) < 0.3)\n"
+        "src, dst = b, a + 400\n"
+        "dag = SparseDAG.from_edges(400, src, dst, rng.standard_normal(src.size) / 8, rng.standard_normal(470),"
+        " activation='sigmoid')\n"
+        "net = ops.prepare(dag, memory=12, strategy='block')\n"
+        "assert int(net.buffers['block_seg'].numel() // 3) >= 7 * 70 * 0.9\n"
+        "nl, cfg = ops._op_args(net.buffers, net.meta)\n"
+        "x = torch.randn(40, 400); gy = torch.randn(40, 70)\n"
+        "y = torch.ops.iosparse.dag_forward(x, dag.weight.float(), dag.bias.float(), nl, cfg)\n"
+        "torch.testing.assert_close(y, dag.forward_reference(x.double()).float(), rtol=2e-4, atol=2e-4)\n"
+        "got = torch.ops.iosparse.dag_backward(gy, x, dag.weight.float(), dag.bias.float(), nl, cfg)\n"
+        "want = ops.reference_backward(gy.double(), x.double(), dag.weight, dag.bias, nl, cfg)\n"
+        "for g, r in zip(got, want):\n"
+        "    torch.testing.assert_close(g, r.float(), rtol=2e-4, atol=2e-4)\n"
+        "print('ok')\n")
+    run_under_isa("", code, IOSPARSE_L2_BYTES="32K")

@@ -312,8 +312,9 @@ def test_summary_and_explain_say_measured_or_model():
     out = io.StringIO()
     rows = tis.explain(net, file=out)
     text = out.getvalue()
-    assert rows[0]["tuned"] == "1/11" and f"4 {by[4]['path']}*" in text and "measured" in text
-    assert f"1 {by[1]['path']}," in text  # modelled: no star
+    # explain prints the path per batch range ("4-7 block*"): bucket 4 covers the batches 4..7
+    assert rows[0]["tuned"] == "1/11" and f"4-7 {by[4]['path']}*" in text and "measured" in text
+    assert f"1-3 {by[1]['path']}," in text  # modelled: no star
     out = io.StringIO()
     rows = tis.explain(make_net(tune=False), file=out)
     assert rows[0]["tuned"] == "off" and "*" not in out.getvalue().split("(root): ")[1]

@@ -263,10 +263,10 @@ def test_vector_isa_fallbacks(isa):
     run_under_isa(isa, code)
 
 
-def run_under_isa(isa: str, code: str):
-    """Run ``code`` in a fresh interpreter with the kernel's ISA forced (IOSPARSE_ISA) and outputs
-    poisoned; it must print 'ok'."""
-    env = dict(os.environ, IOSPARSE_ISA=isa, IOSPARSE_POISON="1")
+def run_under_isa(isa: str, code: str, **more_env: str):
+    """Run ``code`` in a fresh interpreter with the kernel's ISA forced (IOSPARSE_ISA; "" keeps the
+    detected one), outputs poisoned and ``more_env`` set; it must print 'ok'."""
+    env = dict(os.environ, IOSPARSE_ISA=isa, IOSPARSE_POISON="1", **more_env)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-2000:]
 

@@ -12,7 +12,7 @@ namespace {
 
 
 // Level by level like the level path, but each neuron's edges are visited one source block at a time: a
-// block is up to 256 consecutive neurons (ops.BLOCK_SOURCES) whose values for a tile of BT columns stay in
+// block is up to 256 consecutive neurons (hardware.block_sources) whose values for a tile of BT columns stay in
 // L1/L2 while every row of the chunk that reads the block accumulates its edges from it. build_blocks lays
 // out, per chunk of a level's rows, the segments (row, block start, edge count) block-major, and per edge
 // the source's one-byte offset in its block. Without the blocking a pruned 4096-wide MLP layer at B = 64
@@ -41,10 +41,7 @@ __attribute__((always_inline)) inline void block_chunk_body(const Net& net, int6
   const int64_t k_end = net.block_chunk_edge[c + 1];
   for (int64_t sg = net.block_chunk_seg[c]; sg < net.block_chunk_seg[c + 1]; ++sg) {
     const int32_t* seg = net.block_seg + 3 * sg;
-    // Guarded (check_pointers): the target is a neuron, the block starts at one (vals has BLOCK_PAD_ROWS
-    // rows past the last neuron for the one-byte offsets) and the edges stay inside the chunk.
-    if (uint64_t(seg[0]) >= uint64_t(net.n_neurons) || uint64_t(seg[1]) >= uint64_t(net.n_neurons) || seg[2] < 0 ||
-        seg[2] > k_end - k) {
+    if (!block_segment_ok(net, seg, k_end - k)) {
       net.flag_corrupt();
       return;
     }
@@ -103,7 +100,7 @@ void block_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
   OrderedWeights<T> ow(weight_t, block_edge_t, 3);
   const T* pw = ow.pw;
   // The widest tile of up to four 64-byte vectors the batch fills (64 floats per source: a 256-source block
-  // is 64 KiB, see ops.BLOCK_SOURCES).
+  // is 64 KiB, see hardware.block_sources).
   const int64_t lanes = int64_t(64 / sizeof(T));
   const int nv = B > 2 * lanes ? 4 : B > lanes ? 2 : 1;
   const BlockFn<T> fn = select_variant(&VariantTable<T>::block, detect_isa(), nv);

@@ -18,12 +18,19 @@ namespace iosparse {
 
 namespace {
 
+// The sum of a vector's lanes as a tree of half-width additions (a serial sum would be a chain of
+// dependent scalar additions per edge).
 template <typename T, int VB>
 __attribute__((always_inline)) inline T horizontal_sum(const typename Vec<T, VB>::type& v) {
-  constexpr int L = VB / int(sizeof(T));
-  T s = 0;
-  for (int l = 0; l < L; ++l) s += v[l];
-  return s;
+  if constexpr (VB == 2 * int(sizeof(T))) {
+    return v[0] + v[1];
+  } else {
+    using H = typename Vec<T, VB / 2>::type;
+    H lo, hi;
+    std::memcpy(&lo, &v, VB / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + VB / 2, VB / 2);
+    return horizontal_sum<T, VB / 2>(lo + hi);
+  }
 }
 
 template <typename T, int NV, int VB>
@@ -64,9 +71,7 @@ __attribute__((always_inline)) inline void block_backward_chunk_body(const Net& 
   const int64_t k_end = net.block_chunk_edge[c + 1];
   for (int64_t sg = net.block_chunk_seg[c]; sg < net.block_chunk_seg[c + 1]; ++sg) {
     const int32_t* seg = net.block_seg + 3 * sg;
-    // Guarded as in the forward (block_chunk_body): the buffers have BLOCK_PAD_ROWS rows past the last neuron.
-    if (uint64_t(seg[0]) >= uint64_t(net.n_neurons) || uint64_t(seg[1]) >= uint64_t(net.n_neurons) || seg[2] < 0 ||
-        seg[2] > k_end - k) {
+    if (!block_segment_ok(net, seg, k_end - k)) {
       net.flag_corrupt();
       return;
     }
@@ -79,13 +84,13 @@ __attribute__((always_inline)) inline void block_backward_chunk_body(const Net& 
       const int64_t off = int64_t(local[kk]) * BT;
       const V* a = reinterpret_cast<const V*>(ab + off);
       V* gu = reinterpret_cast<V*>(gblock + off);
-      const V wv = V{} + pw[kk];
+      const T wk = pw[kk];
       V acc0 = dz[0] * a[0], acc1 = V{};
       for (int j = 1; j < NV; ++j) {
         if (j & 1) acc1 += dz[j] * a[j];
         else acc0 += dz[j] * a[j];
       }
-      for (int j = 0; j < NV; ++j) gu[j] += wv * dz[j];
+      for (int j = 0; j < NV; ++j) gu[j] += wk * dz[j];
       gw_ordered[kk] += horizontal_sum<T, VB>(acc0 + acc1);
     }
     k = end;
@@ -134,6 +139,9 @@ void block_backward(const Net& net, const T* x, const T* gy, int64_t B, const T*
   const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
   int nv = 4;
   while (nv > 1 && (B + nv * lanes - 1) / (nv * lanes) < threads) nv /= 2;
+  // IOSPARSE_BACKWARD_TILE=1|2|4 caps the tile (in 64-byte vectors per value): measurements and tests.
+  static const int64_t cap = env_int("IOSPARSE_BACKWARD_TILE", 4);
+  while (nv > 1 && nv > cap) nv /= 2;
   const int64_t BT = nv * lanes, n_tiles = (B + BT - 1) / BT;
   const int64_t jobs = std::max<int64_t>(1, std::min(threads, n_tiles));
   const Isa isa = detect_isa();

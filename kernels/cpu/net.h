@@ -23,9 +23,9 @@
 //             and a private helper pool (ChunkPool: never waits for a descheduled thread); uses every
 //             core even at batch 1.
 //   panel   : level by level over panels of neurons that share sources (see panel.cpp).
-//   block   : level by level, each neuron's edges visited one source block (BLOCK_SOURCES consecutive
-//             neurons) at a time so the block's values stay in L1 (see block.cpp): sparse x dense products
-//             with little source sharing (pruned MLPs) at batch >= 16.
+//   block   : level by level, each neuron's edges visited one source block (hardware.block_sources
+//             consecutive neurons) at a time so the block's values stay in L1 / L2 (see block.cpp): sparse x
+//             dense products with little source sharing (pruned MLPs) at batch >= 16.
 //   dense   : layered networks only: per layer a dense matrix is scattered from the edge weights and
 //             multiplied with at::addmm (MKL/oneDNN GEMM): wins at low sparsity and large batch.
 // The backward pass recomputes pre-activations level by level and walks the transposed DAG.

@@ -20,6 +20,14 @@ void panel_forward(const Net& net, const T* x, int64_t B, const T* w, const T* b
 // Rows of the block path's values buffers past the last neuron: a block may start at any neuron and its
 // one-byte offsets reach 255 rows further (only forged buffers read them; the block builder never does).
 constexpr int64_t BLOCK_PAD_ROWS = 256;
+// A block segment (target, block start, edge count) that the block kernels may run: the target is a neuron,
+// the block starts at one (the values buffers have BLOCK_PAD_ROWS rows past the last neuron for the one-byte
+// offsets) and its edges stay inside the chunk (edges_left of them). Checked per segment: check_pointers
+// does not read the segments, and a forged one must not reach memory outside the buffers.
+inline bool block_segment_ok(const Net& net, const int32_t* seg, int64_t edges_left) {
+  return uint64_t(seg[0]) < uint64_t(net.n_neurons) && uint64_t(seg[1]) < uint64_t(net.n_neurons) && seg[2] >= 0 &&
+         seg[2] <= edges_left;
+}
 
 // block.cpp: level by level, each row's edges one source block at a time.
 template <typename T>
