@@ -12,7 +12,6 @@ import sys
 import time
 import traceback
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, strategies as st
@@ -141,7 +140,8 @@ def _disagreements():
     rank, size = D.world()
     out = {}
     out["network"] = _expect_error(lambda: D.build_replicated(generate.radix_net(16, 2, fan_in=4, seed=rank)))
-    out["weights"] = _expect_error(lambda: D.build_replicated(generate.radix_net(16, 2, fan_in=4, bias=-0.1 - 0.1 * rank)))
+    same_structure_other_biases = generate.radix_net(16, 2, fan_in=4, bias=-0.1 - 0.1 * rank)
+    out["weights"] = _expect_error(lambda: D.build_replicated(same_structure_other_biases))
     out["arguments"] = _expect_error(lambda: sdgc.run(SMALL[:-2] + ["--repeat", str(1 + rank)], quiet=True))
     out["pipeline_size"] = _expect_error(lambda: sdgc.run(SMALL + ["--pipeline", "3"], quiet=True))
     out["stage_widths"] = _expect_error(lambda: D.pipeline_forward(
@@ -292,7 +292,8 @@ def test_pipeline_library_equals_the_dense_model(two_ranks):
     ("network", "disagree on the network"), ("weights", "disagree on the network"),
     ("arguments", "disagree on the command-line arguments"), ("pipeline_size", "--pipeline 3 needs 3 processes"),
     ("stage_widths", "stage 1 takes 8 inputs but stage 0 gives 5 outputs"), ("stage_dtype", "torch.float64"),
-    ("no_batch", "must be a tensor"), ("row_shapes", "differ in shape"), ("forward_fails", "rank 1: the forward failed")])
+    ("no_batch", "must be a tensor"), ("row_shapes", "differ in shape"),
+    ("forward_fails", "rank 1: the forward failed")])
 def test_disagreeing_ranks_raise_on_every_rank(two_ranks, case, words):
     results = _ok(two_ranks, "disagreements")
     for rank, r in enumerate(results):

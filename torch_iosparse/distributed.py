@@ -34,7 +34,7 @@ import tempfile
 import time
 import traceback
 from datetime import timedelta
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
@@ -45,7 +45,8 @@ from .dag import SparseDAG
 from .iomodel import IOCount
 from .planning import Plan
 
-__all__ = ["world", "gather_objects", "check_consensus", "network_fingerprint", "build_replicated", "split_rows", "scatter_batch",
+__all__ = ["world", "gather_objects", "check_consensus", "network_fingerprint", "build_replicated", "split_rows",
+           "scatter_batch",
            "gather_batch", "sharded_forward", "split_layers", "pipeline_forward", "run_local"]
 
 
@@ -356,7 +357,8 @@ def pipeline_forward(stage: nn.Module, x: Optional[torch.Tensor] = None, *, micr
     batch = None
     if rank == 0 and problem is None:
         if not isinstance(x, torch.Tensor) or x.dim() != 2 or not x.is_floating_point():
-            problem = f"rank 0 must pass the batch as a 2-D floating tensor, got {_short(x) if not isinstance(x, torch.Tensor) else f'{x.dtype} of shape {list(x.shape)}'}"
+            got = f"{x.dtype} of shape {list(x.shape)}" if isinstance(x, torch.Tensor) else _short(x)
+            problem = f"rank 0 must pass the batch as a 2-D floating tensor, got {got}"
         elif x.shape[1] != n_in:
             problem = f"the batch has {x.shape[1]} columns but stage 0 takes {n_in} inputs"
         else:

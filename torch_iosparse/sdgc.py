@@ -24,7 +24,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -117,7 +117,8 @@ def parser() -> argparse.ArgumentParser:
                     help="pipeline micro-batches (default 2 x the number of stages)")
     ap.add_argument("--repeat", type=int, default=3, help="timed runs; the best is reported (default 3)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process (default: torch's)")
-    ap.add_argument("--memory", default="auto", help="fast-memory slots M of the plan (default auto)")
+    ap.add_argument("--memory", type=_memory, default="auto",
+                    help="fast-memory slots M of the plan: auto (default), unbounded or a number")
     ap.add_argument("--method", default="two_optimal", help="planning method (default two_optimal)")
     ap.add_argument("--check", action="store_true",
                     help="compare with a single-process run and the scipy reference; exit 1 if they differ")
@@ -125,7 +126,13 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _memory(text: str):
-    return text if text in ("auto", "unbounded", "none", "None") else int(text)
+    """``--memory``: ``auto``, ``unbounded`` / ``inf``, or a number of slots."""
+    if text.lower() in ("auto", "unbounded", "inf"):
+        return text.lower()
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto, unbounded or a number of slots, got {text!r}") from None
 
 
 def _init_from_environment() -> bool:
@@ -154,7 +161,7 @@ def run(argv: Optional[Sequence[str]] = None, *, quiet: bool = False) -> Dict:
     if args.pipeline not in (1, size):
         raise RuntimeError(f"--pipeline {args.pipeline} needs {args.pipeline} processes (one stage each), "
                            f"but {size} were started; use --pipeline 1 to shard the batch instead")
-    memory = _memory(args.memory)
+    memory = args.memory
     x = generate.challenge_inputs(args.width, args.batch, seed=args.seed) if rank == 0 else None
     net_args = dict(fan_in=args.fan_in, seed=args.seed)
     pipeline = args.pipeline > 1
@@ -240,8 +247,9 @@ def _report(r: Dict, args) -> str:
         if "error" in c:
             lines.append(f"check FAILED: {c['error']}")
         else:
-            what = "the gathered output vs the single-process run" if r["world_size"] > 1 else "single process"
-            lines.append(f"check {'passed' if c['ok'] else 'FAILED'}: {what}: max abs diff {c['max_diff']:.1e}; "
+            gathered = f"the gathered output vs the single-process run: max abs diff {c['max_diff']:.1e}; " \
+                if r["world_size"] > 1 else ""
+            lines.append(f"check {'passed' if c['ok'] else 'FAILED'}: {gathered}"
                          f"single-process run vs scipy reference: {c['max_diff_scipy']:.1e} (tolerance "
                          f"{CHECK_TOLERANCE:g} x max(1, |output|)); categories {c['categories']}"
                          f"{'' if c['categories_equal'] else ' (differ!)'}")
