@@ -322,6 +322,10 @@ def split_layers(n_layers: int, n_stages: int) -> List[Tuple[int, int]]:
     return [(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
+# Output tiles a pipeline stage may have sent without the next stage having received them yet.
+SENDS_IN_FLIGHT = 2
+
+
 def _stage_widths(stage: nn.Module) -> Tuple[Optional[int], Optional[int], Optional[str]]:
     """``(inputs, outputs, problem)`` of a stage: an IOSparseNetwork (n_inputs / n_outputs) or a module with
     in_features / out_features (nn.Linear)."""
@@ -397,6 +401,8 @@ def pipeline_forward(stage: nn.Module, x: Optional[torch.Tensor] = None, *, micr
         if nxt is not None:
             out = out.to(comm).contiguous()
             sends.append((dist.isend(out, dst=nxt, group=group), out))  # keep the tile alive until sent
+            while len(sends) > SENDS_IN_FLIGHT:  # bounded memory; a slower next stage holds this one back
+                sends.pop(0)[0].wait()
         else:
             outputs.append(out)
     for work, _ in sends:
