@@ -771,7 +771,9 @@ class IOSparseNetwork(nn.Module):
                 tuner.maybe_tune(x2, self.weight, bias_full, bufs)
             meta = self._op_meta
         y = ops.dag_forward(x2.contiguous(), self.weight, bias_full, bufs, meta)
-        return y.reshape(*lead, self._summary["n_outputs"])
+        # A 2-D input gets the op's own output, not a view of it (FSDP2 warns about modules returning views:
+        # an in-place op on one would skip its pre-backward hook).
+        return y if x.dim() == 2 else y.reshape(*lead, self._summary["n_outputs"])
 
 
 # ---------------------------------------------------------------------- pattern updates
