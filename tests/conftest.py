@@ -17,7 +17,8 @@ import pytest  # noqa: E402
 @pytest.fixture(autouse=True)
 def _private_plan_cache(tmp_path, monkeypatch):
     """Every test gets its own on-disk plan cache, so no test reads another's plans or the user's."""
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("IOSPARSE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("TORCH_IOSPARSE_CACHE", raising=False)  # the old name, an alias
 
 
 @pytest.fixture(scope="module")

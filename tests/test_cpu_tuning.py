@@ -2,7 +2,7 @@
 machine; switches; reports; tune(); torch.compile / export; the cost model's per-machine profile.
 
 Small networks only: a measurement takes milliseconds here. conftest.py gives every test its own cache
-folder ($TORCH_IOSPARSE_CACHE)."""
+folder ($IOSPARSE_CACHE_DIR)."""
 import json
 import logging
 import os
@@ -123,7 +123,7 @@ for B in (4, 4, 16, 17):
 rep = net.summary()["strategy_by_bucket"]
 print(json.dumps({"stats": tis.tuning.stats, "rep": {b: rep[b] for b in (4, 16)}}))
 """
-    env = dict(os.environ, TORCH_IOSPARSE_CACHE=str(tmp_path / "cache"))
+    env = dict(os.environ, IOSPARSE_CACHE_DIR=str(tmp_path / "cache"))
     env.pop(tuning.ENV_VAR, None)
 
     def run():
@@ -233,7 +233,7 @@ def test_corrupt_truncated_or_foreign_entries_are_ignored_and_measured_again(tmp
 
 
 def test_entries_outside_the_cache_folder_or_with_the_cache_disabled(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", "0")
+    monkeypatch.setenv("IOSPARSE_CACHE_DIR", "0")
     before = dict(tuning.stats)
     net = make_net()
     net(torch.randn(4, N_IN))

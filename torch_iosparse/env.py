@@ -55,7 +55,7 @@ variable                       read by     default                 effect
                                                                    cannot run under the sanitizer skip
 ``IOSPARSE_FUZZ_CASES``,       tests       1000, 2026              number of cases and seed of tests/test_fuzz.py
 ``IOSPARSE_FUZZ_SEED``
-``TORCH_IOSPARSE_NB_FAST``     notebooks   0                       ``1``: the notebooks run at small sizes (set by
+``IOSPARSE_NB_FAST``           notebooks   0                       ``1``: the notebooks run at small sizes (set by
                                                                    tests/test_module_notebooks.py)
 =============================  ==========  ======================  ==================================================
 """
@@ -103,7 +103,7 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     Variable("IOSPARSE_SANITIZED", ("tests",), "0", "1: running against the sanitizer build"),
     Variable("IOSPARSE_FUZZ_CASES", ("tests",), "1000", "cases of tests/test_fuzz.py"),
     Variable("IOSPARSE_FUZZ_SEED", ("tests",), "2026", "seed of tests/test_fuzz.py"),
-    Variable("TORCH_IOSPARSE_NB_FAST", ("notebooks",), "0", "1: the notebooks run at small sizes"),
+    Variable("IOSPARSE_NB_FAST", ("notebooks",), "0", "1: the notebooks run at small sizes"),
 )}
 
 #: Every name the project reads, aliases included.
