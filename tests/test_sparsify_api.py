@@ -66,7 +66,7 @@ def test_config_min_sparsity_and_verbose(capsys):
         m[4].weight.fill_(1.0)  # dense
     conv = sparsify(m, config=IOSparseConfig(memory=8, verbose=True))
     out = capsys.readouterr().out
-    assert "sparsify: [0,1,2,3] ->" in out and "kept 4 (sparsity" in out
+    assert "sparsify: [0,1,2,3] ->" in out and "kept dense: 4 (sparsity" in out
     assert type(conv[4]) is nn.Linear
     none = sparsify(m, config=IOSparseConfig(min_sparsity=0.99))
     assert not any(isinstance(x, IOSparseNetwork) for x in none.modules())

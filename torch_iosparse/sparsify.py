@@ -52,7 +52,7 @@ class IOSparseConfig:
 
     ``min_sparsity`` and ``verbose`` belong to the model walk; the others are passed to each
     :class:`IOSparseNetwork` (``plan_kwargs``: extra keywords of the planning method, e.g. ``iterations``).
-    ``verbose``: True prints each network, each kept layer and a summary; None (default) shows only a
+    ``verbose``: True prints each network and a summary (with the layers kept dense); None (default) shows only a
     progress bar over the networks being planned (on a terminal, for more than one); False prints nothing.
     """
     memory: Any = "auto"
@@ -368,21 +368,16 @@ def _sparsify_in_place(model: nn.Module, cfg: IOSparseConfig, filter_fn: Optiona
         if cfg.verbose:
             print(f"sparsify: {chain.describe()} -> {net.extra_repr()}")
     if cfg.verbose:
-        for name, why in skipped:
-            print(f"sparsify: kept {name} ({why})")
         for note in notes:
             print(f"sparsify: note: {note}")
-        _print_report(model)
+        _print_report(model, skipped)  # the layers kept dense are folded into the report
     _warn_stale_optimizers(old)
     return model
 
 
-def _print_report(model: nn.Module) -> None:
-    try:
-        from .explain import sparsify_report
-    except ImportError:  # the report formatter is optional
-        return
-    print(sparsify_report(model))
+def _print_report(model: nn.Module, skipped=None) -> None:
+    from .explain import sparsify_report
+    print(sparsify_report(model, skipped=skipped))
 
 
 def sparsify(model: nn.Module, config: Optional[IOSparseConfig] = None, filter_fn: Optional[FilterFn] = None,
