@@ -58,6 +58,21 @@ def test_export_round_trip(tmp_path):
         torch.testing.assert_close(loaded.module()(xb), net(xb), rtol=1e-5, atol=1e-6)
 
 
+def test_jit_trace_round_trip(tmp_path):
+    """torch.jit.trace records the op (the path rule as a constant, as under torch.compile); the traced
+    module runs other batch sizes and survives torch.jit.save / load."""
+    model = pruned(3)
+    conv = sparsify(model, memory=8)
+    traced = torch.jit.trace(conv, torch.randn(5, 12))
+    path = tmp_path / "net.ts"
+    torch.jit.save(traced, str(path))
+    loaded = torch.jit.load(str(path))
+    for b in (5, 17):
+        xb = torch.randn(b, 12)
+        torch.testing.assert_close(traced(xb), model(xb), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loaded(xb), model(xb), rtol=1e-5, atol=1e-6)
+
+
 def test_module_op_passes_opcheck():
     """The single op the module calls, with the module's own arguments (float64, and bfloat16 via the
     float32 upcast in ops.dag_forward)."""

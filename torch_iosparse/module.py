@@ -764,7 +764,7 @@ class IOSparseNetwork(nn.Module):
         buffers = self._buffers
         bufs = {k: buffers["op_" + k] for k in self._op_keys}
         tuner = self._tuner
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or torch.jit.is_tracing():
             meta = tuner.op_meta()  # a constant of the traced graph (see Tuner.op_meta)
         else:
             if tuner.enabled:  # measure a new batch-size bucket (eager only)
