@@ -21,6 +21,7 @@ $PY -c "import torch_iosparse, sys; assert torch_iosparse.__file__.startswith('$
 # The fork test forks while another thread allocates; GCC 12's libasan does not lock its allocator around
 # fork(), so a child can inherit that lock taken and hang inside malloc (not a defect of this project: the
 # test passes without the sanitizer, and with it whenever no allocation is in flight at the fork).
-$PY -m pytest -q -n 2 -p no:cacheprovider tests/test_ops.py tests/test_cpu_block.py tests/test_cpu_panel.py \
-    tests/test_cpu_panel_cache.py tests/test_cpu_level_pool.py tests/test_hardening_op.py tests/test_fuzz.py \
+$PY -m pytest -q -n 2 -p no:cacheprovider tests/test_ops.py tests/test_cpu_block.py tests/test_cpu_block_backward.py \
+    tests/test_cpu_panel.py tests/test_cpu_panel_cache.py tests/test_cpu_level_pool.py tests/test_hardening_op.py \
+    tests/test_fuzz.py \
     --deselect tests/test_cpu_level_pool.py::test_forked_child_runs_the_level_path "$@"
