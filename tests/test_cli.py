@@ -12,6 +12,7 @@ from torch_iosparse.cli import load_model_file, main
 from torch_iosparse.explain import networks
 from torch_iosparse.module import IOSparseNetwork
 from torch_iosparse.sparsify import sparsify
+from test_explain import Residual
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -80,15 +81,6 @@ def test_incomplete_state_is_a_clean_error(files, tmp_path):
     torch.save(sd, tmp_path / "broken.pt")
     with pytest.raises(SystemExit, match="cannot be rebuilt.*act_bounds"):
         load_model_file(str(tmp_path / "broken.pt"))
-
-
-class Residual(nn.Module):
-    def __init__(self, ffn):
-        super().__init__()
-        self.ffn = ffn
-
-    def forward(self, x):
-        return x + self.ffn(x)
 
 
 @pytest.fixture

@@ -37,17 +37,21 @@ from typing import Mapping, Tuple
 import torch
 
 
-class Opcode(IntEnum):
-    """Opcodes of a compiled program's op stream (``Program.ops[:, 0]``; docs/program-format.md).
-
-    Every plan position starts with the implicit ``acc = bias[neuron]``; its ops are rows
-    ``(opcode, a, b)``."""
+class _DocumentedIntEnum(IntEnum):
+    """An IntEnum whose members are declared as ``NAME = value, "docstring"``."""
 
     def __new__(cls, value: int, doc: str):
         member = int.__new__(cls, value)
         member._value_ = value
         member.__doc__ = doc
         return member
+
+
+class Opcode(_DocumentedIntEnum):
+    """Opcodes of a compiled program's op stream (``Program.ops[:, 0]``; docs/program-format.md).
+
+    Every plan position starts with the implicit ``acc = bias[neuron]``; its ops are rows
+    ``(opcode, a, b)``."""
 
     LOAD = 1, "(slow_row, slot): slots[slot] = slow[slow_row], a copy from slow into fast memory."
     FMA = 2, "(slot, edge): acc += weight[edge] * slots[slot]; edge indexes the in-edge CSR order."
@@ -106,16 +110,10 @@ class Strategy(str, Enum):
 STRATEGY_CODES: Mapping[str, int] = MappingProxyType({s.value: s.code for s in Strategy})
 
 
-class ActCode(IntEnum):
+class ActCode(_DocumentedIntEnum):
     """Activation codes of the ``act_code`` buffer (an activation is ``(kind, lo, hi)``; ``lo`` / ``hi``
     matter for ``hardtanh`` only). The formulas are PyTorch's; their Python definition is
     :func:`torch_iosparse.activations.forward` / :func:`~torch_iosparse.activations.gradient`."""
-
-    def __new__(cls, value: int, doc: str):
-        member = int.__new__(cls, value)
-        member._value_ = value
-        member.__doc__ = doc
-        return member
 
     IDENTITY = 0, "x; gradient 1."
     RELU = 1, "max(x, 0); gradient 1 where x > 0, else 0 (0 at x = 0, as PyTorch)."
