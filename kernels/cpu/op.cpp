@@ -114,27 +114,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dag_backward_cpu(const at::Tensor
   at::Tensor gw = at::zeros_like(weight);
   at::Tensor gb = at::zeros_like(bias);
   if (B == 0) return {gx, gw, gb};
-  // The block layout's backward wherever the forward may run the block path (auto or block) and the batch
-  // fills a 64-byte vector; the level-by-level backward otherwise.
-  if ((net.strategy == STRAT_AUTO || net.strategy == STRAT_BLOCK) && net.n_block_chunks > 0) {
-    bool done = false;
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "iosparse_dag_backward_block", [&] {
-      if (B < block_backward_min_batch<scalar_t>()) return;
-      block_backward<scalar_t>(net, x.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), B, weight.data_ptr<scalar_t>(),
-                               bias.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(),
-                               gb.data_ptr<scalar_t>(), weight, net_t[NET_BLOCK_EDGE]);
-      done = true;
-    });
-    if (done) {
-      check_not_corrupt(corrupt);
-      gb.slice(0, 0, net.n_inputs).zero_();
-      return {gx, gw, gb};
-    }
-  }
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, B / 8));
   const int64_t per = (B + chunks - 1) / chunks;
+  // The block layout's backward wherever the forward may run the block path (auto or block) and the batch
+  // fills a 64-byte vector; the level-by-level backward, one batch chunk per thread, otherwise.
+  const bool by_blocks = (net.strategy == STRAT_AUTO || net.strategy == STRAT_BLOCK) && net.n_block_chunks > 0;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "iosparse_dag_backward", [&] {
+    if (by_blocks && B >= block_backward_min_batch<scalar_t>()) {
+      block_backward<scalar_t>(net, x.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), B, weight.data_ptr<scalar_t>(),
+                               bias.data_ptr<scalar_t>(), gx.data_ptr<scalar_t>(), gw.data_ptr<scalar_t>(),
+                               gb.data_ptr<scalar_t>(), weight, net_t[NET_BLOCK_EDGE]);
+      return;
+    }
     std::vector<at::Tensor> gw_part(chunks), gb_part(chunks);
     for (int64_t k = 0; k < chunks; ++k) {
       gw_part[k] = k == 0 ? gw : at::zeros_like(weight);
