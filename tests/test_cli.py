@@ -12,7 +12,7 @@ from torch_iosparse.cli import load_model_file, main
 from torch_iosparse.explain import networks
 from torch_iosparse.module import IOSparseNetwork
 from torch_iosparse.sparsify import sparsify
-from test_explain import Residual
+from test_explain import nested
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -86,13 +86,7 @@ def test_incomplete_state_is_a_clean_error(files, tmp_path):
 @pytest.fixture
 def nested_file(tmp_path):
     """A state_dict whose networks sit at 1.ffn.0 and 2, beside a LayerNorm."""
-    torch.manual_seed(1)
-    m = nn.Sequential(nn.LayerNorm(8), Residual(nn.Sequential(nn.Linear(8, 24), nn.GELU(), nn.Linear(24, 8))),
-                      nn.Linear(8, 5))
-    for x in m.modules():
-        if type(x) is nn.Linear:
-            prune.l1_unstructured(x, "weight", 0.8)
-    conv = sparsify(m, memory=6)
+    conv = sparsify(nested(), memory=6)
     path = tmp_path / "nested.pt"
     torch.save(conv.state_dict(), path)
     return conv, path
