@@ -101,6 +101,21 @@ def test_forced_other_strategies_keep_the_level_backward_and_agree(threads):
         torch.testing.assert_close(a, b, rtol=2e-4, atol=2e-4)
 
 
+@given(dag=random_dags(max_inputs=6, max_computed=14), dtype=st.sampled_from([torch.float32, torch.float64]),
+       batch=st.sampled_from([1, 7, 8, 16, 40]), threshold=st.sampled_from([0, 8, 16, 32, ops.NEVER]))
+@settings(max_examples=25, deadline=None)
+def test_block_backward_min_batch_picks_the_path_and_both_equal_the_reference(dag, dtype, batch, threshold):
+    """config's block_backward_min_batch (what tuning measures) moves the auto strategy's backward between
+    the level and the block path; either way the gradients are the reference's."""
+    net = ops.prepare(dag, memory=4, strategy="auto", dtype=dtype, tune=False)
+    net.buffers.update(ops.block_buffers(net.buffers))
+    net.meta.update(block_backward_min_batch=threshold,
+                    block_chunks=int(net.buffers["block_chunk_seg"].numel() - 1))
+    x = torch.randn(batch, dag.n_inputs, dtype=dtype)
+    gy = torch.randn(batch, dag.n_outputs, dtype=dtype)
+    assert_gradients_close(*native_and_reference(dag, net, x, gy, dtype), dtype)
+
+
 @pytest.mark.parametrize("isa", ["generic", "avx2"])
 def test_block_backward_under_each_isa(isa):
     code = (

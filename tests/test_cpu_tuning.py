@@ -11,6 +11,8 @@ import sys
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 import torch._dynamo
 import torch.nn.utils.prune as prune
 from torch import nn
@@ -373,6 +375,101 @@ def test_tuning_stays_outside_autograd():
     with torch.inference_mode():
         net(torch.randn(16, N_IN))
     assert delta(before)["measured"] == 2
+
+
+# ---------------------------------------------------------------------- the backward's path
+def backward_lines(caplog):
+    return [r for r in caplog.records if "measured the backward paths" in r.getMessage()]
+
+
+def test_first_backward_at_a_bucket_measures_its_two_paths_and_sets_the_threshold(caplog):
+    net, ref = make_net(), make_net(tune=False)
+    assert net._tuner.backward_choice and net._op_meta[tuning.BACKWARD_KEY] == 0  # the kernel's rule until measured
+    before = dict(tuning.stats)
+    with caplog.at_level(logging.INFO, logger="torch_iosparse"):
+        with torch.no_grad():
+            net(torch.randn(64, N_IN))
+        net(torch.randn(64, N_IN))  # a graph recorded but no backward: nothing measured for it
+        assert delta(before)["measured"] == 1 and not backward_lines(caplog)
+        xs = [torch.randn(B, N_IN, requires_grad=True) for B in (64, 80, 127)]  # one bucket
+        for x in xs:
+            net(x).square().sum().backward()
+            ref(x.detach()).square().sum().backward()
+    assert delta(before)["measured"] == 2
+    (line,) = backward_lines(caplog)
+    assert "batch 64" in line.getMessage()
+    entry = net._tuner._backward_tables[(torch.float32, torch.get_num_threads())][64]
+    assert entry["source"] == "measured" and set(entry["times"]) == {"level", "block"}
+    row = net.summary()["strategy_by_bucket"][64]
+    assert row["backward_source"] == "measured" and row["backward_times"] == entry["times"]
+    assert row["backward"] == entry["winner"]  # the one measured bucket decides its own path
+    # unmeasured buckets follow the kernel's rule (block from 16 float32 rows): the block suffix
+    expected = 16 if entry["winner"] == "block" else 128
+    assert net._op_meta[tuning.BACKWARD_KEY] == expected
+    torch.testing.assert_close(net.weight.grad, ref.weight.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(net.bias.grad, ref.bias.grad, rtol=1e-4, atol=1e-5)
+
+
+def test_backward_entries_are_reused_and_foreign_ones_ignored(tmp_path):
+    tis.tune(make_net(), [64], backward=True, progress=False)
+    files = tuning_files(tmp_path)
+    assert len(files) == 2  # the forward's entry and the backward's
+    before = dict(tuning.stats)
+    again = make_net()
+    res = tis.tune(again, [64], backward=True, progress=False)
+    assert delta(before) == {"measured": 0, "cached": 2, "ignored": 0}
+    assert res["(root)"][64]["backward_source"] == "measured"
+    bw = next(p for p in files if json.loads(p.read_text())["key"].get("pass") == "backward")
+    data = json.loads(bw.read_text())
+    data["winner"] = "panel"  # not a backward path
+    bw.write_text(json.dumps(data))
+    before = dict(tuning.stats)
+    tis.tune(make_net(), [64], backward=True, progress=False)
+    assert delta(before) == {"measured": 1, "cached": 1, "ignored": 1}
+
+
+def _forge_backward(net, winners):
+    for b, winner in winners.items():
+        key = net._tuner._entry_key(b, (torch.float32, torch.get_num_threads()), backward=True)
+        tuning.write_json(net._tuner._path(key), {"key": key, "winner": winner, "times": {winner: 1e-6}})
+
+
+@pytest.mark.parametrize("winners, threshold", [
+    ({b: "level" for b in tuning.BUCKETS}, strategy.NEVER),
+    ({16: "block", 32: "level"}, 64),
+    ({1024: "level"}, strategy.NEVER),
+    ({16: "level", 64: "block"}, 32),
+])
+def test_measured_backward_paths_become_the_kernels_threshold(winners, threshold):
+    _forge_backward(make_net(), winners)
+    net = make_net()
+    assert net._op_meta[tuning.BACKWARD_KEY] == threshold  # read when the network is built
+    rows = net.summary()["strategy_by_bucket"]
+    for b, r in rows.items():
+        assert r["backward"] == ("block" if b >= max(threshold, 16) else "level")
+        assert r["backward_source"] == ("measured" if b in winners else "model")
+    x = torch.randn(64, N_IN, requires_grad=True)  # either path: the gradients are the model's
+    net(x).square().sum().backward()
+    dense = small_mlp()  # noqa: F821
+    xd = x.detach().clone().requires_grad_()
+    dense(xd).square().sum().backward()
+    torch.testing.assert_close(x.grad, xd.grad, rtol=1e-4, atol=1e-5)
+    off = make_net(tune=False)
+    assert off._op_meta[tuning.BACKWARD_KEY] == 0
+    assert all(r["backward_source"] == "model" for r in off.summary()["strategy_by_bucket"].values())
+
+
+@given(st.lists(st.sampled_from(["level", "block"]), min_size=len(tuning.BUCKETS), max_size=len(tuning.BUCKETS)))
+def test_backward_threshold_runs_the_block_suffix(paths):
+    by_bucket = dict(zip(tuning.BUCKETS, paths))
+    threshold = tuning.backward_threshold_from_paths(by_bucket)
+    meta = {"strategy": 0, "block_chunks": 1, tuning.BACKWARD_KEY: threshold}
+    chosen = {b: tuning.backward_chosen(meta, b, torch.float64) for b in tuning.BUCKETS}
+    suffix = [b for b in tuning.BUCKETS if b >= threshold]
+    assert all(by_bucket[b] == "block" for b in suffix)  # every bucket it sends to blocks won there ...
+    below = [b for b in tuning.BUCKETS if b < threshold]
+    assert not below or by_bucket[below[-1]] == "level" or threshold == strategy.NEVER  # ... and it is the longest
+    assert all(chosen[b] == ("block" if b >= max(threshold, 8) else "level") for b in tuning.BUCKETS)
 
 
 # ---------------------------------------------------------------------- torch.compile / export

@@ -154,7 +154,8 @@ NetIndex = IntEnum("NetIndex", [(k.upper(), i) for i, k in enumerate(NET_KEYS)],
 #: Order of the ``int[] config`` argument.
 CONFIG_KEYS: Tuple[str, ...] = (
     "n_inputs", "n_neurons", "n_outputs", "memory", "n_slow", "batch_tile", "strategy",
-    "level_max_batch", "dense_min_batch", "layered", "panel_min_batch", "panel_tile", "block_min_batch")
+    "level_max_batch", "dense_min_batch", "layered", "panel_min_batch", "panel_tile", "block_min_batch",
+    "block_backward_min_batch")
 #: Position of each ``config`` entry, e.g. ``ConfigIndex.STRATEGY == 6``.
 ConfigIndex = IntEnum("ConfigIndex", [(k.upper(), i) for i, k in enumerate(CONFIG_KEYS)], module=__name__)
 

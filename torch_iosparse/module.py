@@ -681,15 +681,17 @@ class IOSparseNetwork(nn.Module):
             "off (cost model)" if self.strategy == "auto" else "forced strategy"
         return s
 
-    def _tune_bucket(self, b: int, dtype: torch.dtype, force: bool = False) -> Optional[Dict]:
-        """Measure bucket ``b`` for inputs of ``dtype`` now (torch_iosparse.tune); None when not tuned."""
+    def _tune_bucket(self, b: int, dtype: torch.dtype, force: bool = False, backward: bool = False) -> Optional[Dict]:
+        """Measure bucket ``b`` for inputs of ``dtype`` now (torch_iosparse.tune; ``backward``: the backward's
+        paths too); None when not tuned."""
         tuner = self._tuner
         if not tuner.enabled or self.weight.device.type != "cpu":
             return None
         bufs = {k: self._buffers["op_" + k] for k in self._op_keys}
         with torch.no_grad():
             bias_full = nn.functional.pad(self.bias, (self._summary["n_inputs"], 0))
-        return tuner.ensure(b, dtype, torch.get_num_threads(), self.weight, bias_full, bufs, force=force)
+        return tuner.ensure(b, dtype, torch.get_num_threads(), self.weight, bias_full, bufs, force=force,
+                            backward=backward)
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -771,6 +773,8 @@ class IOSparseNetwork(nn.Module):
                 tuner.maybe_tune(x2, self.weight, bias_full, bufs)
             meta = self._op_meta
         y = ops.dag_forward(x2.contiguous(), self.weight, bias_full, bufs, meta)
+        if tuner.enabled and y.requires_grad and not torch.compiler.is_compiling():
+            tuner.maybe_tune_backward(x2, y, self.weight, bias_full, bufs)
         # A 2-D input gets the op's own output, not a view of it (FSDP2 warns about modules returning views:
         # an in-place op on one would skip its pre-backward hook).
         return y if x.dim() == 2 else y.reshape(*lead, self._summary["n_outputs"])

@@ -189,6 +189,7 @@ def prepare(dag: SparseDAG, plan: Optional[Plan] = None, *, memory: Union[int, s
         "panel_cells": int(buffers["panel_edge"].numel()), "panels": int(buffers["panel_ptr"].numel() - 1),
         "max_level_width": max_width,
         "block_min_batch": NEVER, "block_chunks": max(0, int(buffers["block_chunk_seg"].numel() - 1)),
+        "block_backward_min_batch": 0,
         "block_segments": int(buffers["block_seg"].numel() // 3),
     }
     net = CompiledNetwork(buffers, meta, plan, prog)
@@ -267,6 +268,8 @@ def _op_args(buffers: Dict[str, torch.Tensor], meta: Dict[str, Union[int, float]
         meta = dict(meta, panel_min_batch=NEVER, panel_tile=0)
     if "block_min_batch" not in meta:
         meta = dict(meta, block_min_batch=NEVER)
+    if "block_backward_min_batch" not in meta:  # the kernel's own minimum (one vector of batch rows)
+        meta = dict(meta, block_backward_min_batch=0)
     try:
         net = [buffers[k] for k in NET_KEYS]
     except KeyError as e:

@@ -17,6 +17,14 @@ cache sizes, torch version and a hash of the native kernel). The file repeats it
 be read, is truncated, names another key (machine, network...) or a path the network cannot run is
 ignored and measured again. Writes go to a temporary file renamed over the entry.
 
+The backward has two paths on networks with block buffers (level by level, or by source blocks from
+``block_backward_min_batch`` in ``meta``). The first backward at a new bucket (a hook on the forward's output)
+times both paths of the op's backward, within the same budget, and keeps them in an entry of its own (the
+key adds ``"pass": "backward"``); that backward itself runs by the rule in place at its forward, the
+measured one serves the next calls. The threshold is the first bucket of the longest suffix of buckets
+where the block path wins; unmeasured buckets follow the kernel's rule (block once the batch fills a
+64-byte vector).
+
 Switches: ``IOSPARSE_TUNE=0`` (read when a network is built) or ``tune=False``
 (``IOSparseNetwork(..., tune=False)``, ``ops.prepare(..., tune=False)``) keep the cost model alone (no
 measurement, no cache reads). Measurement is skipped while torch.compile / torch.export / torch.jit trace
@@ -39,7 +47,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 
 from . import cache, env, hardware
-from .abi import NET_KEYS, STRATEGY_CODES
+from .abi import CONFIG_KEYS, NET_KEYS, NEVER, STRATEGY_CODES
 from .files import atomic_write
 from . import strategy as strategy_mod
 
@@ -52,6 +60,8 @@ TIE_TOLERANCE = 0.05      # the model's own path wins when measured within 5 % o
 BUDGET_SECONDS = 1.0      # per network and bucket; paths not reached in time are not timed
 REPEATS = 5               # timed calls per path after one warm-up call
 MAX_ENTRY_BYTES = 1 << 16
+BACKWARD_KEY = "block_backward_min_batch"  # the meta / config entry the backward's measurement sets
+BACKWARD_PATHS = ("level", "block")
 
 log = logging.getLogger("torch_iosparse")
 # What happened per bucket since the process started; tests read these to prove a cache hit.
@@ -222,7 +232,9 @@ class Tuner:
         self.key = network_key(buffers, meta) if self.enabled and buffers is not None else None
         self._model: Dict[int, Tuple[int, int, int, int]] = {}
         self._tables: Dict[Tuple[torch.dtype, int], Dict[int, Dict]] = {}
+        self._backward_tables: Dict[Tuple[torch.dtype, int], Dict[int, Dict]] = {}
         self._seen: set = set()
+        self._backward_seen: set = set()
         self._ctx: Optional[Tuple[torch.dtype, int]] = None
         if self.enabled:  # the prepare-time thresholds are the model's for this thread count
             self._model[torch.get_num_threads()] = tuple(int(meta[k]) for k in strategy_mod.THRESHOLD_KEYS)
@@ -254,20 +266,52 @@ class Tuner:
         self.ensure(bucket(B), seen[1], seen[2], weight, bias, buffers)
         self._seen.add(seen)
 
+    def maybe_tune_backward(self, x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                            buffers: Dict[str, torch.Tensor]) -> None:
+        """After a forward call ``y = op(x, ...)`` that recorded a graph: if the backward of x's bucket has
+        not been measured in this (dtype, thread count), measure it when that backward comes (a hook on
+        ``y``: inference calls in grad mode cost nothing). That first backward runs by the rule in ``meta``
+        at the forward; the measured threshold serves the calls after it."""
+        if not self.backward_choice or not y.requires_grad or type(x) is not torch.Tensor or not x.is_cpu \
+                or torch.jit.is_tracing():  # (shapes are tensors while tracing)
+            return
+        B = x.shape[0]
+        seen = (B.bit_length(), x.dtype, torch.get_num_threads())
+        if seen in self._backward_seen or B < 1 or _functorch_wrapped(x):
+            return
+        w, bi = weight.detach(), bias.detach()
+
+        def measure(grad):  # seen once a backward came (forward calls without one leave no mark)
+            self.ensure(bucket(B), seen[1], seen[2], w, bi, buffers, backward=True)
+            self._backward_seen.add(seen)
+
+        y.register_hook(measure)
+
     # -------------------------------------------------------------- buckets
     def ensure(self, b: int, dtype: torch.dtype, threads: int, weight: Optional[torch.Tensor],
-               bias: Optional[torch.Tensor], buffers: Dict[str, torch.Tensor], force: bool = False) -> Dict:
+               bias: Optional[torch.Tensor], buffers: Dict[str, torch.Tensor], force: bool = False,
+               backward: bool = False) -> Dict:
         """Bucket ``b``'s entry in the (dtype, threads) context, measured unless cached (or ``force``), and
-        that context's thresholds put in ``meta``. Returns the entry ({"source": "measured" | "model",
-        "winner", "times", "cached"})."""
+        that context's thresholds put in ``meta``. ``backward``: the backward's entry of the bucket is made
+        sure of too (where the network has a choice: block buffers). Returns the forward entry
+        ({"source": "measured" | "model", "winner", "times", "cached"})."""
         with _lock:
             ctx = (dtype, int(threads))
             table = self._table(ctx)
             entry = table.get(b)
             if entry is None or force:
                 entry = table[b] = self._measure(b, dtype, ctx[1], weight, bias, buffers)
+            if backward and self.backward_choice:
+                bw = self._table(ctx, backward=True)
+                if b not in bw or force:
+                    bw[b] = self._measure_backward(b, dtype, ctx[1], weight, bias, buffers)
             self._apply(ctx)
             return entry
+
+    @property
+    def backward_choice(self) -> bool:
+        """Whether the backward has two paths to choose from here (level, and block: block buffers)."""
+        return self.enabled and int(self.meta.get("block_chunks", 0)) > 0
 
     def preload(self, dtype: torch.dtype, threads: Optional[int] = None) -> None:
         """Read the (dtype, threads) context's entries from the disk and, if any, put its thresholds in
@@ -276,22 +320,29 @@ class Tuner:
             return
         ctx = (dtype, torch.get_num_threads() if threads is None else int(threads))
         with _lock:
-            if any(e["source"] == "measured" for e in self._table(ctx).values()):
+            if any(e["source"] == "measured" for t in (self._table(ctx), self._table(ctx, backward=True))
+                   for e in t.values()):
                 self._apply(ctx)
 
-    def _table(self, ctx) -> Dict[int, Dict]:
-        table = self._tables.get(ctx)
+    def _table(self, ctx, backward: bool = False) -> Dict[int, Dict]:
+        tables = self._backward_tables if backward else self._tables
+        table = tables.get(ctx)
         if table is None:
-            table = self._tables[ctx] = {}
+            table = tables[ctx] = {}
+            if backward and not self.backward_choice:
+                return table
             for b in BUCKETS:
-                e = self._read(b, ctx)
+                e = self._read(b, ctx, backward)
                 if e is not None:
                     table[b] = e
         return table
 
-    def _entry_key(self, b: int, ctx) -> Dict:
-        return {"format": FORMAT, "network": self.key, "bucket": int(b), "dtype": str(ctx[0]).replace("torch.", ""),
-                "threads": int(ctx[1]), "machine": machine_key()}
+    def _entry_key(self, b: int, ctx, backward: bool = False) -> Dict:
+        key = {"format": FORMAT, "network": self.key, "bucket": int(b), "dtype": str(ctx[0]).replace("torch.", ""),
+               "threads": int(ctx[1]), "machine": machine_key()}
+        if backward:
+            key["pass"] = "backward"
+        return key
 
     def _path(self, key: Dict) -> Optional[str]:
         d = tuning_dir(self.directory)
@@ -299,13 +350,13 @@ class Tuner:
             return None
         return os.path.join(d, hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32] + ".json")
 
-    def _read(self, b: int, ctx) -> Optional[Dict]:
-        key = self._entry_key(b, ctx)
+    def _read(self, b: int, ctx, backward: bool = False) -> Optional[Dict]:
+        key = self._entry_key(b, ctx, backward)
         path = self._path(key)
         if path is None or not os.path.lexists(path):
             return None
         data = read_json(path)
-        problem = _check_entry(data, key, _runnable(self.meta))
+        problem = _check_entry(data, key, set(BACKWARD_PATHS) if backward else _runnable(self.meta))
         if problem:
             stats["ignored"] += 1
             log.info("torch_iosparse: ignoring tuning entry %s (%s); measuring again", path, problem)
@@ -373,6 +424,56 @@ class Tuner:
                               "model": model_path, "seconds": seconds, "created": time.time()})
         return {"source": "measured", "winner": winner, "times": times, "complete": complete, "cached": False}
 
+    def _measure_backward(self, b: int, dtype: torch.dtype, threads: int, weight, bias, buffers) -> Dict:
+        """Time the backward's two paths at batch ``b`` (the op's backward alone, on random gradients) and
+        write the winner to the disk, as :meth:`_measure` does for the forward."""
+        from . import ops
+        run = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # the kernel's compute dtype
+        model_path = backward_model_path(b, run)
+        if model_path == "level":  # the block backward needs a vector of batch rows: no choice
+            return {"source": "model", "winner": model_path, "times": {}, "cached": False,
+                    "reason": "batch below one vector"}
+        n_in, n = int(self.meta["n_inputs"]), int(self.meta["n_neurons"])
+        g = torch.Generator().manual_seed(b)
+        x = torch.randn(b, n_in, generator=g).to(run)
+        gy = torch.randn(b, int(self.meta["n_outputs"]), generator=g).to(run)
+        w = (weight if weight is not None else torch.randn(int(self.meta["n_edges"]), generator=g) * 0.05).to(run)
+        bi = bias.to(run) if bias is not None else torch.zeros(n, dtype=run)
+        net, config = ops._op_args(buffers, dict(self.meta, strategy=STRATEGY_CODES["auto"]))
+        at = CONFIG_KEYS.index(BACKWARD_KEY)
+        times: Dict[str, float] = {}
+        start = time.perf_counter()
+        deadline = start + BUDGET_SECONDS
+        try:
+            with torch.no_grad():
+                for s in BACKWARD_PATHS:
+                    if times and time.perf_counter() > deadline:
+                        break
+                    cfg = list(config)
+                    cfg[at] = 0 if s == "block" else NEVER
+                    times[s] = time_call(lambda: torch.ops.iosparse.dag_backward(gy, x, w, bi, net, cfg),
+                                         REPEATS, deadline)
+        except Exception as e:  # the backward cannot run here: keep the model's rule
+            log.info("torch_iosparse: could not time the backward at batch %d (%s: %s); keeping the model's "
+                     "choice", b, type(e).__name__, e)
+            return {"source": "model", "winner": model_path, "times": {}, "cached": False,
+                    "reason": "measurement failed"}
+        seconds = time.perf_counter() - start
+        fastest = min(times, key=times.get)
+        winner = model_path if model_path in times and times[model_path] <= (1 + TIE_TOLERANCE) * times[fastest] \
+            else fastest
+        complete = len(times) == len(BACKWARD_PATHS)
+        stats["measured"] += 1
+        log.info("torch_iosparse: measured the backward paths of a %d-edge network at batch %d (%s, %d threads) "
+                 "in %.3f s: %s (%s; model: %s)", int(self.meta["n_edges"]), b, str(dtype).replace("torch.", ""),
+                 threads, seconds, winner, ", ".join(f"{s} {t * 1e6:.0f} us" for s, t in times.items()), model_path)
+        key = self._entry_key(b, (dtype, threads), backward=True)
+        path = self._path(key)
+        if path is not None:
+            write_json(path, {"key": key, "winner": winner, "times": times, "complete": complete,
+                              "model": model_path, "seconds": seconds, "created": time.time()})
+        return {"source": "measured", "winner": winner, "times": times, "complete": complete, "cached": False}
+
     # -------------------------------------------------------------- thresholds
     def paths(self, ctx) -> Dict[int, Tuple[str, str]]:
         """Per bucket: (path by measurement or model, "measured" | "model") in the context ``ctx``."""
@@ -393,33 +494,66 @@ class Tuner:
             return self._model_thresholds(ctx[1])
         return strategy_mod.thresholds_from_paths({b: p for b, (p, _) in paths.items()})
 
+    def backward_paths(self, ctx) -> Dict[int, Tuple[str, str]]:
+        """Per bucket: (the backward's path by measurement or model, "measured" | "model") in ``ctx``."""
+        run = ctx[0] if ctx[0] in (torch.float32, torch.float64) else torch.float32
+        table = self._backward_tables.get(ctx, {})
+        out = {}
+        for b in BUCKETS:
+            e = table.get(b)
+            if not self.backward_choice:
+                out[b] = ("level", "model")
+            elif e is not None and e["source"] == "measured":
+                out[b] = (e["winner"], "measured")
+            else:
+                out[b] = (backward_model_path(b, run), "model")
+        return out
+
+    def backward_threshold(self, ctx) -> int:
+        """The batch from which the backward runs by blocks in ``ctx``: 0 (the kernel's own minimum) while
+        nothing is measured, else the first bucket of the longest suffix of block buckets."""
+        paths = self.backward_paths(ctx)
+        if all(src == "model" for _, src in paths.values()):
+            return 0
+        return backward_threshold_from_paths({b: p for b, (p, _) in paths.items()})
+
     def _apply(self, ctx) -> None:
         for k, v in zip(strategy_mod.THRESHOLD_KEYS, self.thresholds(ctx)):
             self.meta[k] = int(v)
+        self.meta[BACKWARD_KEY] = int(self.backward_threshold(ctx))
         if ctx != self._ctx:
-            self._seen = set()  # the fast path's memo holds the context in meta only
+            self._seen = set()  # the fast path's memos hold the context in meta only
+            self._backward_seen = set()
         self._ctx = ctx
 
     # -------------------------------------------------------------- reports
     def report(self, dtype: torch.dtype, threads: Optional[int] = None) -> Dict[int, Dict]:
         """Per bucket, in the (dtype, threads) context (default: this thread count): the path that runs
         ("path"), "source" ("measured" or "model"), and for measured buckets the "times" and whether they
-        came from the disk ("cached"). Reads the disk, never measures, leaves ``meta`` as it is."""
+        came from the disk ("cached"); the same for the backward ("backward": "level" or "block",
+        "backward_source", "backward_times"). Reads the disk, never measures, leaves ``meta`` as it is."""
         threads = torch.get_num_threads() if threads is None else int(threads)
         if not self.enabled:
-            return {b: {"path": strategy_mod.chosen(self.meta, b), "source": "model"} for b in BUCKETS}
+            return {b: {"path": strategy_mod.chosen(self.meta, b), "source": "model",
+                        "backward": backward_chosen(self.meta, b, dtype), "backward_source": "model"}
+                    for b in BUCKETS}
         ctx = (dtype, threads)
         with _lock:
             table = self._table(ctx)
+            bw_table = self._table(ctx, backward=True)
             meta = dict(self.meta, **dict(zip(strategy_mod.THRESHOLD_KEYS, self.thresholds(ctx))))
-            paths = self.paths(ctx)
+            meta[BACKWARD_KEY] = self.backward_threshold(ctx)
+            paths, bw_paths = self.paths(ctx), self.backward_paths(ctx)
         out = {}
         for b in BUCKETS:
             winner, src = paths[b]
-            row = {"path": strategy_mod.chosen(meta, b), "source": src}
+            row = {"path": strategy_mod.chosen(meta, b), "source": src,
+                   "backward": backward_chosen(meta, b, dtype), "backward_source": bw_paths[b][1]}
             if src == "measured":
                 e = table[b]
                 row.update(winner=winner, times=dict(e["times"]), cached=bool(e.get("cached")))
+            if bw_paths[b][1] == "measured":
+                row["backward_times"] = dict(bw_table[b]["times"])
             out[b] = row
         return out
 
@@ -429,11 +563,43 @@ class Tuner:
         if not self.enabled:
             return dict(self.meta)
         with _lock:
-            self._table((dtype, threads))
-            return dict(self.meta, **dict(zip(strategy_mod.THRESHOLD_KEYS, self.thresholds((dtype, threads)))))
+            ctx = (dtype, threads)
+            self._table(ctx)
+            self._table(ctx, backward=True)
+            meta = dict(self.meta, **dict(zip(strategy_mod.THRESHOLD_KEYS, self.thresholds(ctx))))
+            meta[BACKWARD_KEY] = self.backward_threshold(ctx)
+            return meta
 
     def measured_buckets(self, dtype: torch.dtype, threads: Optional[int] = None) -> List[int]:
         return [b for b, r in self.report(dtype, threads).items() if r["source"] == "measured"]
+
+
+def backward_model_path(b: int, dtype: torch.dtype) -> str:
+    """The backward's path at batch ``b`` by the model's rule (the kernel's with block_backward_min_batch 0):
+    block once the batch fills a 64-byte vector of ``dtype`` (float32 / float64), else level."""
+    return "block" if b * torch.empty((), dtype=dtype).element_size() >= 64 else "level"
+
+
+def backward_threshold_from_paths(paths: Dict[int, str]) -> int:
+    """``block_backward_min_batch`` from the backward's path per bucket: the first bucket of the longest
+    suffix of "block" buckets (NEVER when the largest bucket runs "level")."""
+    threshold = NEVER
+    for b in sorted(paths, reverse=True):
+        if paths[b] != "block":
+            break
+        threshold = b
+    return threshold
+
+
+def backward_chosen(meta: Dict, batch: int, dtype: torch.dtype) -> str:
+    """The backward path the kernel runs for ``batch`` inputs of ``dtype`` under ``meta`` (mirrors
+    dag_backward_cpu's rule)."""
+    run = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    strategy = int(meta.get("strategy", 0))
+    by_blocks = strategy in (STRATEGY_CODES["auto"], STRATEGY_CODES["block"]) and int(meta.get("block_chunks", 0)) > 0
+    if by_blocks and batch >= int(meta.get(BACKWARD_KEY, 0)) and backward_model_path(batch, run) == "block":
+        return "block"
+    return "level"
 
 
 def _check_entry(data: Optional[Dict], key: Dict, runnable: set) -> Optional[str]:
@@ -460,18 +626,20 @@ def _functorch_wrapped(x: torch.Tensor) -> bool:
 
 # ---------------------------------------------------------------------- ahead of time
 def tune(model, batch_sizes: Iterable[int] = BUCKETS, dtype: Optional[torch.dtype] = None, *, force: bool = False,
-         progress: Optional[bool] = None) -> Dict[str, Dict[int, Dict]]:
+         backward: bool = False, progress: Optional[bool] = None) -> Dict[str, Dict[int, Dict]]:
     """Measure the forward paths of every IOSparseNetwork in ``model`` (or of a bare IOSparseNetwork) at the
     buckets of ``batch_sizes`` now, e.g. before torch.compile or torch.export (which keep the thresholds
     they trace with and never measure). Entries already on disk are reused (``force``: measure again).
+    ``backward``: the backward's paths too (what the first training step at a bucket measures otherwise).
 
     ``dtype``: the input dtype to tune for (default: each network's weight dtype); the current thread count.
     A network built with ``tune=False`` (or under ``IOSPARSE_TUNE=0``), a forced strategy or a non-CPU
     network is not measured (its buckets report source "model"). ``progress``: a tqdm bar over networks x
     buckets (None: only on a terminal).
 
-    Returns ``{network name: {bucket: {"path", "source", "winner", "times", "cached"}}}`` (names as
-    :func:`torch_iosparse.explain` prints them; "(root)" for a bare network).
+    Returns ``{network name: {bucket: {"path", "source", "winner", "times", "cached", "backward",
+    "backward_source", "backward_times"}}}`` (see :meth:`Tuner.report`; names as :func:`torch_iosparse.explain`
+    prints them; "(root)" for a bare network).
     """
     from tqdm.auto import tqdm
 
@@ -493,7 +661,7 @@ def tune(model, batch_sizes: Iterable[int] = BUCKETS, dtype: Optional[torch.dtyp
             summary[name] = {}
             for b in buckets:
                 bar.set_postfix_str(f"{name} B={b}", refresh=False)
-                net._tune_bucket(b, dt, force=force)
+                net._tune_bucket(b, dt, force=force, backward=backward)
                 bar.update(1)
             rep = net._tuner.report(dt, threads)
             summary[name] = {b: rep[b] for b in buckets}

@@ -92,11 +92,11 @@ enum NetIndex {
   NET_COUNT
 };
 
-// Order of the int[] `config` argument (torch_iosparse/ops.py::CONFIG_KEYS).
+// Order of the int[] `config` argument (torch_iosparse/abi.py::CONFIG_KEYS).
 enum ConfigIndex {
   CFG_N_INPUTS = 0, CFG_N_NEURONS, CFG_N_OUTPUTS, CFG_MEMORY, CFG_N_SLOW, CFG_BATCH_TILE, CFG_STRATEGY,
   CFG_LEVEL_MAX_BATCH, CFG_DENSE_MIN_BATCH, CFG_LAYERED, CFG_PANEL_MIN_BATCH, CFG_PANEL_TILE, CFG_BLOCK_MIN_BATCH,
-  CFG_COUNT
+  CFG_BLOCK_BACKWARD_MIN_BATCH, CFG_COUNT
 };
 enum Strategy {
   STRAT_AUTO = 0, STRAT_PROGRAM = 1, STRAT_LEVEL = 2, STRAT_DENSE = 3, STRAT_PANEL = 4, STRAT_BLOCK = 5
@@ -130,6 +130,7 @@ struct Net {
   const int32_t* panel_edge;
   const int32_t* panel_src_row;  // per call (panel_forward): tile-buffer row of each panel column's source
   int64_t block_min_batch, n_block_chunks, n_block_segs;
+  int64_t block_backward_min_batch;  // the backward runs by blocks from this batch (measured per machine)
   const int64_t* block_chunk_seg;
   const int64_t* block_chunk_row;
   const int64_t* block_chunk_edge;

@@ -117,9 +117,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dag_backward_cpu(const at::Tensor
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(threads, B / 8));
   const int64_t per = (B + chunks - 1) / chunks;
-  // The block layout's backward wherever the forward may run the block path (auto or block) and the batch
-  // fills a 64-byte vector; the level-by-level backward, one batch chunk per thread, otherwise.
-  const bool by_blocks = (net.strategy == STRAT_AUTO || net.strategy == STRAT_BLOCK) && net.n_block_chunks > 0;
+  // The block layout's backward where the forward may run the block path (auto or block), the batch fills a
+  // 64-byte vector and reaches config's block_backward_min_batch (measured per machine by
+  // torch_iosparse.tuning); the level-by-level backward, one batch chunk per thread, otherwise.
+  const bool by_blocks = (net.strategy == STRAT_AUTO || net.strategy == STRAT_BLOCK) && net.n_block_chunks > 0 &&
+                         B >= net.block_backward_min_batch;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "iosparse_dag_backward", [&] {
     if (by_blocks && B >= block_backward_min_batch<scalar_t>()) {
       block_backward<scalar_t>(net, x.data_ptr<scalar_t>(), gy.data_ptr<scalar_t>(), B, weight.data_ptr<scalar_t>(),

@@ -415,6 +415,7 @@ Net unpack(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias
   n.panel_edge_ptr = net_t[NET_PANEL_EDGE_PTR].data_ptr<int64_t>();
   n.panel_edge = net_t[NET_PANEL_EDGE].data_ptr<int32_t>();
   n.block_min_batch = config[CFG_BLOCK_MIN_BATCH];
+  n.block_backward_min_batch = config[CFG_BLOCK_BACKWARD_MIN_BATCH];
   check_buffer(net_t[NET_BLOCK_CHUNK_SEG], "block_chunk_seg", at::kLong, -1);
   const int64_t n_chunk_ptr = net_t[NET_BLOCK_CHUNK_SEG].numel();
   check_buffer(net_t[NET_BLOCK_CHUNK_ROW], "block_chunk_row", at::kLong, n_chunk_ptr);
