@@ -16,11 +16,12 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import activations, iomodel
-from .abi import OPCODE_NAMES, Opcode
-from .dag import SparseDAG
-from .iomodel import IOCount
-from .planning import Plan
+from ..abi import OPCODE_NAMES, Opcode
+from ..cost import iomodel
+from ..cost.iomodel import IOCount
+from ..graph import activations
+from ..graph.dag import SparseDAG
+from ..planning import Plan
 
 # Opcodes of Program.ops (torch_iosparse.abi.Opcode), as plain ints for the numpy code below.
 LOAD, FMA, FINISH, STORE = (int(op) for op in (Opcode.LOAD, Opcode.FMA, Opcode.FINISH, Opcode.STORE))
@@ -281,37 +282,3 @@ def group_positions(program: Program, dag: SparseDAG, max_group: int = 4) -> np.
             starts.append(i)
             size = 1
     return np.array(starts + [n], dtype=np.int64)
-
-
-def _source_set_hash(dag: SparseDAG) -> np.ndarray:
-    """One uint64 per neuron that is equal for neurons with equal source sets (sum of mixed ids)."""
-    src = np.asarray(dag.in_src, dtype=np.uint64)
-    mixed = (src + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
-    mixed ^= mixed >> np.uint64(29)
-    mixed *= np.uint64(0xBF58476D1CE4E5B9)
-    out = np.zeros(dag.n_neurons, dtype=np.uint64)
-    deg = np.diff(dag.in_ptr)
-    nz = np.flatnonzero(deg > 0)
-    if src.size:
-        out[nz] = np.add.reduceat(mixed, dag.in_ptr[nz])
-    return out
-
-
-def level_grouped_order(dag: SparseDAG) -> np.ndarray:
-    """Level by level; inside a level, neurons with the same source set next to each other (so the
-    kernel can group them), else by neuron id."""
-    lv = dag.levels().astype(np.int64)
-    comp = np.arange(dag.n_inputs, dag.n_neurons)
-    h = _source_set_hash(dag)[comp]
-    return comp[np.lexsort((comp, h, lv[comp]))]
-
-
-def _register_plan_method():
-    from .planning import register_method
-
-    @register_method("level_grouped")
-    def _level_grouped(dag, memory, seed=0, time_budget=None, **kw):
-        return level_grouped_order(dag)
-
-
-_register_plan_method()

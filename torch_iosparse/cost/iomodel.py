@@ -23,7 +23,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .dag import GraphError, SparseDAG
+from ..graph.dag import GraphError, SparseDAG
 
 MemorySpec = Union[int, float, str, None]
 
@@ -107,7 +107,7 @@ MAX_MEMORY = 2**62
 
 
 def _native():
-    from . import _native as nat
+    from .. import _native as nat
     return nat.ops()
 
 

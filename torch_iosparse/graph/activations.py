@@ -5,9 +5,10 @@ clamp). Kernels receive the integer code of the kind (:class:`torch_iosparse.abi
 
 :func:`forward` and :func:`gradient` are the one PyTorch definition of every activation's math: the
 reference evaluator (:meth:`Activation.apply`, ``SparseDAG.forward_reference``), the op's reference
-kernels (torch_iosparse/ops.py) and the program interpreter (torch_iosparse/program.py) all call them.
+kernels (torch_iosparse/ops/reference.py) and the program interpreter (torch_iosparse/compile/program.py) all
+call them.
 The device kernels carry their own copies (kernels/cpu/activation.h, the Triton ``_activate`` in
-torch_iosparse/triton_kernels.py, kernels/cuda/iosparse_forward.cu) and are tested against these.
+torch_iosparse/backends/cuda/triton_kernels.py, kernels/cuda/iosparse_forward.cu) and are tested against these.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from typing import NamedTuple, Union
 import torch
 import torch.nn.functional as F
 
-from .abi import ACTIVATION_KINDS as KINDS, ActCode
+from ..abi import ACTIVATION_KINDS as KINDS, ActCode
 
 #: ``{kind: code}``, e.g. ``CODE["relu"] == 1`` (the codes are :class:`torch_iosparse.abi.ActCode`).
 CODE = {a.kind: int(a) for a in ActCode}

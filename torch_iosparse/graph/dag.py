@@ -59,7 +59,7 @@ def _stable_sort(primary: np.ndarray, secondary: Optional[np.ndarray], n_buckets
 
     Native O(m + n) bucket sort when the extension is built; numpy's (slower, O(m log m)) otherwise.
     Both give the same permutation (tests check it)."""
-    from . import _native
+    from .. import _native
     if _native.available() and primary.size:
         p = torch.from_numpy(np.ascontiguousarray(primary))
         s = None if secondary is None else torch.from_numpy(np.ascontiguousarray(secondary, dtype=primary.dtype))
@@ -575,7 +575,7 @@ class SparseDAG:
 
 
 def _levels(n: int, n_inputs: int, in_ptr: np.ndarray, out_ptr: np.ndarray, out_dst: np.ndarray) -> np.ndarray:
-    from . import _native
+    from .. import _native
     if _native.available():
         t = [torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)) for a in (in_ptr, out_ptr, out_dst)]
         try:

@@ -132,7 +132,7 @@ def _random_weights(rng, src, dst, n):
 
 
 def _verify(dag: SparseDAG, memory: int, what: str) -> SparseDAG:
-    from .iomodel import count_io, lower_bound, topological_order
+    from ..cost.iomodel import count_io, lower_bound, topological_order
     io = count_io(dag, topological_order(dag), memory).total
     if io != lower_bound(dag, memory):
         raise RuntimeError(f"internal error: {what} built a network whose 2-optimal plan costs {io} > "

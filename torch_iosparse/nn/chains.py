@@ -7,7 +7,7 @@ Discovery (:func:`discover`) traces the model with ``torch.fx`` (a symbolic trac
 
 - every Linear is eligible (sparse enough, accepted by ``filter_fn``, weight not shared, no user hooks)
   and called once per forward;
-- every activation is one the kernels support (:mod:`torch_iosparse.activations`) *and can be removed by
+- every activation is one the kernels support (:mod:`torch_iosparse.graph.activations`) *and can be removed by
   swapping a module*: a call of an activation module (``nn.GELU``, ``nn.ReLU`` …), or a module whose whole
   forward is one supported activation function (Hugging Face's ``intermediate_act_fn``, a
   ``GELUActivation`` that calls ``F.gelu``). A functional call in a parent's forward
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from . import activations as acts
-from .activations import Activation
+from ..graph import activations as acts
+from ..graph.activations import Activation
 from .module import IOSparseNetwork
 
 

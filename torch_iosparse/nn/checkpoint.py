@@ -2,7 +2,7 @@
 
 - :func:`densify` returns the model as it was before :func:`~torch_iosparse.sparsify`: every network built
   by sparsify becomes the ``nn.Linear`` layers it replaced (with the network's current weights and the
-  pruned weights as zeros), every :class:`~torch_iosparse.chains.FusedInto` the activation it stood for,
+  pruned weights as zeros), every :class:`~torch_iosparse.nn.chains.FusedInto` the activation it stood for,
   so the state-dict keys are the original architecture's (a pruned or torch.ao-parametrized layer comes
   back as a plain Linear: ``weight``, not ``weight_orig`` / ``weight_mask``).
 - :func:`save` writes the sparse state dict together with the network boundaries (which module paths
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .chains import ChainEnd, FusedChain, FusedInto, _parent_and_name, is_linear
-from .files import atomic_write
+from ..files import atomic_write
 from .module import IOSparseNetwork
 from .sparsify import _deepcopy
 

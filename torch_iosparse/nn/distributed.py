@@ -22,7 +22,7 @@ no port is needed) and returns what each returned, with a time limit: the tests 
 ``benchmarks/distributed_scaling.py`` use it.
 
 Training needs nothing from this module: a sparsified model works under ``DistributedDataParallel`` and
-FSDP2's ``fully_shard`` like any module (tests/test_distributed.py).
+FSDP2's ``fully_shard`` like any module (tests/nn/test_distributed.py).
 """
 from __future__ import annotations
 
@@ -41,9 +41,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .dag import SparseDAG
-from .iomodel import IOCount
-from .planning import Plan
+from ..graph.dag import SparseDAG
+from ..cost.iomodel import IOCount
+from ..planning import Plan
 
 __all__ = ["world", "gather_objects", "check_consensus", "network_fingerprint", "build_replicated", "split_rows",
            "scatter_batch",

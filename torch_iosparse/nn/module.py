@@ -5,7 +5,7 @@ and the biases of the computed neurons (``bias``); the structure and the plan li
 therefore stay zero under any optimizer: they are not parameters.
 
 ``forward`` calls the custom op ``torch.ops.iosparse.dag_forward`` (:func:`torch_iosparse.ops.dag_forward`)
-on every device and dtype: the C++ kernel on CPU, the Triton kernel on CUDA (torch_iosparse.gpu), the
+on every device and dtype: the C++ kernel on CPU, the Triton kernel on CUDA (torch_iosparse.backends.cuda.gpu), the
 op's pure-PyTorch reference kernel elsewhere.
 """
 from __future__ import annotations
@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import activations as acts
-from . import hardware, ops, tuning
-from .activations import Activation
-from .dag import GraphError, SparseDAG
-from .iomodel import IOCount, lower_bound, normalize_memory, upper_bound
-from .planning import Plan
+from ..graph import activations as acts
+from ..backends.cpu import hardware, tuning
+from .. import ops
+from ..graph.activations import Activation
+from ..graph.dag import GraphError, SparseDAG
+from ..cost.iomodel import IOCount, lower_bound, normalize_memory, upper_bound
+from ..planning import Plan
 
 # Structure + plan: persistent buffers (what a state_dict must carry to rebuild the network).
 # act_bounds holds each activation's (lo, hi) as float64 bit patterns in int64, so module.to(dtype) can
@@ -218,7 +219,7 @@ def _check_layers(dag: SparseDAG, sizes: List[int]) -> None:
 
 def _plan_from_tensors(t: Dict[str, torch.Tensor], dag: SparseDAG) -> Plan:
     """The Plan recorded in structure tensors, validated against ``dag`` (order and memory) and re-counted."""
-    from .iomodel import count_io, normalize_order
+    from ..cost.iomodel import count_io, normalize_order
     mem_t = _entry(t, "plan_memory")
     if mem_t.numel() != 1 or mem_t.dim() > 1:
         raise GraphError(f"plan_memory must hold one number, got shape {list(mem_t.shape)}")
@@ -253,7 +254,7 @@ class IOSparseNetwork(nn.Module):
         seed, time_budget, **plan_kwargs: passed to the planner.
         batch_tile: batch columns per tile (BT) for the kernel; default chosen by the backend.
         strategy: native kernel strategy (``"auto"`` picks per batch size; ``"program"`` always streams
-            the planned schedule; ``"level"``/``"dense"``), see torch_iosparse/strategy.py.
+            the planned schedule; ``"level"``/``"dense"``), see torch_iosparse/backends/cpu/strategy.py.
         tune: with ``strategy="auto"``, the first call at a batch-size bucket (1, 2, 4, ..., 1024+) times the
             paths the cost model deems plausible and keeps the fastest, on disk per machine
             (:mod:`torch_iosparse.tuning`; :func:`torch_iosparse.tune` does it ahead of time, e.g. before
@@ -300,7 +301,7 @@ class IOSparseNetwork(nn.Module):
             if method not in _planning_methods():
                 raise ValueError(f"unknown planning method {method!r}; available: {', '.join(_planning_methods())}")
             M = _auto_memory(memory, dtype or dag.weight.dtype, batch_tile)
-            from .cache import cached_plan
+            from ..planning.cache import cached_plan
             plan, self.cache_hit = cached_plan(dag, M, method, seed, time_budget, directory=cache_dir,
                                                use_cache=cache, **plan_kwargs)
             self._replan = {"memory": memory, "method": method, "seed": seed, "time_budget": time_budget,
@@ -629,7 +630,7 @@ class IOSparseNetwork(nn.Module):
     def _replan_pattern(self, dag: SparseDAG) -> Tuple[Plan, bool]:
         """A plan of ``dag`` made as this module's own was (memory spec, method, seed, ...), through the
         plan cache."""
-        from .cache import cached_plan
+        from ..planning.cache import cached_plan
         o = getattr(self, "_replan", None) or _replan_like(self.memory, self.method, True, None)
         M = _auto_memory(o["memory"], self.weight.dtype, self.batch_tile)
         return cached_plan(dag, M, o["method"], o["seed"], o["time_budget"], directory=o["cache_dir"],
@@ -705,7 +706,7 @@ class IOSparseNetwork(nn.Module):
 
     def plan(self) -> Plan:
         """The plan this module runs."""
-        from .iomodel import count_io
+        from ..cost.iomodel import count_io
         dag = self.to_dag()
         order = self.plan_order.cpu().numpy()
         return Plan(order, self.memory, self.io, self.method, dag.structure_hash())
@@ -995,7 +996,7 @@ def _check_optimizer_state(optimizer, args, kwargs) -> None:
             raise RuntimeError(
                 f"{type(optimizer).__name__}.step(): its state of an IOSparseNetwork weight belongs to the sparsity "
                 "pattern before update_mask_ (or before a load_state_dict that changed the structure); pass the "
-                "optimizer to update_mask_(..., optimizer=opt), or call torch_iosparse.module."
+                "optimizer to update_mask_(..., optimizer=opt), or call torch_iosparse.nn.module."
                 "remap_optimizer_state_(opt, net.weight, update), or clear its state of that weight")
 
 
@@ -1033,9 +1034,5 @@ def _describe_strategy(meta: Dict) -> str:
 
 
 def _planning_methods() -> List[str]:
-    from . import planning
-    try:  # the planner module registers "greedy" / "anneal" on import, when it exists
-        from . import planner  # noqa: F401
-    except ImportError:
-        pass
+    from .. import planning
     return planning.methods()

@@ -1,13 +1,13 @@
 """sparsify: swap every pruned ``nn.Linear`` chain of a model for an :class:`IOSparseNetwork`.
 
 A *chain* is a maximal run ``Linear, [activation], Linear, [activation], …`` in the model's dataflow
-graph (traced by ``torch.fx``, across module boundaries; :mod:`torch_iosparse.chains`) in which every
+graph (traced by ``torch.fx``, across module boundaries; :mod:`torch_iosparse.nn.chains`) in which every
 Linear is eligible (sparse enough, accepted by ``filter_fn``, weight not shared, no user hooks), every
 activation is one the kernels support (ReLU, ReLU6, GELU, Tanh, Sigmoid, Hardtanh, Identity) held by a
 module that can be swapped, and no intermediate value has another consumer. Anything else (Dropout,
 LayerNorm, LeakyReLU, a dense Linear, a residual use …) is a boundary: it is left in place and ends the
 chain. A chain replaces its first Linear; the chain's other modules become
-:class:`~torch_iosparse.chains.FusedInto` pass-throughs, so the paths (and state_dict keys) of untouched
+:class:`~torch_iosparse.nn.chains.FusedInto` pass-throughs, so the paths (and state_dict keys) of untouched
 modules do not move. Where fx cannot trace a forward, that module's eligible Linear children are
 converted one by one (with a warning); an eligible Linear the forward never calls is a chain of one.
 
@@ -37,10 +37,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize, prune
 
-from . import activations as acts
+from ..graph import activations as acts
 from . import chains as chains_mod
 from .chains import Chain, ChainEnd, FusedChain, FusedInto, _parent_and_name, is_linear
-from .dag import prune_mask
+from ..graph.dag import prune_mask
 from .module import IOSparseNetwork
 
 FilterFn = Callable[[nn.Module, str], bool]  # torchao's order: filter_fn(module, fqn)
@@ -231,7 +231,7 @@ def _discover(model: nn.Module, min_sparsity: float, filter_fn: Optional[FilterF
 
 
 def find_chains(model: nn.Module, *, min_sparsity: float = 0.5, filter_fn: Optional[FilterFn] = None):
-    """The chains :func:`sparsify_` would convert (a list of :class:`torch_iosparse.chains.Chain`: members
+    """The chains :func:`sparsify_` would convert (a list of :class:`torch_iosparse.nn.chains.Chain`: members
     and scope) and the Linears it would keep, as ``(fqn, reason)`` pairs."""
     found, skipped, _ = _discover(model, min_sparsity, filter_fn)
     return found, skipped
@@ -376,7 +376,7 @@ def _sparsify_in_place(model: nn.Module, cfg: IOSparseConfig, filter_fn: Optiona
 
 
 def _print_report(model: nn.Module, skipped=None) -> None:
-    from .explain import sparsify_report
+    from ..tools.explain import sparsify_report
     print(sparsify_report(model, skipped=skipped))
 
 

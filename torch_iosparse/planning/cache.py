@@ -20,9 +20,10 @@ import os
 import warnings
 from typing import Optional, Tuple
 
-from . import env, planning
-from .dag import SparseDAG
-from .iomodel import count_io, normalize_order
+from .. import env
+from . import plans
+from ..graph.dag import SparseDAG
+from ..cost.iomodel import count_io, normalize_order
 
 ENV_VAR = "IOSPARSE_CACHE_DIR"  # read through torch_iosparse.env (alias TORCH_IOSPARSE_CACHE)
 _DISABLED = ("", "0", "off", "none", "false")
@@ -49,36 +50,36 @@ def cache_key(dag: SparseDAG, memory: Optional[int], method: str, seed: int, tim
     args = {"dag": dag.structure_hash(), "memory": memory, "method": method, "seed": int(seed),
             "time_budget": time_budget,
             "kwargs": {k: repr(v) for k, v in sorted(kwargs.items()) if k not in _NOT_PLAN_AFFECTING},
-            "format": planning.PLAN_VERSION}
+            "format": plans.PLAN_VERSION}
     return hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()
 
 
-def _validate(p: planning.Plan, dag: SparseDAG, memory: Optional[int], method: str) -> None:
+def _validate(p: plans.Plan, dag: SparseDAG, memory: Optional[int], method: str) -> None:
     p.check_dag(dag)
     if p.memory != memory or p.method != method:
-        raise planning.PlanError(f"cache entry was made for memory={p.memory}, method={p.method!r}")
+        raise plans.PlanError(f"cache entry was made for memory={p.memory}, method={p.method!r}")
     order = normalize_order(dag, p.order)  # raises on a non-topological or incomplete order
     io = count_io(dag, order, memory)
     if io != p.io:
-        raise planning.PlanError(f"cache entry records I/O {p.io} but its order costs {io}")
+        raise plans.PlanError(f"cache entry records I/O {p.io} but its order costs {io}")
 
 
 def cached_plan(dag: SparseDAG, memory: Optional[int], method: str = "two_optimal", seed: int = 0,
                 time_budget: Optional[float] = None, *, directory: Optional[str] = None, use_cache: bool = True,
-                **kwargs) -> Tuple[planning.Plan, bool]:
-    """``planning.plan(dag, memory, method, seed, time_budget, **kwargs)`` through the cache.
+                **kwargs) -> Tuple[plans.Plan, bool]:
+    """``plan(dag, memory, method, seed, time_budget, **kwargs)`` through the cache.
 
     Returns ``(plan, hit)``. ``memory`` must already be resolved (an int or None).
     """
     d = cache_dir(directory) if use_cache else None
     if d is None:
         stats["misses"] += 1
-        return planning.plan(dag, memory, method=method, seed=seed, time_budget=time_budget, **kwargs), False
+        return plans.plan(dag, memory, method=method, seed=seed, time_budget=time_budget, **kwargs), False
     key = cache_key(dag, memory, method, seed, time_budget, **kwargs)
     path = os.path.join(d, key[:2], key + ".plan.npz")
     if os.path.exists(path):
         try:
-            p = planning.Plan.load(path, dag)
+            p = plans.Plan.load(path, dag)
             _validate(p, dag, memory, method)
             stats["hits"] += 1
             return p, True
@@ -90,7 +91,7 @@ def cached_plan(dag: SparseDAG, memory: Optional[int], method: str = "two_optima
             except OSError:
                 pass
     stats["misses"] += 1
-    p = planning.plan(dag, memory, method=method, seed=seed, time_budget=time_budget, **kwargs)
+    p = plans.plan(dag, memory, method=method, seed=seed, time_budget=time_budget, **kwargs)
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         p.save(path)  # atomic (a temporary file renamed over the entry): readers see the old or the new one

@@ -1,6 +1,6 @@
 """Planning methods that beat the 2-optimal strategy's plain topological order (docs/planner.md).
 
-Importing this module registers two methods with :func:`torch_iosparse.planning.plan`:
+Three methods of :func:`torch_iosparse.planning.plan` (registered in torch_iosparse/planning/__init__.py):
 
 ``method="greedy"``
     Locality-aware starting orders — cache-aware list scheduling (native), consumer-driven depth-first
@@ -12,9 +12,12 @@ Importing this module registers two methods with :func:`torch_iosparse.planning.
     reader; ``max_shift`` bounds the distance, 1 = swap of neighbours). Moves are evaluated exactly in
     native code (kernels/anneal/anneal.cpp) by replaying only from the first affected eviction decision
     until the simulator state re-joins the current order's run. The returned plan's I/O is recomputed
-    by :func:`torch_iosparse.iomodel.count_io` and is never worse than the start.
+    by :func:`torch_iosparse.cost.iomodel.count_io` and is never worse than the start.
+``method="level_grouped"``
+    Level by level; inside a level, neurons with the same source set next to each other, so the CPU
+    kernel can compute them as one group (docs/cpu-kernel.md).
 
-Both methods never return a plan worse than ``two_optimal``.
+``greedy`` and ``anneal`` never return a plan worse than ``two_optimal``.
 """
 from __future__ import annotations
 
@@ -25,15 +28,15 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .dag import SparseDAG
-from .iomodel import _native_arrays, count_io, normalize_order, topological_order
-from .planning import register_method
+from ..cost.iomodel import _native_arrays, count_io, normalize_order, topological_order
+from ..graph.dag import SparseDAG
 
-__all__ = ["greedy_orders", "anneal_order", "barycenter_order", "dfs_order", "cache_greedy_order"]
+__all__ = ["greedy_orders", "anneal_order", "barycenter_order", "dfs_order", "cache_greedy_order",
+           "level_grouped_order"]
 
 
 def _ops():
-    from . import _native
+    from .. import _native
     return _native.ops()
 
 
@@ -127,7 +130,6 @@ def _best_start(dag: SparseDAG, memory: Optional[int]) -> Tuple[str, np.ndarray,
     return best[0], best[1], costs
 
 
-@register_method("greedy")
 def _greedy(dag: SparseDAG, memory, seed=0, time_budget=None, **kw):
     if kw:
         raise TypeError(f"greedy takes no options, got {sorted(kw)}")
@@ -271,6 +273,32 @@ def anneal_order(dag: SparseDAG, memory: Optional[int], *, seed: int = 0, iterat
     return best, info
 
 
-@register_method("anneal")
 def _anneal(dag: SparseDAG, memory, seed=0, time_budget=None, **kw):
     return anneal_order(dag, memory, seed=seed, time_budget=time_budget, **kw)
+
+
+def _source_set_hash(dag: SparseDAG) -> np.ndarray:
+    """One uint64 per neuron that is equal for neurons with equal source sets (sum of mixed ids)."""
+    src = np.asarray(dag.in_src, dtype=np.uint64)
+    mixed = (src + np.uint64(1)) * np.uint64(0x9E3779B97F4A7C15)
+    mixed ^= mixed >> np.uint64(29)
+    mixed *= np.uint64(0xBF58476D1CE4E5B9)
+    out = np.zeros(dag.n_neurons, dtype=np.uint64)
+    deg = np.diff(dag.in_ptr)
+    nz = np.flatnonzero(deg > 0)
+    if src.size:
+        out[nz] = np.add.reduceat(mixed, dag.in_ptr[nz])
+    return out
+
+
+def level_grouped_order(dag: SparseDAG) -> np.ndarray:
+    """Level by level; inside a level, neurons with the same source set next to each other (so the
+    kernel can group them), else by neuron id."""
+    lv = dag.levels().astype(np.int64)
+    comp = np.arange(dag.n_inputs, dag.n_neurons)
+    h = _source_set_hash(dag)[comp]
+    return comp[np.lexsort((comp, h, lv[comp]))]
+
+
+def _level_grouped(dag: SparseDAG, memory, seed=0, time_budget=None, **kw):
+    return level_grouped_order(dag)

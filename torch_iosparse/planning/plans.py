@@ -18,9 +18,9 @@ from typing import Callable, Dict, Optional
 
 import numpy as np
 
-from .dag import SparseDAG
-from .files import atomic_write
-from .iomodel import (IOCount, MemorySpec, _simulate_checked, count_io, normalize_memory, normalize_order,
+from ..graph.dag import SparseDAG
+from ..files import atomic_write
+from ..cost.iomodel import (IOCount, MemorySpec, _simulate_checked, count_io, normalize_memory, normalize_order,
                       topological_order)
 
 PLAN_FORMAT = "torch_iosparse.plan"
@@ -189,7 +189,6 @@ def methods():
     return sorted(_METHODS)
 
 
-@register_method("two_optimal")
 def _two_optimal(dag: SparseDAG, memory, seed=0, time_budget=None, **kw):
     # The numbering when it is topological (layer order for layered nets: the standard way), else the
     # stable topological sort of it.

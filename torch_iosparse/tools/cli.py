@@ -29,8 +29,8 @@ from torch import nn
 
 from .explain import (ROOT_NAME, apply_plans, explain, format_table, networks, plan_file_name, rows,
                       select_networks)
-from .files import atomic_write
-from .module import IOSparseNetwork
+from ..files import atomic_write
+from ..nn.module import IOSparseNetwork
 
 
 def _one_line(e: BaseException) -> str:
@@ -171,7 +171,7 @@ def cmd_apply(obj, args) -> None:
 
 
 def _converted(model: nn.Module) -> nn.Module:
-    from .sparsify import sparsify
+    from ..nn.sparsify import sparsify
     return sparsify(model)
 
 
@@ -189,7 +189,7 @@ def _time(fn, x, repeats: int) -> float:
 def cmd_bench(model: nn.Module, args) -> None:
     """Time each network (native op), the op's pure-PyTorch reference kernel (ops.reference_forward) and
     its dense nn.Sequential twin on random inputs (best of --repeats, side by side in one process)."""
-    from . import ops
+    from .. import ops
     nets = _selected(model, args)
     print(f"batch={args.batch}, threads={torch.get_num_threads()}, best of {args.repeats}")
     print(f"{'network':24s} {'sparse ms':>10s} {'reference ms':>12s} {'dense ms':>10s} {'dense/sparse':>12s}")
@@ -208,7 +208,7 @@ def cmd_bench(model: nn.Module, args) -> None:
 
 def _memory(s: str):
     """--memory: 'auto', 'unbounded' or an integer number of slots >= 2 (checked while parsing)."""
-    from .iomodel import normalize_memory
+    from ..cost.iomodel import normalize_memory
     word = s.strip().lower()
     if word == "auto":
         return "auto"
@@ -238,7 +238,7 @@ def _positive(kind):
 
 
 def _methods():
-    from .module import _planning_methods
+    from ..nn.module import _planning_methods
     return _planning_methods()
 
 

@@ -1,4 +1,4 @@
-"""`python -m torch_iosparse.demo` (what `make demo` runs): prune an MLP, turn it into a SparseDAG, check it
+"""`python -m torch_iosparse.tools.demo` (what `make demo` runs): prune an MLP, turn it into a SparseDAG, check it
 computes what the dense model computes, plan it and print the I/O report for several fast-memory sizes M.
 
 Extending the demo:
@@ -11,7 +11,6 @@ Extending the demo:
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
 import time
 from dataclasses import dataclass, field
@@ -22,9 +21,9 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from . import planning
-from .dag import SparseDAG
-from .iomodel import lower_bound, normalize_memory, upper_bound
+from .. import planning
+from ..graph.dag import SparseDAG
+from ..cost.iomodel import lower_bound, normalize_memory, upper_bound
 
 # (method, keyword arguments for plan()) — one row of the I/O table per method and M.
 PLAN_METHODS: List[Tuple[str, Dict]] = [
@@ -33,9 +32,6 @@ PLAN_METHODS: List[Tuple[str, Dict]] = [
     ("anneal", {"time_budget": 1.0, "seed": 0, "progress": False}),
 ]
 # Modules that register extra planning methods when imported (absent ones are fine).
-OPTIONAL_PLANNERS = ("torch_iosparse.planner",)
-
-
 @dataclass
 class DemoContext:
     """What every section sees: the pruned dense model, its DAG, a test batch, the M values and the plans
@@ -127,7 +123,7 @@ def kernel_report(ctx: DemoContext) -> None:
     the standard ways: dense F.linear layers, torch.sparse CSR layer by layer, scipy.sparse CSR."""
     import scipy.sparse as sp
 
-    from .module import IOSparseNetwork
+    from ..nn.module import IOSparseNetwork
 
     net = IOSparseNetwork(ctx.model, memory="auto").eval()
     x = ctx.x.float()
@@ -177,7 +173,7 @@ def kernel_report(ctx: DemoContext) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m torch_iosparse.demo", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m torch_iosparse.tools.demo", description=__doc__.split("\n")[0])
     ap.add_argument("--widths", default="256,512,512,10", help="layer widths, inputs first")
     ap.add_argument("--sparsity", type=float, default=0.9, help="fraction of weights pruned per layer")
     ap.add_argument("--memory", default="8,32,128,512,inf", help="fast-memory sizes M ('inf' = unbounded)")
@@ -185,12 +181,6 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", metavar="FILE", help="also save a plot of the I/O counts against M (png/pdf/svg)")
     args = ap.parse_args(argv)
-
-    for name in OPTIONAL_PLANNERS:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            pass
 
     widths = tuple(int(w) for w in args.widths.split(","))
     memories = [normalize_memory(m.strip()) if m.strip() in ("inf", "unbounded") else normalize_memory(int(m))

@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .iomodel import count_io, lower_bound, upper_bound
-from .module import IOSparseNetwork
-from .planning import Plan, PlanError
+from ..cost.iomodel import count_io, lower_bound, upper_bound
+from ..nn.module import IOSparseNetwork
+from ..planning import Plan, PlanError
 
 ROOT_NAME = "(root)"
 DEFAULT_PLOT_PATH = "io_vs_memory.png"
@@ -149,7 +149,7 @@ def explain(model: nn.Module, *, plot: Union[str, os.PathLike, bool, None] = Non
     file = file or sys.stdout
     table = ExplainTable()
     if not networks(model):
-        from .sparsify import sparsify
+        from ..nn.sparsify import sparsify
         model = sparsify(model, **sparsify_kwargs)
         if not networks(model):
             print("no sparse Linear chain found (nothing pruned beyond min_sparsity)", file=file)
@@ -177,7 +177,7 @@ def io_curve(net_or_dag, memories: Optional[Sequence[int]] = None, order=None):
     if order is None:
         order = net_or_dag.plan_order.cpu().numpy() if isinstance(net_or_dag, IOSparseNetwork) else None
     if order is None:
-        from .iomodel import topological_order
+        from ..cost.iomodel import topological_order
         order = topological_order(dag)
     if memories is None:
         top = max(4, min(dag.n_neurons, 4096))
@@ -398,7 +398,7 @@ def save_plans(model: nn.Module, directory: Union[str, os.PathLike]) -> Dict[str
 def set_plan(net: IOSparseNetwork, plan: Plan) -> None:
     """Make ``net`` run ``plan`` (same structure, checked: PlanError otherwise), in place: parameters stay
     the same tensors (an optimizer built on them keeps working), the kernel's buffers are rebuilt."""
-    from .module import _structure_tensors
+    from ..nn.module import _structure_tensors
     dag = net.to_dag()
     plan.check_dag(dag)
     tensors = _structure_tensors(dag, plan)

@@ -1,8 +1,8 @@
 """Sparse DNN Graph Challenge-style inference: RadiX-Net networks on binarised digits, one process or many.
 
-    python -m torch_iosparse.sdgc --width 1024 --depth 24 --batch 2048 --check
-    torchrun --standalone --nproc_per_node 2 -m torch_iosparse.sdgc --width 1024 --depth 24 --batch 2048 --check
-    torchrun --standalone --nproc_per_node 2 -m torch_iosparse.sdgc --width 1024 --depth 24 --batch 2048 --pipeline 2
+    python -m torch_iosparse.tools.sdgc --width 1024 --depth 24 --batch 2048 --check
+    torchrun --standalone --nproc_per_node 2 -m torch_iosparse.tools.sdgc --width 1024 --depth 24 --batch 2048 --check
+    torchrun --standalone --nproc_per_node 2 -m torch_iosparse.tools.sdgc --width 1024 --depth 24 --batch 2048 --pipeline 2
 
 Without ``--pipeline`` (or ``--pipeline 1``) the batch is sharded: every rank holds the whole network
 (planned once, on rank 0), rank 0 scatters the inputs by rows and gathers the outputs. ``--pipeline N``
@@ -29,8 +29,9 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import torch
 import torch.distributed as dist
 
-from . import distributed, generate
-from .module import IOSparseNetwork
+from ..nn import distributed
+from ..graph import generate
+from ..nn.module import IOSparseNetwork
 
 # float32 results of different summation orders (another plan, kernel path or stage split) agree to a few
 # units in the last place per layer; outputs are capped at 32, so this bound is far above rounding and far
@@ -104,7 +105,7 @@ def reference_table(widths: Sequence[int], depth: int, batch: int, fan_in: int =
 
 # ---------------------------------------------------------------------- one or many processes
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m torch_iosparse.sdgc", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m torch_iosparse.tools.sdgc", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=1024, help="neurons per layer (default 1024)")
     ap.add_argument("--depth", type=int, default=24, help="layers (default 24)")

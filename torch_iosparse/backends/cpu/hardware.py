@@ -16,7 +16,7 @@ from typing import Optional
 
 import torch
 
-from . import env
+from ... import env
 
 _SYS_CACHE = "/sys/devices/system/cpu/cpu0/cache"
 

@@ -49,7 +49,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 
-from .abi import NEVER, STRATEGY_CODES, Strategy
+from ...abi import NEVER, STRATEGY_CODES, Strategy
 PROGRAM_RATE = 12e9     # batch-column x edge multiply-adds per second per thread (16-column tiles)
 PROGRAM_OVERHEAD = 30e-6  # seconds per call (input transpose into the tile, output gather)
 LEVEL_RATE = 1.2e9      # edges per second per thread, level path at batch 1 (memory-bound)
@@ -126,7 +126,8 @@ def current_profile(directory: Optional[str] = None) -> Profile:
     foreign (other machine) file is ignored."""
     if _profile_override is not None:
         return _profile_override
-    from . import cache, env
+    from ...planning import cache
+    from ... import env
     memo_key = (cache.cache_dir(directory), env.isa_override())
     p = _profile_memo.get(memo_key)
     if p is None:
@@ -178,7 +179,7 @@ def level_columns(batch: int, fan_in: float = 1e9) -> float:
 
 
 def _has_avx512() -> bool:
-    from torch_iosparse import hardware
+    from . import hardware
     return hardware.detect().isa == "avx512"
 
 
@@ -354,7 +355,7 @@ def calibrate_thresholds(net, batches: Iterable[int] = MODEL_BATCHES,
     """Time every strategy at each batch size once (best of ``repeats``) and derive the thresholds.
     Cached per (network structure, dtype, threads). Stops growing the batch when a sweep point takes
     longer than ``max_seconds`` overall."""
-    from . import ops
+    from ... import ops
 
     key = (tuple(int(net.meta[k]) for k in ("n_inputs", "n_neurons", "n_edges", "memory")),
            int(net.buffers["prog_ops"].numel()), dtype, torch.get_num_threads())
@@ -393,8 +394,9 @@ def _calibration_nets():
     """The networks :func:`calibrate_profile` times: a pruned MLP 512-512-512-512 at 10 % density (program,
     level, dense and block paths), a RadiX-Net of width 1024, depth 3 (panels) and an 8-8-8 MLP (per-call
     costs)."""
-    from . import generate, ops
-    from .dag import SparseDAG
+    from ...graph import generate
+    from ... import ops
+    from ...graph.dag import SparseDAG
 
     def mlp(width: int, density: float):
         g = torch.Generator().manual_seed(0)
@@ -434,7 +436,7 @@ def calibrate_profile(save: bool = True, directory: Optional[str] = None, repeat
 
 
 def _fit_profile(repeats: int) -> Profile:
-    from . import ops
+    from ... import ops
     from .tuning import time_call
 
     d = DEFAULT_PROFILE
@@ -519,7 +521,7 @@ def choose_tile(dag, dtype: torch.dtype = torch.float32, order=None, candidates=
     halves), M = hardware.fast_memory_slots(BT) and the exact I/O of ``order`` (default: the 2-optimal
     order) at that M; the predicted time is the model above. Returns (bt, M, {bt: (M, IOCount, cost)})."""
     from . import hardware
-    from .iomodel import count_io, topological_order
+    from ...cost.iomodel import count_io, topological_order
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     full = hardware.batch_tile(dtype)

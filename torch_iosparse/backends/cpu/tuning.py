@@ -7,7 +7,7 @@ batches b .. 2b - 1 and is measured at batch b. The first time a network runs at
 ``PLAUSIBLE_FACTOR`` x the model's best, or ``PLAUSIBLE_SLACK`` seconds, plus the path the model's
 thresholds run) are timed, best of ``REPEATS`` after a warm-up, within ``BUDGET_SECONDS`` per bucket. The
 winner (the model's own path when it is within ``TIE_TOLERANCE`` of the fastest) replaces the model's
-choice for that bucket; :func:`torch_iosparse.strategy.thresholds_from_paths` turns the per-bucket paths
+choice for that bucket; :func:`torch_iosparse.backends.cpu.strategy.thresholds_from_paths` turns the per-bucket paths
 (measured where measured, the model's elsewhere) into the kernel's thresholds in ``meta``.
 
 On disk: ``<cache>/tuning/<sha256 of the key>.json`` (the cache folder of torch_iosparse.cache:
@@ -38,9 +38,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 
-from . import cache, env, hardware
-from .abi import NET_KEYS, STRATEGY_CODES
-from .files import atomic_write
+from ...planning import cache
+from ... import env
+from . import hardware
+from ...abi import NET_KEYS, STRATEGY_CODES
+from ...files import atomic_write
 from . import strategy as strategy_mod
 
 BUCKETS: Tuple[int, ...] = tuple(1 << k for k in range(11))  # 1 .. 1024 (the last: every batch >= 1024)
@@ -324,7 +326,7 @@ class Tuner:
         return dict(self.meta, **dict(zip(strategy_mod.THRESHOLD_KEYS, self._model_thresholds(threads))))
 
     def _measure(self, b: int, dtype: torch.dtype, threads: int, weight, bias, buffers) -> Dict:
-        from . import ops
+        from ... import ops
         model_times = strategy_mod.model_times(self.meta, b, threads, self.dense_weights)
         model_path = strategy_mod.chosen(self._model_meta(threads), b)
         candidates = plausible({s: t for s, t in model_times.items() if s in _runnable(self.meta)}, [model_path])
@@ -475,7 +477,7 @@ def tune(model, batch_sizes: Iterable[int] = BUCKETS, dtype: Optional[torch.dtyp
     """
     from tqdm.auto import tqdm
 
-    from .module import IOSparseNetwork
+    from ...nn.module import IOSparseNetwork
 
     if isinstance(model, IOSparseNetwork):
         nets = [("(root)", model)]

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
-from . import env
-from . import ops as ops_mod
+from ... import env
+from ... import ops as ops_mod
 from . import triton_kernels as tk
-from .abi import ConfigIndex, NetIndex, Strategy
+from ...abi import ConfigIndex, NetIndex, Strategy
 
 __all__ = ["CudaCxxForward", "build_cuda_cxx", "choose_gpu_path", "find_nvcc", "kernel_program_from_buffers",
            "level_program_from_buffers", "reference_backward_from_buffers", "register", "registered", "triton_forward_from_buffers"]
@@ -164,7 +164,7 @@ def build_cuda_cxx(arch: Optional[str] = None, cache_dir: Optional[str] = None):
     with open(CUDA_SOURCE, "rb") as f:
         digest = hashlib.sha256(f.read()).hexdigest()[:16]
     if cache_dir is None:  # the package's cache folder (torch_iosparse.env), else the temporary folder
-        from . import cache
+        from ...planning import cache
         cache_dir = cache.cache_dir() or os.path.join(tempfile.gettempdir(), "torch_iosparse")
     os.makedirs(cache_dir, exist_ok=True)
     out = os.path.join(cache_dir, f"iosparse_forward_{digest}_sm{arch}.so")

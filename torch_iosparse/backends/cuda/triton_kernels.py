@@ -1,7 +1,7 @@
 """Triton executor of a compiled program (docs/program-format.md, docs/gpu.md).
 
 Kernels and launchers only; the registration as the CUDA kernel of the ``iosparse`` op lives in
-:mod:`torch_iosparse.gpu`. Everything here also runs on CPU tensors under ``TRITON_INTERPRET=1`` (the
+:mod:`torch_iosparse.backends.cuda.gpu`. Everything here also runs on CPU tensors under ``TRITON_INTERPRET=1`` (the
 tests do that), so the kernel is checked against :meth:`SparseDAG.forward_reference` without a GPU.
 
 Execution model (docs/gpu.md):
@@ -33,8 +33,8 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import env
-from .abi import ActCode, Opcode
+from ... import env
+from ...abi import ActCode, Opcode
 
 try:
     import triton
@@ -384,7 +384,7 @@ if triton is not None:
 
     @triton.jit
     def _activate(acc, code, lo, hi):
-        # The Triton copy of torch_iosparse.activations.forward (identity: unchanged).
+        # The Triton copy of torch_iosparse.graph.activations.forward (identity: unchanged).
         if code == _ACT_RELU:
             acc = tl.maximum(acc, 0.0)
         elif code == _ACT_HARDTANH:
