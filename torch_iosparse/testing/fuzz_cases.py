@@ -1,10 +1,10 @@
-"""Fuzz cases for the op, its config and IOSparseNetwork's state dict (run by tests/test_fuzz.py).
+"""Fuzz cases for the op, its config and IOSparseNetwork's state dict (run by tests/ops/test_fuzz.py).
 
 Each case takes a valid prepared network, mutates it at random (a buffer element set to an extreme value,
 a buffer truncated, extended, emptied, recast, made non-contiguous or permuted; a config value; a state-dict
 entry; or a buffer written through numpy after it was validated, which bypasses the version counter) and
 runs forward (and backward) on every strategy. A case passes when it returns or raises a Python exception:
-the process must not crash or hang. Usage: ``python tests/fuzz_cases.py SEED FIRST COUNT``; it prints
+the process must not crash or hang. Usage: ``python -m torch_iosparse.testing.fuzz_cases SEED FIRST COUNT``; it prints
 ``case K`` before case K, so the parent can name the case that crashed.
 """
 from __future__ import annotations

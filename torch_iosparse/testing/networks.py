@@ -1,18 +1,22 @@
-"""Shared helpers of the core tests (random DAGs, an independent schedule checker, a naive evaluator),
-plus tests of the helpers themselves. Other test_core_* files import them as ``test_core_support``."""
+"""Networks for the tests and benchmarks, from one place: :func:`sample_inputs` (the fixed networks the op's
+correctness, gradient and opcheck tests run), hypothesis strategies of random DAGs (:func:`dags`,
+:func:`random_dags`), seeded random DAGs (:func:`random_dag`), pruned MLPs and butterfly networks, plus an
+independent schedule checker and a naive per-neuron evaluator. Tests of these helpers:
+tests/testing/test_networks.py."""
 from __future__ import annotations
 
 import math
 from collections import deque
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence
 
 import numpy as np
-import pytest
 import torch
-from hypothesis import given
 from hypothesis import strategies as st
+from torch import nn
 
 import torch_iosparse as tis
+from torch_iosparse.graph.activations import KINDS, Activation
+from torch_iosparse.graph.dag import SparseDAG
 
 MEMORIES = (2, 3, 4, 8, 64, None)
 
@@ -227,24 +231,150 @@ def naive_forward(n_inputs: int, n: int, edges, bias, act_of, outputs, x: np.nda
     return out
 
 
-# ---------------------------------------------------------------------- tests of the helpers
-@given(dags())
-def test_random_dags_are_valid(dag):
-    src, dst = dag.edges()
-    assert (dst >= dag.n_inputs).all()
-    fan_in = dag.in_degree()[dag.n_inputs:]
-    assert fan_in.min() >= 1 and fan_in.max() <= 64
-    assert dag.n_outputs >= 1
-    lv = dag.levels()
-    assert (lv[src] < lv[dst]).all()
+# ---------------------------------------------------------------------- more random graphs
+ALL_ACTIVATIONS = [Activation("identity"), Activation("relu"), Activation("hardtanh", -0.5, 0.7),
+                   Activation("gelu"), Activation("gelu_tanh"), Activation("tanh"), Activation("sigmoid")]
 
 
-def test_check_schedule_rejects_a_broken_trace():
-    dag = tis.SparseDAG.from_edges(2, [0, 1, 2], [2, 2, 3])
-    events = tis.trace(dag, [2, 3], 2)
-    assert check_schedule(dag, events, 2) == tis.count_io(dag, [2, 3], 2)
-    broken = [e for e in events if not (e.op == "load" and e.neuron == 1)]
-    with pytest.raises(AssertionError):
-        check_schedule(dag, broken, 2)
-    with pytest.raises(AssertionError):  # more slots than allowed
-        check_schedule(dag, events, 1)
+@st.composite
+def random_dags(draw, max_inputs=5, max_computed=12, mixed_activations=True):
+    """A random DAG (skip edges, bias-only neurons, unread non-outputs allowed) with random weights."""
+    n_in = draw(st.integers(1, max_inputs))
+    n_comp = draw(st.integers(1, max_computed))
+    n = n_in + n_comp
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    density = draw(st.floats(0.1, 0.9))
+    src, dst = [], []
+    for v in range(n_in, n):
+        for u in range(v):
+            if rng.random() < density:
+                src.append(u)
+                dst.append(v)
+    # A random relabelling keeps the numbering from always being topological.
+    perm_comp = rng.permutation(n_comp) + n_in if draw(st.booleans()) else np.arange(n_in, n)
+    relabel = np.concatenate([np.arange(n_in), perm_comp])
+    src = relabel[np.array(src, dtype=np.int64)] if src else np.zeros(0, np.int64)
+    dst = relabel[np.array(dst, dtype=np.int64)] if dst else np.zeros(0, np.int64)
+    w = rng.standard_normal(len(src))
+    b = rng.standard_normal(n)
+    if mixed_activations:
+        acts = [ALL_ACTIVATIONS[i] for i in rng.integers(0, len(ALL_ACTIVATIONS), n)]
+    else:
+        acts = draw(st.sampled_from(ALL_ACTIVATIONS))
+    outputs = None
+    if draw(st.booleans()):  # outputs: a random nonempty subset of the computed neurons, random order
+        k = int(rng.integers(1, n_comp + 1))
+        outputs = rng.choice(np.arange(n_in, n), size=k, replace=False)
+    return SparseDAG.from_edges(n_in, src, dst, w, b, n_neurons=n, outputs=outputs, activation=acts,
+                                dtype=torch.float64)
+
+
+ALL_ACTS = [Activation(k) if k != "hardtanh" else Activation("hardtanh", -0.5, 0.75) for k in KINDS]
+
+
+def random_dag(seed: int, n_inputs: int, n_computed: int, max_fan_in: int = 4, acts=None, skip=True):
+    """A random DAG: each computed neuron reads 1..max_fan_in earlier neurons (skip edges allowed)."""
+    rng = np.random.default_rng(seed)
+    n = n_inputs + n_computed
+    src, dst = [], []
+    for v in range(n_inputs, n):
+        lo = 0 if skip else max(0, v - n_inputs - 3)
+        cand = np.arange(lo, v)
+        k = int(rng.integers(1, max_fan_in + 1))
+        s = rng.choice(cand, size=min(k, cand.size), replace=False)
+        src += s.tolist()
+        dst += [v] * len(s)
+    acts = acts or ALL_ACTS
+    act = [acts[int(rng.integers(len(acts)))] for _ in range(n)]
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(len(src), generator=g) * 0.7
+    b = torch.randn(n, generator=g) * 0.3
+    return SparseDAG.from_edges(n_inputs, src, dst, w, b, activation=act)
+
+
+# ---------------------------------------------------------------------- structured networks
+def pruned_mlp(sizes, density, acts, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    layers = []
+    for k in range(len(sizes) - 1):
+        lin = nn.Linear(sizes[k], sizes[k + 1]).to(dtype)
+        with torch.no_grad():
+            mask = torch.rand(sizes[k + 1], sizes[k], generator=g) < density
+            lin.weight.mul_(mask)
+            lin.weight.add_(mask * 1e-3)  # no accidental zeros inside the pattern
+        layers += [lin, acts[k % len(acts)].to_module()]
+    return nn.Sequential(*layers)
+
+
+def radix_like(N, L, fan, dtype=torch.float64, seed=0):
+    """Butterfly network: neuron j of layer k reads the `fan` neurons that differ from j only in its k-th
+    base-`fan` digit, so groups of `fan` neurons share all their sources."""
+    r = max(1, int(round(np.log(N) / np.log(fan))))
+    j = np.arange(N)
+    src, dst = [], []
+    for k in range(L):
+        stride = fan ** (k % r)
+        base = j - ((j // stride) % fan) * stride
+        for s in range(fan):
+            src.append(base + s * stride + k * N)
+            dst.append(j + (k + 1) * N)
+    src, dst = np.concatenate(src), np.concatenate(dst)
+    rng = np.random.default_rng(seed)
+    return SparseDAG.from_edges(N, src, dst, rng.standard_normal(src.size) / fan, rng.standard_normal(N * (L + 1)),
+                                activation="hardtanh(0,4)", dtype=dtype)
+
+
+# ---------------------------------------------------------------------- sample inputs
+class Sample(NamedTuple):
+    """One network with an input batch: ``weight`` / ``bias`` are the DAG's, in the requested dtype and on
+    the requested device; ``layered``: every edge joins consecutive levels (the dense path runs it)."""
+
+    name: str
+    dag: SparseDAG
+    x: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor
+    layered: bool
+
+
+def _sample_dags() -> List[tuple]:
+    """(name, float64 DAG, batch size) of every sample network."""
+    out = [
+        ("skip_edges_gelu", SparseDAG.from_edges(3, [0, 1, 2, 3, 3, 4, 1], [3, 3, 4, 4, 5, 5, 5],
+                                                 [0.5, -1.2, 0.3, 0.8, -0.4, 1.1, 0.7],
+                                                 [0.1, -0.2, 0.3, -0.5, 0.2, 0.4], activation="gelu",
+                                                 dtype=torch.float64), 20),
+        ("mlp_hardtanh_gelu", SparseDAG.from_module(pruned_mlp([9, 11, 6], 0.5, [ALL_ACTIVATIONS[2],
+                                                                                ALL_ACTIVATIONS[3]])), 13),
+        ("mlp_gelu_tanh_sigmoid", SparseDAG.from_module(
+            pruned_mlp([10, 14, 9, 5], 0.35, [ALL_ACTIVATIONS[4], ALL_ACTIVATIONS[6]], seed=5)), 7),
+        ("random_every_activation", random_dag(11, 4, 10, max_fan_in=3), 5),
+        ("shared_sources", radix_like(8, 2, 2), 6),
+    ]
+    # Bias-only neuron (5), unread non-output neuron (3), outputs not in numbering order.
+    out.append(("bias_only_unread", SparseDAG.from_edges(2, [0, 1, 0, 4], [3, 4, 4, 6], [0.7, -0.3, 1.5, 0.9],
+                                                         [0.0, 0.0, 0.2, -0.1, 0.4, 0.6, -0.2], n_neurons=7,
+                                                         outputs=[6, 5], activation="tanh", dtype=torch.float64), 4))
+    return out
+
+
+def sample_inputs(device="cpu", dtype: torch.dtype = torch.float64, *, requires_grad: bool = False,
+                  seed: int = 0) -> List[Sample]:
+    """The fixed networks (small, so gradcheck and opcheck stay cheap) with a seeded input batch each:
+    skip edges, layered MLPs with every activation kind, a random DAG mixing activations, groups of
+    neurons sharing all their sources, a bias-only and an unread neuron. ``requires_grad``: x, weight and
+    bias are leaves that require gradients."""
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for name, dag, batch in _sample_dags():
+        x = (torch.randn(batch, dag.n_inputs, generator=g, dtype=torch.float64) * 2).to(device=device, dtype=dtype)
+        w = dag.weight.to(device=device, dtype=dtype)
+        b = dag.bias.to(device=device, dtype=dtype)
+        if requires_grad:
+            x, w, b = (t.clone().requires_grad_() for t in (x, w, b))
+        src, dst = dag.edges()
+        lv = dag.levels()
+        layered = bool(np.all(lv[src] + 1 == lv[dst]) and np.all(lv[np.asarray(dag.outputs)] == lv.max()))
+        samples.append(Sample(name, dag, x, w, b, layered))
+    return samples

@@ -11,11 +11,10 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import generate
-from . import planner  # noqa: F401  (registers greedy / anneal)
-from .dag import SparseDAG
-from .iomodel import count_io, lower_bound, upper_bound
-from .planning import plan
+from ..graph import generate
+from ..graph.dag import SparseDAG
+from ..cost.iomodel import count_io, lower_bound, upper_bound
+from ..planning import plan
 
 METHODS = ("LB", "layer", "two_optimal", "greedy", "anneal", "UB")
 

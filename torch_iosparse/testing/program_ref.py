@@ -1,8 +1,8 @@
-"""Test helpers (no tests here) for the GPU tests: compiled programs and an independent executor of the format.
+"""Helpers for the program and GPU tests: compiled programs and an independent executor of the format.
 
-``compile_program`` is ``torch_iosparse.program.compile_plan`` (the one program format of both
+``compile_program`` is ``torch_iosparse.compile.program.compile_plan`` (the one program format of both
 backends); ``trace_program`` builds the same format straight from the event trace in plain Python
-(PROGRAM.md §1), written independently, as a cross-check of it. ``run_program`` executes a program
+(docs/program-format.md), written independently, as a cross-check of it. ``run_program`` executes a program
 op by op in PyTorch, the literal meaning of the format.
 """
 from __future__ import annotations
@@ -10,16 +10,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from torch_iosparse import iomodel
-from torch_iosparse.iomodel import normalize_memory
+from torch_iosparse.abi import Opcode
+from torch_iosparse.compile.program import compile_plan
+from torch_iosparse.cost import iomodel
+from torch_iosparse.cost.iomodel import normalize_memory
 
-LOAD, FMA, FINISH, STORE = 1, 2, 3, 4
-
-from torch_iosparse.program import compile_plan
+LOAD, FMA, FINISH, STORE = (int(op) for op in (Opcode.LOAD, Opcode.FMA, Opcode.FINISH, Opcode.STORE))
 
 
 def trace_program(dag, plan) -> dict:
-    """The compiled program of PROGRAM.md as a dict of numpy arrays, from iomodel.simulate's trace."""
+    """The compiled program of docs/program-format.md as a dict of numpy arrays, from iomodel.simulate's trace."""
     io, ev = iomodel.simulate(dag, plan.order, plan.memory, record=True)
     ev = ev.numpy()
     n_in = dag.n_inputs
@@ -88,7 +88,7 @@ def run_program(program, x, weight, bias) -> torch.Tensor:
     codes = np.asarray(torch.as_tensor(field(program, "act_code")))
     lo = np.asarray(torch.as_tensor(field(program, "act_lo")))
     hi = np.asarray(torch.as_tensor(field(program, "act_hi")))
-    from torch_iosparse.activations import KINDS, Activation
+    from torch_iosparse.graph.activations import KINDS, Activation
     w, b = weight.double(), bias.double()
     for i in range(len(neuron)):
         acc = b[int(neuron[i])].expand(B).clone()
