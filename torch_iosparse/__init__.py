@@ -10,6 +10,8 @@ IOSparseNetwork, sparsify / sparsify_ (FusedInto: the pass-throughs of fused lay
 strategy choice, torch_iosparse.backends.cpu.tuning). The pipeline and the folder of each step:
 docs/architecture.md.
 """
+import sys as _sys
+
 import torch as _torch
 
 from . import graph, cost, planning, compile, ops, backends, nn, tools  # noqa: F401  (the pipeline, in order)
@@ -29,6 +31,17 @@ from .nn.chains import FusedInto
 from .nn.checkpoint import densify, load, save
 from .nn.distributed import build_replicated, pipeline_forward, sharded_forward
 from .tools.explain import apply_plans, explain, plot_io_vs_memory, save_plans, sparsify_report
+
+# A pickled object (``torch.save(model)`` of a whole model, a pickled SparseDAG or Plan) names each class by
+# the module path it had when it was written: these one-word paths resolve to the modules that define the
+# classes, so such files load.
+for _name, _module in {"activations": graph.activations, "dag": graph.dag, "generate": graph.generate,
+                       "iomodel": cost.iomodel, "planner": planning.heuristics, "cache": planning.cache,
+                       "program": compile.program, "hardware": backends.cpu.hardware,
+                       "strategy": backends.cpu.strategy, "tuning": backends.cpu.tuning, "module": nn.module,
+                       "chains": nn.chains, "sparsify": nn.sparsify, "checkpoint": nn.checkpoint,
+                       "distributed": nn.distributed, "explain": tools.explain}.items():
+    _sys.modules.setdefault(f"{__name__}.{_name}", _module)
 
 if _torch.cuda.is_available():  # Triton kernels for iosparse::dag_forward / dag_backward on CUDA
     try:

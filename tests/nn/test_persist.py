@@ -182,3 +182,20 @@ def test_cache_key_ignores_progress_flags_only():
     assert cache.cache_key(dag, 5, "anneal", 0, 1.0, progress=False) == base
     assert cache.cache_key(dag, 5, "anneal", 0, 1.0, chunks=7) != base
     assert cache.cache_key(dag, 5, "anneal", 0, 2.0) != base
+
+
+def test_pickled_whole_model_naming_the_one_word_module_paths_loads():
+    """tests/nn/data/whole_model.pt: torch.save of a sparsified model, a Plan and an IOCount whose pickle
+    names the classes as torch_iosparse.module.IOSparseNetwork, torch_iosparse.chains.FusedInto,
+    torch_iosparse.dag.SparseDAG, torch_iosparse.iomodel.IOCount, torch_iosparse.tuning.Tuner, ...: it loads,
+    and the model computes what it computed when it was saved."""
+    import torch_iosparse as tis
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "whole_model.pt")
+    with open(path, "rb") as f:
+        raw = f.read()
+    assert b"torch_iosparse.module" in raw and b"torch_iosparse.chains" in raw  # what the test is about
+    d = torch.load(path, weights_only=False)
+    model = d["model"]
+    assert isinstance(model[0], IOSparseNetwork) and isinstance(d["dag"], tis.SparseDAG)
+    torch.testing.assert_close(model(torch.ones(2, 8)), d["y"])
+    assert d["plan"].io == d["io"] == tis.count_io(d["dag"], d["plan"].order, 4)
