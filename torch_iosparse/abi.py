@@ -80,7 +80,7 @@ class Strategy(str, Enum):
 
     AUTO = ("auto", 0, "Pick per call from the batch size: dense from dense_min_batch (layered networks), level "
                        "up to level_max_batch, panel from panel_min_batch, block from block_min_batch, else "
-                       "program (thresholds set by torch_iosparse.backends.cpu.strategy and torch_iosparse.tuning).")
+                       "program (thresholds set by torch_iosparse.backends.cpu: strategy, tuning).")
     PROGRAM = ("program", 1, "Execute the compiled plan per batch tile of BT columns with M slots in a "
                              "per-core buffer: the memory traffic is the plan's I/O.")
     LEVEL = ("level", 2, "Level by level, chunks of a level's neurons shared by all threads: uses every "

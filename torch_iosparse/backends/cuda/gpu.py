@@ -138,8 +138,9 @@ def reference_backward_from_buffers(grad_y: torch.Tensor, x: torch.Tensor, weigh
 # kernels/cuda/iosparse_forward.cu: the same program with the M slots in shared memory (one thread per
 # column, no barriers). Not part of the op: built on demand with nvcc where torch has CUDA, for the
 # benchmark's comparison of on-chip slots against the Triton kernel's L2-resident scratch.
-CUDA_SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "kernels", "cuda",
-                           "iosparse_forward.cu")
+# The source tree is three folders above this file (torch_iosparse/backends/cuda/).
+_SOURCE_TREE = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
+CUDA_SOURCE = os.path.join(_SOURCE_TREE, "kernels", "cuda", "iosparse_forward.cu")
 _CUDA_LIBS: dict = {}
 
 
