@@ -7,7 +7,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from torch_iosparse import SparseDAG, plan
-from torch_iosparse.graph.activations import Activation
 from torch_iosparse.planning import Plan, PlanError
 from torch_iosparse.compile import program as P
 from torch_iosparse.testing.networks import random_dags, random_topological_order

@@ -2,9 +2,6 @@
 forward == dag.forward_reference for every strategy, dtype, activation and memory size; autograd ==
 numerical and == the dense model's gradients on the nonzero pattern; opcheck; torch.compile; clear errors.
 The sample tests run every network of torch_iosparse.testing.sample_inputs."""
-import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest

@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 import torch_iosparse as tis
 from torch_iosparse import planning
 from torch_iosparse.backends.cuda import triton_kernels as tk
-from torch_iosparse.graph.activations import KINDS, Activation
 
 from torch_iosparse.testing.networks import ALL_ACTS, random_dag
 from torch_iosparse.testing.program_ref import FINISH, FMA, LOAD, STORE, compile_program, field, run_program, trace_program
