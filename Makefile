@@ -20,7 +20,7 @@ $(BUILT): $(STAMP) $(NATIVE)
 build: $(BUILT)
 
 demo: $(BUILT)
-	$(PY) -m torch_iosparse.demo
+	$(PY) -m torch_iosparse.tools.demo
 
 test: $(BUILT)
 	TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 tests

@@ -3,7 +3,7 @@
 
 Both are optional. Every wrapper here is checked against the reference before cpu_speed.py times it:
 SparseProp in-process (``check_close``), DeepSparse inside ``deepsparse_runner.py`` against the output
-of the dense PyTorch model on the same input. ``tests/test_bench_anchors.py`` covers the wrappers on
+of the dense PyTorch model on the same input. ``tests/benchmarks/test_anchors.py`` covers the wrappers on
 tiny nets (skipping what is not installed).
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ SPARSEPROP_DENSE_LIMIT = 256 << 20
 
 # ---------------------------------------------------------------------- the machine
 # The CPU model string every table names (the one the tuning cache keys its entries by).
-from torch_iosparse.hardware import cpu_model  # noqa: E402
+from torch_iosparse.backends.cpu.hardware import cpu_model  # noqa: E402
 
 
 def openmp_runtimes() -> List[str]:

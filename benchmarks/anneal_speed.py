@@ -20,9 +20,9 @@ import time
 import numpy as np
 
 from torch_iosparse import generate
-from torch_iosparse.iomodel import count_io
-from torch_iosparse.planner import _annealer, _best_start, anneal_order
-from torch_iosparse.planner_bench import pruned_mlp, random_skip_dag
+from torch_iosparse.cost.iomodel import count_io
+from torch_iosparse.planning.heuristics import _annealer, _best_start, anneal_order
+from torch_iosparse.testing.planner_bench import pruned_mlp, random_skip_dag
 
 
 def main():

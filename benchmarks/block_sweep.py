@@ -17,7 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import cpu_speed  # noqa: E402
-from torch_iosparse import hardware, ops  # noqa: E402
+from torch_iosparse import ops  # noqa: E402
+from torch_iosparse.backends.cpu import hardware
 
 
 def main():

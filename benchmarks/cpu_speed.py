@@ -36,8 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import anchors  # noqa: E402  (benchmarks/anchors.py: SparseProp, DeepSparse, the machine)
 
 from torch_iosparse import SparseDAG, ops, plan  # noqa: E402
-from torch_iosparse import hardware, strategy  # noqa: E402
-from torch_iosparse.iomodel import count_io  # noqa: E402
+from torch_iosparse.backends.cpu import hardware, strategy  # noqa: E402
+from torch_iosparse.cost.iomodel import count_io  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -51,7 +51,7 @@ DENSE_LIMIT_BYTES = 1 << 30  # skip the dense anchor when its weights exceed thi
 # ---------------------------------------------------------------------- networks
 def radix(width: int, depth: int) -> SparseDAG:
     """The planner issue's RadiX-Net generator (GraphChallenge-like, fan-in 32)."""
-    from torch_iosparse.generate import radix_net
+    from torch_iosparse.graph.generate import radix_net
     return radix_net(width, depth, 32)
 
 
@@ -71,7 +71,7 @@ _DEEP = {}
 
 
 def deep_net(n_inputs, n_outputs, n_neurons, n_edges, memory, seed=0):
-    from torch_iosparse.generate import io_optimal
+    from torch_iosparse.graph.generate import io_optimal
     key = (n_inputs, n_outputs, n_neurons, n_edges, memory, seed)
     if key not in _DEEP:
         _DEEP[key] = io_optimal(n_inputs, n_outputs, n_neurons, n_edges, memory, seed=seed)
@@ -244,10 +244,6 @@ def orders_study(dag, memory, B, rounds, anneal_budget):
     fns = {}
     ios = {}
     from torch_iosparse import planning
-    try:
-        import torch_iosparse.planner  # noqa: F401  (registers greedy / anneal when present)
-    except ImportError:
-        pass
     for m in methods:
         if m not in planning.methods():
             continue

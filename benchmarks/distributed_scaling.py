@@ -1,5 +1,5 @@
 """Scaling of the challenge inference over processes: 1 process against N processes (1 torch thread each) in
-the batch-sharded and the layer-pipeline modes of ``torch_iosparse.sdgc`` (docs/distributed.md), one
+the batch-sharded and the layer-pipeline modes of ``torch_iosparse.tools.sdgc`` (docs/distributed.md), one
 markdown table naming the machine.
 
     python benchmarks/distributed_scaling.py                     # width 1024, 24 layers, 2048 inputs, 1 vs 2
@@ -28,7 +28,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import anchors  # noqa: E402  (benchmarks/anchors.py: the machine)
 
-from torch_iosparse import distributed, hardware, sdgc  # noqa: E402
+from torch_iosparse import distributed  # noqa: E402
+from torch_iosparse.backends.cpu import hardware
+from torch_iosparse.tools import sdgc
 
 
 def machine_line(backend: str = "gloo") -> str:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (H100/H200): build the extension against the machine's torch, run the
-# CUDA tests (tests/test_cuda_device.py), then the benchmark (benchmarks/gpu_speed.py, which appends its
+# CUDA tests (tests/backends/cuda/test_device.py), then the benchmark (benchmarks/gpu_speed.py, which appends its
 # table to benchmarks/RESULTS.md). Logs and results go to $OUT (default ./gpu_out). Each stage has its own
 # time limit, so one slow stage cannot eat the whole device lease:
 #   BUILD_SECONDS (180), TEST_SECONDS (150), BENCH_SECONDS (300), BENCH_MAX (timing budget passed to
@@ -19,7 +19,7 @@ $PY -c "import torch, triton, numpy; print('torch', torch.__version__, 'triton',
 timeout "${BUILD_SECONDS:-180}" $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 stamp "build done"
 
-timeout "${TEST_SECONDS:-150}" $PY -m pytest -q -p no:cacheprovider -rs --durations=6 tests/test_cuda_device.py \
+timeout "${TEST_SECONDS:-150}" $PY -m pytest -q -p no:cacheprovider -rs --durations=6 tests/backends/cuda/test_device.py \
     > "$OUT/cuda_tests.log" 2>&1
 echo "tests exit $?"; grep -E "passed|failed|error|^FAILED|^ERROR|SKIPPED" "$OUT/cuda_tests.log" | tail -25
 stamp "tests done"

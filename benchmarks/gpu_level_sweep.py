@@ -12,7 +12,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_speed as gs  # noqa: E402
-from torch_iosparse import triton_kernels as tk  # noqa: E402
+from torch_iosparse.backends.cuda import triton_kernels as tk  # noqa: E402
 
 
 def main():

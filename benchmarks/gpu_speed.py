@@ -38,7 +38,7 @@ warnings.filterwarnings("ignore", message=".*Sparse CSR tensor support is in bet
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 import torch_iosparse as tis  # noqa: E402
-from torch_iosparse import triton_kernels as tk  # noqa: E402
+from torch_iosparse.backends.cuda import triton_kernels as tk  # noqa: E402
 
 try:
     from tqdm import tqdm
@@ -57,7 +57,7 @@ def radix_like(width: int, depth: int, fan_in: int = 32, seed: int = 0) -> tis.S
     Uses torch_iosparse.generate.radix_net when the planner branch provides it."""
     rng = np.random.default_rng(seed)
     try:
-        from torch_iosparse.generate import radix_net
+        from torch_iosparse.graph.generate import radix_net
     except ImportError:
         radix_net = None
     if radix_net is not None:
@@ -106,7 +106,7 @@ def pruned_mlp(sizes, density: float, seed: int = 0) -> tis.SparseDAG:
 
 # ---------------------------------------------------------------------------------------------- runners
 def compile_program(dag, plan):
-    from torch_iosparse.program import compile_plan
+    from torch_iosparse.compile.program import compile_plan
     return compile_plan(dag, plan)
 
 
@@ -124,7 +124,7 @@ class Ours:
         self.cxx, self.cxx_note = None, "not built"
         if device.type == "cuda":  # the on-chip (shared-memory slots) CUDA C++ variant, when nvcc is there
             try:
-                from torch_iosparse import gpu
+                from torch_iosparse.backends.cuda import gpu
                 self.cxx = gpu.CudaCxxForward(prog, dag.n_edges, device)
                 self.cxx_note = "ok"
             except (RuntimeError, OSError) as e:
@@ -132,9 +132,10 @@ class Ours:
 
     def via_op(self, x):
         """The user-facing path: torch.ops.iosparse.dag_forward on x's device (on CUDA: our Triton
-        kernel, registered by torch_iosparse.gpu; on CPU: the C++ kernel)."""
+        kernel, registered by torch_iosparse.backends.cuda.gpu; on CPU: the C++ kernel)."""
         if self.op_net is None:
-            from torch_iosparse import gpu, ops  # noqa: F401  (gpu registers the CUDA kernels)
+            from torch_iosparse import ops
+            from torch_iosparse.backends.cuda import gpu  # noqa: F401  (registers the CUDA kernels)
             net = ops.prepare(self.dag, self.plan, strategy="program")
             self.op_net = ({k: v.to(x.device) for k, v in net.buffers.items()}, net.meta)
         from torch_iosparse import ops

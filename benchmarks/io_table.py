@@ -11,7 +11,7 @@ import argparse
 import time
 
 from torch_iosparse import generate
-from torch_iosparse.planner_bench import io_rows, markdown_table, networks, plot_rows
+from torch_iosparse.testing.planner_bench import io_rows, markdown_table, networks, plot_rows
 
 
 def main():

@@ -55,7 +55,7 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny nets")
     a = ap.parse_args(argv)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-    from torch_iosparse import hardware
+    from torch_iosparse.backends.cpu import hardware
     cases = ([("mlp", "256", "1,16", "block,level,program"), ("radix", "256", "64", "panel,block")] if a.smoke else
              [("mlp", "2048", "1,8,16,64", "block,level,program"), ("radix", "1024", "64", "panel,block,level,program")])
     info = hardware.detect()

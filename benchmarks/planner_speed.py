@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import torch_iosparse as tis
-from torch_iosparse import iomodel
+from torch_iosparse.cost import iomodel
 
 
 def layered_edges(width: int, depth: int, fan_in: int, seed: int = 0):

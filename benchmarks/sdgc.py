@@ -6,12 +6,12 @@
 Validates ``SparseDAG.forward_reference`` and ``IOSparseNetwork`` against a scipy.sparse layer-by-layer
 reference (the challenge's own formulation, Y = min(max(Y W + b, 0), 32)) and reports the challenge metric,
 inputs × edges / second, for the three, plus the challenge's "categories" (inputs with a nonzero output row).
-The measurement lives in ``torch_iosparse.sdgc`` (``reference_table``); the same module runs the challenge
-on many processes: ``torchrun --nproc_per_node 2 -m torch_iosparse.sdgc --check`` (docs/distributed.md).
+The measurement lives in ``torch_iosparse.tools.sdgc`` (``reference_table``); the same module runs the challenge
+on many processes: ``torchrun --nproc_per_node 2 -m torch_iosparse.tools.sdgc --check`` (docs/distributed.md).
 """
 import argparse
 
-from torch_iosparse import sdgc
+from torch_iosparse.tools import sdgc
 
 
 def main():

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import anchors  # noqa: E402
 import torch_iosparse as tis  # noqa: E402
-from torch_iosparse import hardware  # noqa: E402
+from torch_iosparse.backends.cpu import hardware  # noqa: E402
 
 
 def masked_mlp(sizes, sparsity, seed=0):

@@ -9,7 +9,8 @@ OUT=build-asan
 rm -rf "$OUT/torch_iosparse"
 mkdir -p "$OUT"
 IOSPARSE_SANITIZE=1 $PY setup.py -q build_ext --build-lib "$OUT" --build-temp "$OUT/tmp" >/dev/null
-cp torch_iosparse/*.py "$OUT/torch_iosparse/"
+# The Python package beside the sanitized extension: every .py file, sub-packages included.
+(cd torch_iosparse && find . -name "*.py" -exec cp --parents {} "../$OUT/torch_iosparse/" \;)
 LIBASAN=$(${CXX:-g++} -print-file-name=libasan.so)
 LIBUBSAN=$(${CXX:-g++} -print-file-name=libubsan.so)
 # PYTHONSAFEPATH: the working directory (this checkout, with the normal build) must not come first on sys.path.
@@ -21,7 +22,7 @@ $PY -c "import torch_iosparse, sys; assert torch_iosparse.__file__.startswith('$
 # The fork test forks while another thread allocates; GCC 12's libasan does not lock its allocator around
 # fork(), so a child can inherit that lock taken and hang inside malloc (not a defect of this project: the
 # test passes without the sanitizer, and with it whenever no allocation is in flight at the fork).
-$PY -m pytest -q -n 2 -p no:cacheprovider tests/test_ops.py tests/test_cpu_block.py tests/test_cpu_block_backward.py \
-    tests/test_cpu_panel.py tests/test_cpu_panel_cache.py tests/test_cpu_level_pool.py tests/test_hardening_op.py \
-    tests/test_fuzz.py \
-    --deselect tests/test_cpu_level_pool.py::test_forked_child_runs_the_level_path "$@"
+$PY -m pytest -q -n 2 -p no:cacheprovider tests/ops/test_dag_forward.py tests/ops/test_robustness.py tests/ops/test_fuzz.py \
+    tests/backends/cpu/test_block.py tests/backends/cpu/test_block_backward.py tests/backends/cpu/test_panel.py \
+    tests/backends/cpu/test_panel_cache.py tests/backends/cpu/test_level_pool.py \
+    --deselect tests/backends/cpu/test_level_pool.py::test_forked_child_runs_the_level_path "$@"

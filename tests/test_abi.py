@@ -14,9 +14,11 @@ import re
 import pytest
 import torch
 
-from torch_iosparse import abi, activations, cache, env, iomodel
+from torch_iosparse import abi, cache, env
+from torch_iosparse.graph import activations
+from torch_iosparse.cost import iomodel
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 KERNELS = ROOT / "kernels"
 PACKAGE = ROOT / "torch_iosparse"
 
@@ -129,7 +131,10 @@ def test_simulator_events_match_iomodel():
 
 
 def test_python_modules_use_the_abi():
-    from torch_iosparse import gpu, ops, program, strategy, triton_kernels
+    from torch_iosparse import ops
+    from torch_iosparse.backends.cuda import gpu, triton_kernels
+    from torch_iosparse.compile import program
+    from torch_iosparse.backends.cpu import strategy
     assert ops.NET_KEYS is abi.NET_KEYS and ops.CONFIG_KEYS is abi.CONFIG_KEYS and ops.STRATEGIES is abi.STRATEGY_CODES
     assert (program.LOAD, program.FMA, program.FINISH, program.STORE) == tuple(abi.Opcode)
     assert (triton_kernels.LOAD, triton_kernels.FMA, triton_kernels.FINISH, triton_kernels.STORE) == tuple(abi.Opcode)
@@ -139,12 +144,12 @@ def test_python_modules_use_the_abi():
     # No module of the package spells out an order or a code table of its own.
     copies = [r'"in_ptr",\s*"in_src",\s*"act_code"', r'"n_slow",\s*"batch_tile",\s*"strategy"', r'"auto":\s*0',
               r'"identity",\s*"relu"', r"\b1:\s*\"program\""]
-    for path in PACKAGE.glob("*.py"):
+    for path in PACKAGE.rglob("*.py"):
         if path.name == "abi.py":
             continue
         text = path.read_text()
         for pattern in copies:
-            assert not re.search(pattern, text), f"{path.name} defines its own copy of an ABI table ({pattern})"
+            assert not re.search(pattern, text), f"{path.relative_to(PACKAGE)} defines its own copy of an ABI table ({pattern})"
 
 
 def test_enum_members_are_documented_and_codes_unique():
@@ -243,7 +248,7 @@ def test_every_environment_variable_is_documented():
 def test_every_documented_variable_is_read():
     cpp = "".join(p.read_text() for p in KERNELS.rglob("*") if p.suffix in (".h", ".cpp", ".cu"))
     cpp_reads = set(re.findall(r'(?:getenv|env_int)\(\s*"(IOSPARSE_\w+)"', cpp))
-    python_src = "".join(p.read_text() for p in PACKAGE.glob("*.py"))
+    python_src = "".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     # names passed to env.get / env.positive_int, f-string fields as wildcards
     python_reads = [re.compile(re.sub(r"\\\{[^}]*\\\}", "[A-Z0-9]+", re.escape(s)))
                     for s in re.findall(r'(?:\bget|positive_int)\(f?"(IOSPARSE_[^"]+)"', python_src)]

@@ -1,6 +1,6 @@
-"""``python -m torch_iosparse explain|plan|bench MODEL_FILE`` (see torch_iosparse/cli.py)."""
+"""``python -m torch_iosparse explain|plan|bench MODEL_FILE`` (see torch_iosparse/tools/cli.py)."""
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

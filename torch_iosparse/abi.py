@@ -21,10 +21,10 @@ order of ``config``       :data:`CONFIG_KEYS`                   ``enum ConfigInd
 tests/test_abi.py parses those C++ definitions and checks that they agree with this module. Codes are
 stored in saved networks (state dicts, plan files): append new members, never renumber.
 
-The math of each activation lives in one place per language: :func:`torch_iosparse.activations.forward`
-and :func:`torch_iosparse.activations.gradient` (PyTorch: the reference evaluator, the reference kernels
+The math of each activation lives in one place per language: :func:`torch_iosparse.graph.activations.forward`
+and :func:`torch_iosparse.graph.activations.gradient` (PyTorch: the reference evaluator, the reference kernels
 of the op and the program interpreter all call them); ``act_scalar`` / ``act_grad_scalar`` in
-kernels/cpu/activation.h (CPU kernels); ``_activate`` in torch_iosparse/triton_kernels.py (Triton) and
+kernels/cpu/activation.h (CPU kernels); ``_activate`` in torch_iosparse/backends/cuda/triton_kernels.py (Triton) and
 ``activate`` in kernels/cuda/iosparse_forward.cu (CUDA C++), which are device code and cannot share the
 Python definition. The kernels are tested against the Python definition.
 """
@@ -80,7 +80,7 @@ class Strategy(str, Enum):
 
     AUTO = ("auto", 0, "Pick per call from the batch size: dense from dense_min_batch (layered networks), level "
                        "up to level_max_batch, panel from panel_min_batch, block from block_min_batch, else "
-                       "program (thresholds set by torch_iosparse.strategy and torch_iosparse.tuning).")
+                       "program (thresholds set by torch_iosparse.backends.cpu: strategy, tuning).")
     PROGRAM = ("program", 1, "Execute the compiled plan per batch tile of BT columns with M slots in a "
                              "per-core buffer: the memory traffic is the plan's I/O.")
     LEVEL = ("level", 2, "Level by level, chunks of a level's neurons shared by all threads: uses every "
@@ -113,7 +113,7 @@ STRATEGY_CODES: Mapping[str, int] = MappingProxyType({s.value: s.code for s in S
 class ActCode(_DocumentedIntEnum):
     """Activation codes of the ``act_code`` buffer (an activation is ``(kind, lo, hi)``; ``lo`` / ``hi``
     matter for ``hardtanh`` only). The formulas are PyTorch's; their Python definition is
-    :func:`torch_iosparse.activations.forward` / :func:`~torch_iosparse.activations.gradient`."""
+    :func:`torch_iosparse.graph.activations.forward` / :func:`~torch_iosparse.graph.activations.gradient`."""
 
     IDENTITY = 0, "x; gradient 1."
     RELU = 1, "max(x, 0); gradient 1 where x > 0, else 0 (0 at x = 0, as PyTorch)."
@@ -125,7 +125,7 @@ class ActCode(_DocumentedIntEnum):
 
     @property
     def kind(self) -> str:
-        """The activation's name as :func:`torch_iosparse.activations.parse` accepts it."""
+        """The activation's name as :func:`torch_iosparse.graph.activations.parse` accepts it."""
         return self.name.lower()
 
 

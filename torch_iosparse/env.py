@@ -12,9 +12,9 @@ so a test may change them with ``monkeypatch.setenv``.
 =============================  ==========  ======================  ==================================================
 variable                       read by     default                 effect
 =============================  ==========  ======================  ==================================================
-``IOSPARSE_CACHE_DIR``         Python      ~/.cache/torch_iosparse  folder of the plan cache (cache.py), the tuning
-(alias ``TORCH_IOSPARSE_CACHE``)                                   measurements and machine profile (tuning.py,
-                                                                   strategy.py) and the on-demand CUDA C++ build
+``IOSPARSE_CACHE_DIR``         Python      ~/.cache/torch_iosparse  folder of the plan cache (planning/cache.py), the
+(alias ``TORCH_IOSPARSE_CACHE``)                                   tuning measurements and machine profile
+                                                                   (backends/cpu/) and the on-demand CUDA C++ build
                                                                    (gpu.build_cuda_cxx); ``""``, ``0``, ``off``,
                                                                    ``none`` or ``false`` disables the plan and tuning
                                                                    caches (the CUDA build then goes to the temporary
@@ -53,10 +53,10 @@ variable                       read by     default                 effect
                                                                    UBSan (scripts/asan_test.sh)
 ``IOSPARSE_SANITIZED``         tests       0                       ``1``: set by scripts/asan_test.sh; tests that
                                                                    cannot run under the sanitizer skip
-``IOSPARSE_FUZZ_CASES``,       tests       1000, 2026              number of cases and seed of tests/test_fuzz.py
+``IOSPARSE_FUZZ_CASES``,       tests       1000, 2026              number of cases and seed of tests/ops/test_fuzz.py
 ``IOSPARSE_FUZZ_SEED``
 ``IOSPARSE_NB_FAST``           notebooks   0                       ``1``: the notebooks run at small sizes (set by
-                                                                   tests/test_module_notebooks.py)
+                                                                   tests/notebooks/test_module_notebooks.py)
 =============================  ==========  ======================  ==================================================
 """
 from __future__ import annotations
@@ -101,8 +101,8 @@ VARIABLES: Dict[str, Variable] = {v.name: v for v in (
     Variable("IOSPARSE_GPU_M", ("python",), "", "slots of the Triton plan executor"),
     Variable("IOSPARSE_SANITIZE", ("build",), "0", "1: setup.py builds with AddressSanitizer and UBSan"),
     Variable("IOSPARSE_SANITIZED", ("tests",), "0", "1: running against the sanitizer build"),
-    Variable("IOSPARSE_FUZZ_CASES", ("tests",), "1000", "cases of tests/test_fuzz.py"),
-    Variable("IOSPARSE_FUZZ_SEED", ("tests",), "2026", "seed of tests/test_fuzz.py"),
+    Variable("IOSPARSE_FUZZ_CASES", ("tests",), "1000", "cases of tests/ops/test_fuzz.py"),
+    Variable("IOSPARSE_FUZZ_SEED", ("tests",), "2026", "seed of tests/ops/test_fuzz.py"),
     Variable("IOSPARSE_NB_FAST", ("notebooks",), "0", "1: the notebooks run at small sizes"),
 )}
 

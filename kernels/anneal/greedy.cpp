@@ -3,7 +3,7 @@
 // Among the ready neurons (all sources computed) pick the one with the most sources currently held in a
 // simulated fast memory of `memory` slots (LRU, since the future is not known while building the order);
 // ties go to the neuron that comes first in a base order (e.g. layer order). The order is only a
-// heuristic: planner.py always measures it with the exact simulator and keeps the best candidate.
+// heuristic: torch_iosparse/planning/heuristics.py always measures it with the exact simulator and keeps the best candidate.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

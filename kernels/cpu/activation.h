@@ -1,4 +1,4 @@
-// Activations of torch_iosparse (codes = index in torch_iosparse/activations.py::KINDS; append only).
+// Activations of torch_iosparse (codes: torch_iosparse/abi.py::ActCode; append only).
 // Formulas follow PyTorch: gelu = x/2 (1 + erf(x/sqrt 2)), gelu_tanh = x/2 (1 + tanh(sqrt(2/pi) (x +
 // 0.044715 x^3))). NaN passes through every activation, as it does in PyTorch.
 #pragma once

@@ -1,5 +1,5 @@
 // Native builders of the panel and block buffers (iosparse::build_panels / build_blocks, called by
-// torch_iosparse/ops.py at prepare time).
+// torch_iosparse/compile/prepare.py at prepare time).
 #include "cpu/paths.h"
 
 namespace iosparse {

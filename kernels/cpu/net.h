@@ -15,7 +15,7 @@
 //   op.cpp         dag_forward_cpu / dag_backward_cpu / choose_strategy and the op registration.
 //
 // Five forward strategies share one op (chosen per call from the batch size, thresholds in `config`):
-//   program : executes the compiled plan (torch_iosparse/program.py, docs/program-format.md) per batch
+//   program : executes the compiled plan (torch_iosparse/compile/program.py, docs/program-format.md) per batch
 //             tile of BT columns: partial sums in vector registers, M slots of BT values in a
 //             thread-private buffer sized for the per-core cache, spills in a per-thread slow buffer.
 //             Parallel over batch tiles. Vector width chosen at run time (AVX-512 / AVX2 / SSE2).
@@ -59,7 +59,7 @@
 
 namespace iosparse {
 
-// Order of the Tensor[] `net` argument (torch_iosparse/ops.py::NET_KEYS; docs/program-format.md).
+// Order of the Tensor[] `net` argument (torch_iosparse/abi.py::NET_KEYS; docs/program-format.md).
 enum NetIndex {
   NET_IN_PTR = 0,        // int64 [n+1]
   NET_IN_SRC,            // int32 [m]

@@ -1,4 +1,4 @@
-// The program path: executes the compiled plan (torch_iosparse/program.py, docs/program-format.md) per
+// The program path: executes the compiled plan (torch_iosparse/compile/program.py, docs/program-format.md) per
 // batch tile of BT columns: partial sums in vector registers, M slots of BT values in a thread-private
 // buffer sized for the per-core cache, spills in a per-thread slow buffer. Parallel over batch tiles.
 #include "cpu/paths.h"

@@ -7,9 +7,10 @@
 // at the same address (a broadcast). Partial sums stay in a register; accumulation is float32 for
 // float, half and bfloat16 inputs.
 //
-// Not part of the extension (setup.py skips kernels/cuda): gpu.build_cuda_cxx compiles it on demand with
-// nvcc and loads it with ctypes (gpu.CudaCxxForward); tests/test_gpu_cuda_compile.py compile-checks it with
-// `nvcc -arch=sm_90`. Plain CUDA with an extern "C" launcher (no torch headers) so that needs only nvcc.
+// Not part of the extension (setup.py skips kernels/cuda): build_cuda_cxx in
+// torch_iosparse/backends/cuda/gpu.py compiles it on demand with nvcc and loads it with ctypes
+// (gpu.CudaCxxForward); tests/backends/cuda/test_cuda_cpp_compile.py compile-checks it with `nvcc -arch=sm_90`.
+// Plain CUDA with an extern "C" launcher (no torch headers) so that needs only nvcc.
 #include <cuda_runtime.h>
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>

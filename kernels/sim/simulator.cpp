@@ -1,6 +1,6 @@
 // Exact I/O simulator of the 2-optimal strategy (docs/theory.md): neurons in the
 // given order, each neuron's in-edges in ascending source order, furthest-next-use eviction, lazy stores,
-// smallest free slot. The pure-Python twin is torch_iosparse/iomodel.py::simulate_reference; tests compare
+// smallest free slot. The pure-Python twin is torch_iosparse/cost/iomodel.py::simulate_reference; tests compare
 // the two event by event. Also: a stable topological sort and a stable bucket sort used to build CSRs.
 #include <ATen/ATen.h>
 #include <torch/library.h>
