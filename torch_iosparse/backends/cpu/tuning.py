@@ -241,6 +241,12 @@ class Tuner:
         if self.enabled:  # the prepare-time thresholds are the model's for this thread count
             self._model[torch.get_num_threads()] = tuple(int(meta[k]) for k in strategy_mod.THRESHOLD_KEYS)
 
+    def __setstate__(self, state: Dict) -> None:
+        # A tuner pickled with its network by an earlier version lacks the backward's state.
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_backward_tables", {})
+        self.__dict__.setdefault("_backward_seen", set())
+
     def op_meta(self) -> Dict:
         """The meta the op runs with. Under torch.compile / export it is a constant of the graph (no guards
         on it): a later measurement in eager mode does not recompile graphs traced before it."""
