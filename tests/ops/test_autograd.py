@@ -8,7 +8,7 @@ from torch import nn
 
 import torch_iosparse as tis
 from torch_iosparse import SparseDAG, ops
-from torch_iosparse.testing.networks import random_dags
+from torch_iosparse.testing.networks import random_dags, sample_inputs
 
 STRATEGIES = ["program", "level", "panel", "block", "dense"]
 
@@ -72,6 +72,28 @@ def test_autocast_like_linear(dtype, strategy, batch):
     torch.testing.assert_close(y.float(), want.float(), rtol=3e-2, atol=3e-2)
     y.float().sum().backward()
     assert net.weight.grad is not None and net.weight.grad.dtype == torch.float32 and net.weight.grad.isfinite().all()
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_calls_without_a_graph_equal_the_graph_path(strategy):
+    """Calls that record no graph (no_grad, inference_mode, nothing requiring grad) dispatch below autograd:
+    the same values as a recorded call, no grad_fn, and autocast still applies."""
+    for s in sample_inputs(dtype=torch.float32, requires_grad=True):
+        if strategy == "dense" and not s.layered:
+            continue
+        net = ops.prepare(s.dag, memory=4, strategy=strategy, tune=False)
+        recorded = ops.dag_forward(s.x, s.weight, s.bias, net.buffers, net.meta)
+        assert recorded.grad_fn is not None
+        for ctx in (torch.no_grad, torch.inference_mode):
+            with ctx():
+                y = ops.dag_forward(s.x, s.weight, s.bias, net.buffers, net.meta)
+            assert y.grad_fn is None
+            torch.testing.assert_close(y, recorded.detach(), rtol=0, atol=0, msg=lambda m: f"{s.name}: {m}")
+        plain = ops.dag_forward(s.x.detach(), s.weight.detach(), s.bias.detach(), net.buffers, net.meta)
+        torch.testing.assert_close(plain, recorded.detach(), rtol=0, atol=0)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            low = ops.dag_forward(s.x, s.weight, s.bias, net.buffers, net.meta)
+        assert low.dtype == torch.bfloat16
 
 
 def test_vmap_over_inputs_and_ensembles():

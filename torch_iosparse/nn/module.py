@@ -760,7 +760,7 @@ class IOSparseNetwork(nn.Module):
             raise TypeError(f"IOSparseNetwork has {self.weight.dtype} weights but the input is {x.dtype}; convert "
                             f"one of them (e.g. net.to({x.dtype}) or x.to({self.weight.dtype}))")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, n_in)
+        x2 = x if x.dim() == 2 else x.reshape(-1, n_in)
         bias_full = nn.functional.pad(self.bias, (n_in, 0))
         # self._buffers directly: nn.Module.__getattr__ costs ~0.75 us per name (21 us for the 28 buffers,
         # a fifth of a small net's call)
