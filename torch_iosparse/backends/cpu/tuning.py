@@ -417,20 +417,7 @@ class Tuner:
                      b, "; ".join(errors))
             return {"source": "model", "winner": model_path, "times": {}, "cached": False,
                     "reason": "measurement failed"}
-        fastest = min(times, key=times.get)
-        winner = model_path if model_path in times and times[model_path] <= (1 + TIE_TOLERANCE) * times[fastest] \
-            else fastest
-        complete = len(times) == len(candidates)
-        stats["measured"] += 1
-        log.info("torch_iosparse: measured the forward paths of a %d-edge network at batch %d (%s, %d threads) in "
-                 "%.3f s: %s (%s; model: %s)", int(self.meta["n_edges"]), b, str(dtype).replace("torch.", ""),
-                 threads, seconds, winner, ", ".join(f"{s} {t * 1e6:.0f} us" for s, t in times.items()), model_path)
-        key = self._entry_key(b, (dtype, threads))
-        path = self._path(key)
-        if path is not None:
-            write_json(path, {"key": key, "winner": winner, "times": times, "complete": complete,
-                              "model": model_path, "seconds": seconds, "created": time.time()})
-        return {"source": "measured", "winner": winner, "times": times, "complete": complete, "cached": False}
+        return self._record(b, dtype, threads, times, model_path, len(times) == len(candidates), seconds)
 
     def _measure_backward(self, b: int, dtype: torch.dtype, threads: int, weight, bias, buffers) -> Dict:
         """Time the backward's two paths at batch ``b`` (the op's backward alone, on random gradients) and
@@ -467,15 +454,22 @@ class Tuner:
             return {"source": "model", "winner": model_path, "times": {}, "cached": False,
                     "reason": "measurement failed"}
         seconds = time.perf_counter() - start
+        return self._record(b, dtype, threads, times, model_path, len(times) == len(BACKWARD_PATHS), seconds,
+                            backward=True)
+
+    def _record(self, b: int, dtype: torch.dtype, threads: int, times: Dict[str, float], model_path: str,
+                complete: bool, seconds: float, backward: bool = False) -> Dict:
+        """The entry of a measured bucket: the winner (the model's path when within TIE_TOLERANCE of the
+        fastest), one log line, the file on disk."""
         fastest = min(times, key=times.get)
         winner = model_path if model_path in times and times[model_path] <= (1 + TIE_TOLERANCE) * times[fastest] \
             else fastest
-        complete = len(times) == len(BACKWARD_PATHS)
         stats["measured"] += 1
-        log.info("torch_iosparse: measured the backward paths of a %d-edge network at batch %d (%s, %d threads) "
-                 "in %.3f s: %s (%s; model: %s)", int(self.meta["n_edges"]), b, str(dtype).replace("torch.", ""),
-                 threads, seconds, winner, ", ".join(f"{s} {t * 1e6:.0f} us" for s, t in times.items()), model_path)
-        key = self._entry_key(b, (dtype, threads), backward=True)
+        log.info("torch_iosparse: measured the %s paths of a %d-edge network at batch %d (%s, %d threads) in "
+                 "%.3f s: %s (%s; model: %s)", "backward" if backward else "forward", int(self.meta["n_edges"]), b,
+                 str(dtype).replace("torch.", ""), threads, seconds, winner,
+                 ", ".join(f"{s} {t * 1e6:.0f} us" for s, t in times.items()), model_path)
+        key = self._entry_key(b, (dtype, threads), backward)
         path = self._path(key)
         if path is not None:
             write_json(path, {"key": key, "winner": winner, "times": times, "complete": complete,
