@@ -51,6 +51,7 @@ from ... import env
 from . import hardware
 from ...abi import CONFIG_KEYS, NET_KEYS, NEVER, STRATEGY_CODES
 from ...files import atomic_write
+from ...ops.reference import _compute_dtype
 from . import strategy as strategy_mod
 
 BUCKETS: Tuple[int, ...] = tuple(1 << k for k in range(11))  # 1 .. 1024 (the last: every batch >= 1024)
@@ -423,7 +424,7 @@ class Tuner:
         """Time the backward's two paths at batch ``b`` (the op's backward alone, on random gradients) and
         write the winner to the disk, as :meth:`_measure` does for the forward."""
         from ... import ops
-        run = dtype if dtype in (torch.float32, torch.float64) else torch.float32  # the kernel's compute dtype
+        run = _compute_dtype(dtype)
         model_path = backward_model_path(b, run)
         if model_path == "level":  # the block backward needs a vector of batch rows: no choice
             return {"source": "model", "winner": model_path, "times": {}, "cached": False,
@@ -498,7 +499,7 @@ class Tuner:
 
     def backward_paths(self, ctx) -> Dict[int, Tuple[str, str]]:
         """Per bucket: (the backward's path by measurement or model, "measured" | "model") in ``ctx``."""
-        run = ctx[0] if ctx[0] in (torch.float32, torch.float64) else torch.float32
+        run = _compute_dtype(ctx[0])
         table = self._backward_tables.get(ctx, {})
         out = {}
         for b in BUCKETS:
@@ -519,10 +520,14 @@ class Tuner:
             return 0
         return backward_threshold_from_paths({b: p for b, (p, _) in paths.items()})
 
+    def _kernel_thresholds(self, ctx) -> Dict[str, int]:
+        """The ``meta`` entries the kernel chooses its paths by in ``ctx``: the forward's and the backward's."""
+        out = {k: int(v) for k, v in zip(strategy_mod.THRESHOLD_KEYS, self.thresholds(ctx))}
+        out[BACKWARD_KEY] = int(self.backward_threshold(ctx))
+        return out
+
     def _apply(self, ctx) -> None:
-        for k, v in zip(strategy_mod.THRESHOLD_KEYS, self.thresholds(ctx)):
-            self.meta[k] = int(v)
-        self.meta[BACKWARD_KEY] = int(self.backward_threshold(ctx))
+        self.meta.update(self._kernel_thresholds(ctx))
         if ctx != self._ctx:
             self._seen = set()  # the fast path's memos hold the context in meta only
             self._backward_seen = set()
@@ -543,8 +548,7 @@ class Tuner:
         with _lock:
             table = self._table(ctx)
             bw_table = self._table(ctx, backward=True)
-            meta = dict(self.meta, **dict(zip(strategy_mod.THRESHOLD_KEYS, self.thresholds(ctx))))
-            meta[BACKWARD_KEY] = self.backward_threshold(ctx)
+            meta = dict(self.meta, **self._kernel_thresholds(ctx))
             paths, bw_paths = self.paths(ctx), self.backward_paths(ctx)
         out = {}
         for b in BUCKETS:
@@ -568,9 +572,7 @@ class Tuner:
             ctx = (dtype, threads)
             self._table(ctx)
             self._table(ctx, backward=True)
-            meta = dict(self.meta, **dict(zip(strategy_mod.THRESHOLD_KEYS, self.thresholds(ctx))))
-            meta[BACKWARD_KEY] = self.backward_threshold(ctx)
-            return meta
+            return dict(self.meta, **self._kernel_thresholds(ctx))
 
     def measured_buckets(self, dtype: torch.dtype, threads: Optional[int] = None) -> List[int]:
         return [b for b, r in self.report(dtype, threads).items() if r["source"] == "measured"]
@@ -579,7 +581,7 @@ class Tuner:
 def backward_model_path(b: int, dtype: torch.dtype) -> str:
     """The backward's path at batch ``b`` by the model's rule (the kernel's with block_backward_min_batch 0):
     block once the batch fills a 64-byte vector of ``dtype`` (float32 / float64), else level."""
-    return "block" if b * torch.empty((), dtype=dtype).element_size() >= 64 else "level"
+    return "block" if b * dtype.itemsize >= 64 else "level"
 
 
 def backward_threshold_from_paths(paths: Dict[int, str]) -> int:
@@ -596,7 +598,7 @@ def backward_threshold_from_paths(paths: Dict[int, str]) -> int:
 def backward_chosen(meta: Dict, batch: int, dtype: torch.dtype) -> str:
     """The backward path the kernel runs for ``batch`` inputs of ``dtype`` under ``meta`` (mirrors
     dag_backward_cpu's rule)."""
-    run = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    run = _compute_dtype(dtype)
     strategy = int(meta.get("strategy", 0))
     by_blocks = strategy in (STRATEGY_CODES["auto"], STRATEGY_CODES["block"]) and int(meta.get("block_chunks", 0)) > 0
     if by_blocks and batch >= int(meta.get(BACKWARD_KEY, 0)) and backward_model_path(batch, run) == "block":
