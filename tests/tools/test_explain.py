@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 import torch
-import torch.nn.utils.prune as prune
 from torch import nn
 
 from torch_iosparse import PlanError, count_io, lower_bound, upper_bound
@@ -15,16 +14,7 @@ from torch_iosparse.tools.explain import (apply_plans, explain, grid_shape, io_c
                                     select_networks, sparsify_report, _batch_runs)
 from torch_iosparse.nn.sparsify import sparsify
 from torch_iosparse.backends.cpu.tuning import BUCKETS
-from torch_iosparse.testing.models import nested
-
-
-def model():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 4))
-    for x in m:
-        if type(x) is nn.Linear:
-            prune.l1_unstructured(x, "weight", 0.85)
-    return m
+from torch_iosparse.testing.models import nested, two_chains as model
 
 
 def test_table_matches_cost_model():

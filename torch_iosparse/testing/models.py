@@ -21,6 +21,16 @@ def pruned_sequential(sizes=(12, 24, 16, 6), amount=0.8, acts=(nn.ReLU, nn.GELU)
     return nn.Sequential(*layers)
 
 
+def two_chains():
+    """Two chains of pruned Linear layers split by a LayerNorm (two networks once sparsified: "0" and "4")."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    for x in m:
+        if type(x) is nn.Linear:
+            prune.l1_unstructured(x, "weight", 0.85)
+    return m
+
+
 class Residual(nn.Module):
     def __init__(self, ffn):
         super().__init__()

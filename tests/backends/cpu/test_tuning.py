@@ -14,7 +14,6 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 import torch._dynamo
-import torch.nn.utils.prune as prune
 from torch import nn
 from torch._dynamo.utils import counters
 
@@ -23,6 +22,7 @@ from torch_iosparse import ops, tuning
 from torch_iosparse.backends.cpu import strategy
 from torch_iosparse.nn.module import IOSparseNetwork
 from torch_iosparse.nn.sparsify import sparsify
+from torch_iosparse.testing.models import two_chains
 
 N_IN = 32
 ROOT = os.path.abspath(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", ".."))
@@ -325,12 +325,7 @@ def test_summary_and_explain_say_measured_or_model():
 
 # ---------------------------------------------------------------------- tune()
 def two_network_model():
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16), nn.Linear(16, 4))
-    for layer in m:
-        if type(layer) is nn.Linear:
-            prune.l1_unstructured(layer, "weight", 0.85)
-    return sparsify(m)
+    return sparsify(two_chains())
 
 
 def test_tune_measures_every_network_and_bucket_ahead_of_time():
